@@ -1,0 +1,75 @@
+"""The default models: weights the project trains itself on generated shapes (``models/``).
+
+They make ``make serve``, ``detserve predict`` and the tests work offline with
+real detections. ``export.defaults.ensure_default_models`` exports them into
+``artifacts/`` once (verified like any export); this module only knows where
+they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from detserve.manifest import ManifestError, read_manifest, sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("DETSERVE_ARTIFACTS", ROOT / "artifacts"))
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    app: str  # the Serve application name and artifacts/ folder
+    family: str
+    weights: Path
+    arch: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        return artifacts_dir() / self.app
+
+
+DEFAULT_MODELS = {
+    "yolo": DefaultModel("yolo", "yolo", MODELS / "yolo-shapes.pt"),
+    "fasterrcnn": DefaultModel("fasterrcnn", "fasterrcnn", MODELS / "fasterrcnn-shapes.pth", "fasterrcnn_mobilenet_v3_large_320_fpn"),
+}
+
+
+def is_current(model: DefaultModel) -> bool:
+    """True when ``model.folder`` holds a passing export of the current weights."""
+    try:
+        manifest = read_manifest(model.folder)
+    except ManifestError:
+        return False
+    return (
+        manifest.source.sha256 == sha256_file(model.weights)
+        and manifest.parity is not None
+        and manifest.parity.passed
+        and (model.folder / manifest.artifact).is_file()
+    )
+
+
+def default_folder(name: str) -> Path:
+    """The export folder of a default model; raises with the fix when it was not exported yet."""
+    model = DEFAULT_MODELS[name]
+    if not is_current(model):
+        raise FileNotFoundError(f"the default {name} model is not exported (or is stale): run `detserve models` (or `make models`)")
+    return model.folder
+
+
+def sample_image() -> Path:
+    """A generated scene with shapes the default models detect (for curl examples and smoke tests)."""
+    path = artifacts_dir() / "sample.jpg"
+    if not path.is_file():
+        from PIL import Image
+
+        from detserve.synthetic import scenes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scenes(1, seed=2024)[0].image).save(path, quality=95)
+    return path

@@ -1,0 +1,97 @@
+"""onnxruntime engine: CPU, CUDA and TensorRT execution providers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from detserve.manifest import Manifest, verify_artifact
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    # Spinning threads burn the cores that decode and HTTP need; measured on
+    # 2 busy cores, allow_spinning=0 held latency far better (NOTES.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = False) -> list:
+    """The provider list for a device: CUDA with FP16-friendly settings, optionally TensorRT first."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    device_id = int(device.split(":")[1]) if ":" in device else 0
+    cuda = (
+        "CUDAExecutionProvider",
+        {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True},
+    )
+    providers: list = [cuda, "CPUExecutionProvider"]
+    if trt:
+        cache = folder / "trt-cache"
+        cache.mkdir(exist_ok=True)
+        shape = f"{manifest.input.name}:{{}}x3x{manifest.input.imgsz}x{manifest.input.imgsz}"
+        trt_options = {
+            "device_id": device_id,
+            "trt_fp16_enable": manifest.precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+        }
+        if manifest.input.imgsz:  # an optimisation profile over the batch axis
+            trt_options |= {
+                "trt_profile_min_shapes": shape.format(manifest.batch.min),
+                "trt_profile_opt_shapes": shape.format(manifest.batch.opt),
+                "trt_profile_max_shapes": shape.format(manifest.batch.max),
+            }
+        providers.insert(0, ("TensorrtExecutionProvider", trt_options))
+    return providers
+
+
+class OnnxEngine:
+    """An onnxruntime session over the manifest's ONNX artifact."""
+
+    def __init__(self, folder: Path, manifest: Manifest, *, device: str = "cpu", threads: int = 1, trt: bool = False):
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        import onnxruntime as ort
+
+        path = verify_artifact(folder, manifest)
+        self.session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=providers_for(device, manifest, folder, trt)
+        )
+        active = self.session.get_providers()[0]
+        self.device = "cpu" if active == "CPUExecutionProvider" else device
+        self.name = {
+            "CPUExecutionProvider": "onnxruntime-cpu",
+            "CUDAExecutionProvider": "onnxruntime-cuda",
+            "TensorrtExecutionProvider": "onnxruntime-tensorrt",
+        }.get(active, f"onnxruntime-{active}")
+        self.max_batch = manifest.batch.max
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._binding = self.session.io_binding() if self.device != "cpu" else None
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        if self._binding is None:
+            return self.session.run(self.output_names, {self.input_name: batch})
+        # CUDA: IOBinding copies the input once and keeps outputs on the device
+        # until we ask for them, instead of ORT's per-run host round trips.
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input(self.input_name, batch)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return [np.asarray(o, dtype=np.float32) if o.dtype == np.float16 else o for o in binding.copy_outputs_to_cpu()]

@@ -1,0 +1,143 @@
+"""Decode anything a user may hand us into one form: an HxWx3 uint8 RGB array.
+
+Bytes (JPEG, PNG, WebP, BMP, TIFF, GIF), paths, PIL images and numpy arrays all
+come out the same way: EXIF orientation applied, every PIL mode (L, LA, P, RGBA,
+CMYK, YCbCr, 16-bit, float) converted to 8-bit RGB. Size limits are checked
+from the header, before any pixel is decoded, so a decompression bomb costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default refusal limit: 40 megapixels (a 8000x5000 photo fits).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. ``code`` is stable, for HTTP errors."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 50 * 1024 * 1024
+
+
+def decode(data: ImageInput, limits: Limits = Limits()) -> np.ndarray:
+    """Return ``data`` as a contiguous HxWx3 uint8 RGB array, EXIF orientation applied.
+
+    numpy arrays are taken as RGB (HxWx3), RGBA (HxWx4, alpha dropped) or
+    grayscale (HxW or HxWx1), as dtlpy and PIL produce them. Raises
+    :class:`ImageError` with a message a user can act on.
+    """
+    if isinstance(data, np.ndarray):
+        return _from_array(data, limits)
+    if isinstance(data, Image.Image):
+        _check_pixels(data.width, data.height, limits)
+        return _from_pil(data)
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise ImageError("not_found", f"no image file at {path}")
+        data = path.read_bytes()
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise ImageError(
+            "unsupported_type",
+            f"cannot read an image from {type(data).__name__}: pass bytes, a path, a PIL image or an HxWx3 uint8 array",
+        )
+    if not data:
+        raise ImageError("empty", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and over 2x its limit raises) for huge images; we
+            # check the size ourselves right after reading the header.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_pixels(image.width, image.height, limits)
+            image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError("corrupt_image", f"the image is truncated or corrupt: {exc}") from None
+    return _from_pil(image)
+
+
+def _check_pixels(width: int, height: int, limits: Limits) -> None:
+    if width < 1 or height < 1:
+        raise ImageError("empty", f"the image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+        )
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose the image itself
+        pass
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (and 32-bit int) grayscale: keep the top 8 bits of the range used.
+        array = np.asarray(image, dtype=np.uint32 if mode != "I" else np.int64)
+        peak = 65535 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+        gray = np.clip(array.astype(np.float64) * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode == "F":
+        gray = np.asarray(image, dtype=np.float32)
+        peak = 1.0 if float(gray.max(initial=0.0)) <= 1.0 else 255.0
+        gray = np.clip(gray * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode != "RGB":
+        # PIL drops alpha (as cv2.imread does, which Ultralytics uses) and
+        # converts P, CMYK, YCbCr, LAB, L, LA, 1 to RGB.
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _from_array(array: np.ndarray, limits: Limits) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ImageError(
+            "bad_array", f"an image array must be HxWx3 (RGB), HxWx4 (RGBA) or HxW; got shape {array.shape}"
+        )
+    _check_pixels(array.shape[1], array.shape[0], limits)
+    if array.shape[2] == 4:
+        array = array[..., :3]
+    if array.dtype != np.uint8:
+        if array.dtype == np.uint16:
+            array = (array >> 8).astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.floating) and float(array.max(initial=0)) <= 1.0:
+            array = np.clip(array * 255.0, 0, 255).round().astype(np.uint8)
+        else:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array)

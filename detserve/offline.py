@@ -1,0 +1,87 @@
+"""The one place that keeps detserve, and the libraries it drives, off the network.
+
+Every entry point (the CLI, the Serve app, the tests, the benchmarks) calls
+:func:`apply` before importing onnxruntime, ultralytics, ray or dtlpy. Each
+setting below closes a connection that was seen with strace on these machines
+(see ``../shared/NOTES.md``); the comment says which.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+#: Where detserve keeps its writable state (Ultralytics settings, dtlpy files,
+#: Ray temp files). Override with ``DETSERVE_HOME``.
+HOME = Path(os.environ.get("DETSERVE_HOME", Path.cwd() / ".cache" / "detserve")).resolve()
+
+
+def environment() -> dict[str, str]:
+    """The environment variables that keep every library offline.
+
+    Returned as a dict so that Ray's ``runtime_env`` (deploy.yaml) and
+    subprocesses can carry the same settings.
+    """
+    return {
+        # onnxruntime resolves its telemetry host from native code;
+        # disable_telemetry_events() does not stop it, this variable does.
+        "ORT_DISABLE_TELEMETRY": "1",
+        # Ultralytics: no hub, no pip auto-install of missing packages, settings
+        # kept in our folder (with sync off, written by ensure_ultralytics_files).
+        "YOLO_OFFLINE": "1",
+        "YOLO_AUTOINSTALL": "0",
+        "YOLO_VERBOSE": os.environ.get("YOLO_VERBOSE", "0"),
+        "YOLO_CONFIG_DIR": str(HOME / "ultralytics"),
+        # Ray: no usage stats, no auth-token file in ~/.ray, no report host.
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+        "RAY_DEDUP_LOGS": "0",
+        # dtlpy writes ~/.dataloop otherwise.
+        "DATALOOP_PATH": str(HOME / "dataloop"),
+        # torch hub / huggingface: never download.
+        "TORCH_HOME": str(HOME / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        # OpenCV's own threads oversubscribe 2-core machines.
+        "OPENCV_NUM_THREADS": os.environ.get("OPENCV_NUM_THREADS", "1"),
+    }
+
+
+def _ensure_ultralytics_files(config_dir: Path) -> None:
+    # Ultralytics checks for Arial.ttf and downloads it from github.com even in
+    # offline mode; a font of that name in its config folder stops the check.
+    font_dir = config_dir / "Ultralytics"
+    font_dir.mkdir(parents=True, exist_ok=True)
+    font = font_dir / "Arial.ttf"
+    if not font.exists():
+        import matplotlib
+
+        dejavu = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        shutil.copyfile(dejavu, font)
+    settings = font_dir / "settings.json"
+    if not settings.exists():
+        settings.write_text('{"sync": false, "hub": false}\n')
+
+
+def _ensure_ray_bootstrap() -> None:
+    # Ray's dashboard probes cloud metadata hosts at start; a bootstrap config
+    # that says the provider is local stops it. Only written when absent.
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if not bootstrap.exists():
+        try:
+            bootstrap.write_text("provider:\n  type: local\n")
+        except OSError:
+            pass
+
+
+def apply() -> dict[str, str]:
+    """Set the offline environment in this process (idempotent) and return it."""
+    env = environment()
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    HOME.mkdir(parents=True, exist_ok=True)
+    Path(os.environ["DATALOOP_PATH"]).mkdir(parents=True, exist_ok=True)
+    _ensure_ultralytics_files(Path(os.environ["YOLO_CONFIG_DIR"]))
+    _ensure_ray_bootstrap()
+    return {key: os.environ[key] for key in env}

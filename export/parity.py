@@ -1,0 +1,79 @@
+"""Judge an exported model against its source: same boxes, same labels, scores within tolerance.
+
+``compare`` matches each source box to an artifact box of the same class with
+IoU >= 0.99 (greedy, best IoU first) and reports the share matched and the
+largest coordinate and score differences among matched pairs. The figures go
+into the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detserve.postprocess import Detections
+
+
+@dataclass
+class ParityResult:
+    images: int = 0
+    source_boxes: int = 0
+    artifact_boxes: int = 0
+    matched: int = 0
+    max_box_diff_px: float = 0.0
+    max_score_diff: float = 0.0
+
+    @property
+    def matched_share(self) -> float:
+        return 1.0 if self.source_boxes == 0 else self.matched / self.source_boxes
+
+    def add(self, other: "ParityResult") -> None:
+        self.images += other.images
+        self.source_boxes += other.source_boxes
+        self.artifact_boxes += other.artifact_boxes
+        self.matched += other.matched
+        self.max_box_diff_px = max(self.max_box_diff_px, other.max_box_diff_px)
+        self.max_score_diff = max(self.max_score_diff, other.max_score_diff)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes, ``[len(a), len(b)]``."""
+    a = a.astype(np.float64)[:, None]
+    b = b.astype(np.float64)[None]
+    iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
+    ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-12)
+
+
+def compare(source: Detections, artifact: Detections, iou: float = 0.99) -> ParityResult:
+    """Match one image's source detections to the artifact's."""
+    result = ParityResult(images=1, source_boxes=len(source), artifact_boxes=len(artifact))
+    if not len(source) or not len(artifact):
+        return result
+    ious = box_iou(source.boxes, artifact.boxes)
+    ious[source.class_ids[:, None] != artifact.class_ids[None, :]] = 0.0
+    used_s: set[int] = set()
+    used_a: set[int] = set()
+    for flat in np.argsort(-ious, axis=None):
+        s, a = divmod(int(flat), ious.shape[1])
+        if ious[s, a] < iou:
+            break
+        if s in used_s or a in used_a:
+            continue
+        used_s.add(s)
+        used_a.add(a)
+        result.matched += 1
+        result.max_box_diff_px = max(result.max_box_diff_px, float(np.abs(source.boxes[s] - artifact.boxes[a]).max()))
+        result.max_score_diff = max(result.max_score_diff, float(abs(source.scores[s] - artifact.scores[a])))
+    return result
+
+
+def compare_all(sources: list[Detections], artifacts: list[Detections], iou: float = 0.99) -> ParityResult:
+    total = ParityResult()
+    for s, a in zip(sources, artifacts, strict=True):
+        total.add(compare(s, a, iou))
+    return total

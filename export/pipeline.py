@@ -1,0 +1,209 @@
+"""weights -> artifact + manifest, verified against the source model.
+
+``export_model`` is the whole export stage: load the source weights, write the
+ONNX graph (and, for GPU pods, a TensorRT engine), check that the artifact
+gives the source model's boxes, and write ``manifest.json`` with the parity
+figures. Everything a user can get wrong raises :class:`ExportError` with one
+line that says what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from detserve.manifest import MANIFEST_NAME, Manifest, Parity, sha256_file, write_manifest
+from detserve.pods import export_plan, get_pod
+from detserve.progress import step, track
+from detserve.sources import SourceError
+
+Family = Literal["yolo", "fasterrcnn"]
+
+
+class ExportError(ValueError):
+    """An export that cannot go ahead; the message says why and what to do."""
+
+
+@dataclass
+class ExportRequest:
+    """What ``detserve export`` was asked to do (CLI flags, one to one)."""
+
+    model: Family
+    weights: Path | None
+    out: Path
+    arch: str | None = None
+    labels: list[str] | None = None
+    imgsz: int | None = None
+    format: Literal["onnx", "tensorrt"] = "onnx"
+    pod: str = "regular"
+    precision: Literal["fp32", "fp16"] | None = None  # None: the pod's preference
+    max_batch: int | None = None
+    opset: int = 17
+    parity_threshold: float = 0.99
+    parity_conf: float | None = None
+    parity_images: list[np.ndarray] | None = None  # default: photos + generated scenes
+    force: bool = False
+    name: str | None = None
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def read_labels(path: Path) -> list[str]:
+    """Labels from a text file (one per line) or JSON (a list, or {id: name})."""
+    import json
+
+    if not path.is_file():
+        raise ExportError(f"no labels file at {path}")
+    text = path.read_text().strip()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return [data[k] for k in sorted(data, key=lambda k: int(k))]
+        return [str(x) for x in data]
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise ExportError(f"{path} has no labels (one per line)")
+    return labels
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise ExportError(f"{out} already exists; pass --force to replace it, or choose another --out")
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+            # --force replaces an earlier export, never an unrelated folder.
+            raise ExportError(f"{out} is not empty and holds no {MANIFEST_NAME}; refusing to delete it even with --force")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("detserve", "torch", "torchvision", "ultralytics", "onnx", "onnxruntime", "onnxslim", "tensorrt"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def export_model(req: ExportRequest) -> Manifest:
+    """Run the export stage; returns the manifest written to ``req.out``."""
+    try:
+        pod = get_pod(req.pod)
+        plan = export_plan(req.pod, req.format, req.precision)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if plan.reason and not req.quiet:
+        from detserve.progress import console
+
+        console.print(f"[yellow]note:[/] {plan.reason}")
+    if req.weights is not None and not Path(req.weights).exists() and Path(req.weights).suffix not in (".yaml", ".yml"):
+        raise ExportError(f"no weights file at {req.weights}")
+    if req.max_batch is not None and req.max_batch < 1:
+        raise ExportError(f"--max-batch must be at least 1, got {req.max_batch}")
+    if not 0.0 <= req.parity_threshold <= 1.0:
+        raise ExportError(f"--parity-threshold must be between 0 and 1, got {req.parity_threshold}")
+    out = Path(req.out)
+    prepare_out_dir(out, req.force)
+    try:
+        if req.model == "yolo":
+            from export.yolo import export_yolo as family_export
+        elif req.model == "fasterrcnn":
+            from export.fasterrcnn import export_fasterrcnn as family_export
+        else:
+            raise ExportError(f"unknown model family {req.model!r}; choose yolo or fasterrcnn")
+        draft = family_export(req, out, pod, plan)
+    except SourceError as exc:
+        shutil.rmtree(out, ignore_errors=True)
+        raise ExportError(str(exc)) from None
+    except ExportError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    manifest = draft.model_copy(
+        update={
+            "artifact_sha256": sha256_file(out / draft.artifact),
+            "versions": library_versions(),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    write_manifest(out, manifest)
+    manifest = _check_parity(req, out, manifest)
+    if plan.format == "tensorrt":
+        from export.tensorrt import build_for_manifest
+
+        manifest = build_for_manifest(req, out, manifest, plan)
+    return manifest
+
+
+def _check_parity(req: ExportRequest, out: Path, manifest: Manifest) -> Manifest:
+    """Run source and artifact on the same images; record the figures; fail below threshold."""
+    from detserve.detector import Detector
+    from detserve.engines import load_engine
+    from export.parity import compare_all
+    from export.reference import parity_images
+
+    conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
+    images = req.parity_images if req.parity_images is not None else parity_images()
+    with step("Loading the exported model and its source", req.quiet):
+        artifact = Detector(out, manifest=manifest, engine=load_engine(out, backend="onnxruntime", device="cpu", manifest=manifest))
+        source = Detector(out, manifest=manifest, engine=load_engine(out, backend="torch", device="cpu", manifest=manifest))
+    params = artifact.params(conf=conf)
+    # Reference: the source library's own inference (Ultralytics predict / torchvision eval).
+    if manifest.family == "yolo":
+        from export.reference import yolo_predict
+        from detserve.sources import load_yolo
+
+        model = load_yolo(out / manifest.source.file)
+        reference = lambda im: yolo_predict(model, [im], imgsz=manifest.input.imgsz, conf=conf, iou=params.iou)[0]  # noqa: E731
+    else:
+        from export.reference import fasterrcnn_predict
+
+        reference = lambda im: fasterrcnn_predict(source.engine.model, [im], conf=conf)[0]  # noqa: E731
+    src_dets, art_dets = [], []
+    for image in track(images, "Checking parity (source vs artifact)", quiet=req.quiet):
+        src_dets.append(reference(image))
+        art_dets.append(artifact.detect([image], params)[0])
+    result = compare_all(src_dets, art_dets)
+    parity = Parity(
+        images=result.images,
+        source_boxes=result.source_boxes,
+        matched_share=round(result.matched_share, 6),
+        max_box_diff_px=round(result.max_box_diff_px, 6),
+        max_score_diff=round(result.max_score_diff, 8),
+        threshold=req.parity_threshold,
+        conf=conf,
+        passed=result.matched_share >= req.parity_threshold,
+    )
+    manifest = manifest.model_copy(update={"parity": parity})
+    write_manifest(out, manifest)
+    if not req.quiet:
+        from detserve.progress import console
+
+        console.print(
+            f"parity: {result.matched}/{result.source_boxes} source boxes matched "
+            f"({parity.matched_share:.1%}) on {result.images} images, max box diff "
+            f"{parity.max_box_diff_px:.4f} px, max score diff {parity.max_score_diff:.2e}"
+        )
+    if result.source_boxes == 0 and not req.quiet:
+        from detserve.progress import console
+
+        console.print(
+            "[yellow]warning:[/] the source model found no boxes on the parity images (random init?), "
+            "so parity is trivially met; check with a trained model"
+        )
+    if not parity.passed:
+        raise ExportError(
+            f"parity check failed: the artifact matched {parity.matched_share:.1%} of the source model's boxes, "
+            f"below --parity-threshold {req.parity_threshold:.2f} (figures kept in {out / MANIFEST_NAME})"
+        )
+    return manifest
+

@@ -1,0 +1,53 @@
+"""The source models' own inference, as users run it today: the reference for parity.
+
+YOLO: Ultralytics' ``predict`` (its letterbox, its NMS). Faster R-CNN:
+torchvision's eval forward, one image at a time. Both return
+:class:`~detserve.postprocess.Detections` with the manifest's class ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detserve.images import decode
+from detserve.postprocess import Detections
+
+
+def yolo_predict(model, images: list[np.ndarray], *, imgsz: int, conf: float, iou: float, max_det: int = 300) -> list[Detections]:
+    """Ultralytics ``YOLO.predict`` on RGB arrays (it takes numpy as BGR, so flip)."""
+    out = []
+    for image in images:
+        result = model.predict(image[..., ::-1].copy(), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, verbose=False, device="cpu")[0]
+        b = result.boxes
+        out.append(Detections(b.xyxy.numpy().astype(np.float32), b.conf.numpy().astype(np.float32), b.cls.numpy().astype(np.int64)))
+    return out
+
+
+@torch.inference_mode()
+def fasterrcnn_predict(model: torch.nn.Module, images: list[np.ndarray], *, conf: float = 0.0) -> list[Detections]:
+    """torchvision's eval forward, image by image, on 0-1 float RGB tensors."""
+    out = []
+    for image in images:
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
+        r = model([x])[0]
+        keep = r["scores"] > conf
+        out.append(Detections(r["boxes"][keep].numpy(), r["scores"][keep].numpy(), r["labels"][keep].numpy().astype(np.int64)))
+    return out
+
+
+def photos() -> list[np.ndarray]:
+    """The two photos Ultralytics ships (bus.jpg, zidane.jpg): real images with no download."""
+    import ultralytics
+
+    assets = Path(ultralytics.__file__).parent / "assets"
+    return [decode(assets / name) for name in ("bus.jpg", "zidane.jpg")]
+
+
+def parity_images(n_generated: int = 6, seed: int = 1234) -> list[np.ndarray]:
+    """Photos plus generated scenes of varied sizes, for export-time parity checks."""
+    from detserve.synthetic import scenes
+
+    return photos() + [s.image for s in scenes(n_generated, seed)]

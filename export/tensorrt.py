@@ -1,0 +1,481 @@
+"""Build a TensorRT engine from an exported ONNX model, for one pod's GPU.
+
+An engine only loads on the GPU architecture (sm) and the TensorRT version it
+was built with, so both go into the engine's file name and the timing cache's,
+and :func:`build_engine` refuses to build on a GPU other than the target pod's.
+:func:`build_for_manifest` is the export pipeline's step: it turns the
+parity-checked ONNX export into an engine, checks the engine's parity against
+the source model on the GPU (:func:`engine_parity`) and rewrites the manifest.
+
+The names, version checks, errors and machine lookups the runtime needs too
+live in :mod:`detserve.trt` (the runtime must never import ``export``); the
+pure ones are re-exported here. The machine lookups (``current_gpu_sm``,
+``installed_tensorrt_version``, ``import_tensorrt``, ``gpu_name``,
+``require_gpu``) are deliberately *not* re-exported: they are called through
+``detserve.trt`` at call time, so that is the one place to replace them.
+
+TensorRT is imported inside the functions that need it: the helpers here
+(shapes, names, version checks) are plain Python and run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from detserve import trt as trt_lookup
+from detserve.engines.tensorrt import EngineMismatch, TensorRTEngine
+from detserve.manifest import BatchSpec, Manifest, ManifestError, Parity, sha256_file, write_manifest
+from detserve.pods import TENSORRT_PIN, ExportPlan
+from detserve.progress import step
+from detserve.trt import (  # noqa: F401  (re-exported: `from export.tensorrt import engine_filename` keeps working)
+    INSTALL_HINT,
+    PRECISIONS,
+    EngineName,
+    GpuMismatch,
+    TensorRTBuildError,
+    TensorRTUnavailable,
+    _check_sm,
+    _numeric_parts,
+    engine_filename,
+    parse_engine_filename,
+    timing_cache_filename,
+    trt_major_minor,
+    trt_version_matches,
+)
+
+if TYPE_CHECKING:
+    from detserve.engines import Engine
+    from detserve.postprocess import Detections
+    from export.pipeline import ExportRequest
+
+#: An axis is either fixed (640) or a (min, opt, max) range for a dynamic axis.
+Axis = int | tuple[int, int, int]
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    path: Path
+    sm: str
+    trt_version: str  # the full version that built it, e.g. "10.14.1.48"
+    precision: str
+    input_name: str
+    profile: dict[str, Shape]  # {"min": (1, 3, 640, 640), "opt": ..., "max": ...}
+    build_seconds: float
+    timing_cache: Path | None = None
+
+    @property
+    def max_batch(self) -> int:
+        # A CHW input (no batch axis) takes one image per call.
+        return self.profile["max"][0] if len(self.profile["max"]) == 4 else 1
+
+
+# -- pure helpers ------------------------------------------------------------
+
+
+def _axis_range(name: str, axis: Axis) -> tuple[int, int, int]:
+    low, opt, high = (axis, axis, axis) if isinstance(axis, int) else axis
+    if not all(isinstance(v, int) and v >= 1 for v in (low, opt, high)):
+        raise ValueError(f"{name} must be positive integers, got {axis!r}")
+    if not low <= opt <= high:
+        raise ValueError(f"{name} must satisfy min <= opt <= max, got min={low}, opt={opt}, max={high}")
+    return low, opt, high
+
+
+def profile_shapes(
+    chw: tuple[Axis, Axis, Axis], batch_min: int = 1, batch_opt: int = 1, batch_max: int = 1
+) -> dict[str, Shape]:
+    """The optimisation profile for an NCHW input.
+
+    ``chw`` is ``(3, 640, 640)`` for a fixed size, or with (min, opt, max)
+    triples for dynamic axes: ``(3, (320, 640, 1024), (320, 640, 1024))``.
+    """
+    if len(chw) != 3:
+        raise ValueError(f"chw must be (channels, height, width), got {chw!r}")
+    batch = _axis_range("batch (batch_min, batch_opt, batch_max)", (batch_min, batch_opt, batch_max))
+    axes = [batch] + [_axis_range(name, axis) for name, axis in zip(("channels", "height", "width"), chw)]
+    return {key: tuple(axis[i] for axis in axes) for i, key in enumerate(("min", "opt", "max"))}
+
+
+def check_profile_against_input(input_name: str, input_shape: Shape, profile: dict[str, Shape]) -> dict[str, Shape]:
+    """Fit the profile to the ONNX input's rank and fixed axes (-1 marks a dynamic axis).
+
+    An input without a batch axis (torchvision's Faster R-CNN takes one CHW
+    image) drops the profile's batch, which must then be 1. A fixed axis must
+    equal the profile on every bound, or the builder fails with an opaque error.
+    """
+    if len(input_shape) == 3:
+        if profile["max"][0] != 1:
+            raise ValueError(
+                f"input {input_name!r} has no batch axis (shape {tuple(input_shape)}): it takes one image, "
+                "so build it with batch_min = batch_opt = batch_max = 1"
+            )
+        profile = {key: shape[1:] for key, shape in profile.items()}
+    if len(input_shape) != len(profile["min"]):
+        raise ValueError(f"input {input_name!r} has shape {tuple(input_shape)}; expected NCHW or CHW")
+    for i, dim in enumerate(input_shape):
+        if dim >= 0 and any(profile[key][i] != dim for key in profile):
+            bounds = "/".join(str(profile[key][i]) for key in ("min", "opt", "max"))
+            what = "batch" if (i == 0 and len(input_shape) == 4) else f"axis {i}"
+            raise ValueError(
+                f"input {input_name!r} has a fixed {what} of {dim} (shape {tuple(input_shape)}), but the "
+                f"profile asks for {bounds}. Re-export the ONNX with a dynamic {what}, or build with {dim}."
+            )
+    return profile
+
+
+# -- the build ---------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Two builds sharing a cache folder must never leave a half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def build_engine(
+    onnx_path: Path,
+    out_dir: Path,
+    *,
+    input_name: str,
+    chw: tuple[Axis, Axis, Axis],
+    batch_min: int = 1,
+    batch_opt: int = 1,
+    batch_max: int = 1,
+    fp16: bool = True,
+    workspace_gb: float = 4,
+    timing_cache: Path | None = None,
+    expected_sm: str | None = None,
+    device: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> BuiltEngine:
+    """Parse ``onnx_path``, build an engine for this GPU and write it to ``out_dir``.
+
+    ``timing_cache`` is a file, or a folder that gets ``timing_cache_filename``
+    in it; it is read when present and written back after the build, which
+    makes rebuilds of the same model on the same GPU much faster.
+    """
+    say = progress or (lambda message: None)
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    # Cheap argument errors first, before importing TensorRT or touching CUDA.
+    profile = profile_shapes(chw, batch_min, batch_opt, batch_max)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path} does not exist: export the ONNX model first")
+    if expected_sm:
+        _check_sm(expected_sm)
+    trt = trt_lookup.import_tensorrt()
+    sm = trt_lookup.require_gpu(expected_sm, device)
+    version = str(trt.__version__)
+    precision = "fp16" if fp16 else "fp32"
+
+    import torch
+
+    started = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    with torch.cuda.device(device):
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, logger)
+        say(f"parsing {onnx_path.name}")
+        # parse_from_file (not parse(bytes)) finds external weight files beside the model.
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TensorRTBuildError(f"TensorRT {version} could not parse {onnx_path}:\n{errors}")
+
+        inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+        if input_name not in inputs:
+            raise ValueError(f"{onnx_path.name} has no input {input_name!r}; its inputs are {sorted(inputs)}")
+        if len(inputs) != 1:
+            raise ValueError(f"{onnx_path.name} has {len(inputs)} inputs {sorted(inputs)}; detserve builds one-input models")
+        fitted = check_profile_against_input(input_name, inputs[input_name], profile)
+
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        if fp16:
+            if not hasattr(trt.BuilderFlag, "FP16"):  # removed in TensorRT 11 (strong typing only)
+                raise TensorRTBuildError(
+                    f"TensorRT {version} has no BuilderFlag.FP16; detserve targets {TENSORRT_PIN}"
+                )
+            config.set_flag(trt.BuilderFlag.FP16)
+        opt_profile = builder.create_optimization_profile()
+        opt_profile.set_shape(input_name, fitted["min"], fitted["opt"], fitted["max"])
+        config.add_optimization_profile(opt_profile)
+
+        cache_path = None
+        if timing_cache is not None:
+            cache_path = Path(timing_cache)
+            if cache_path.is_dir():
+                cache_path = cache_path / timing_cache_filename(sm, version)
+            cached = cache_path.read_bytes() if cache_path.is_file() else b""
+            # ignore_mismatch=False: a cache from another GPU or version is
+            # rejected rather than trusted; the file name keeps them apart anyway.
+            config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False)
+
+        say(f"building {precision} engine for {sm}, batch {batch_min}/{batch_opt}/{batch_max} (takes minutes)")
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise TensorRTBuildError(
+                f"TensorRT {version} failed to build {onnx_path.name} for {sm}; the log above says why "
+                f"(a too small workspace, {workspace_gb} GB, is a common cause)"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / engine_filename(onnx_path.stem, sm, version, precision)
+        _atomic_write(path, bytes(serialized))
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    seconds = time.perf_counter() - started
+    say(f"wrote {path.name} in {seconds:.0f} s")
+    return BuiltEngine(
+        path=path,
+        sm=sm,
+        trt_version=version,
+        precision=precision,
+        input_name=input_name,
+        profile=fitted,
+        build_seconds=seconds,
+        timing_cache=cache_path,
+    )
+
+
+# -- the export pipeline's step ----------------------------------------------
+
+#: Faster R-CNN graphs resize in the graph, so the engine takes each image at
+#: its own size: the profile bounds the image sides the engine accepts, not the
+#: size the backbone sees (the graph scales every image to at most max_size).
+#: The smallest side accepted (``Detector.warmup`` sends 64 x 64) ...
+FASTERRCNN_MIN_SIDE = 32
+#: ... and the largest, as a multiple of the manifest's max_size: 2 x 1333 =
+#: 2666 takes 1080p and 1440p photos. Larger images are refused by the engine
+#: ("outside the engine's profile"); shrink them before sending.
+FASTERRCNN_MAX_SIDE_FACTOR = 2
+
+
+def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, Axis, Axis], tuple[int, int, int]]:
+    """``(chw, (batch_min, batch_opt, batch_max))`` for the engine of an exported ONNX model.
+
+    YOLO: a square ``imgsz`` letterbox and a dynamic batch; the batch range is
+    the manifest's (``--max-batch`` or the pod's), opt the pod's aim, clamped
+    into it. Faster R-CNN: its graph input is ``[1, 3, H, W]`` with dynamic H and
+    W, one image per call; H and W range from :data:`FASTERRCNN_MIN_SIDE` to
+    ``FASTERRCNN_MAX_SIDE_FACTOR x max_size``, opt at the trace's ``min_size x
+    4/3 min_size``. Raises ValueError when the manifest lacks what it needs.
+    """
+    spec = manifest.input
+    if manifest.family == "yolo":
+        if not spec.imgsz:
+            raise ValueError(f"the manifest of {manifest.name} gives no input.imgsz for the engine's input size")
+        batch_max = max(int(manifest.batch.max or plan.max_batch), 1)
+        batch_min = min(max(int(manifest.batch.min), 1), batch_max)
+        batch_opt = min(max(int(manifest.batch.opt or plan.opt_batch), batch_min), batch_max)
+        return (3, spec.imgsz, spec.imgsz), (batch_min, batch_opt, batch_max)
+    if manifest.family == "fasterrcnn":
+        if not spec.min_size or not spec.max_size:
+            raise ValueError(f"the manifest of {manifest.name} gives no input.min_size/max_size for the engine's profile")
+        low = min(FASTERRCNN_MIN_SIDE, spec.min_size)
+        high = max(spec.max_size, spec.min_size) * FASTERRCNN_MAX_SIDE_FACTOR
+        opt_h = spec.min_size
+        opt_w = min(max(round(spec.min_size * 4 / 3), opt_h), high)
+        return (3, (low, opt_h, high), (low, opt_w, high)), (1, 1, 1)
+    raise ValueError(f"no TensorRT profile for model family {manifest.family!r}")
+
+
+def engine_manifest(manifest: Manifest, built: BuiltEngine) -> Manifest:
+    """The ONNX export's manifest, turned into the engine's (parity cleared until checked)."""
+    bounds = tuple(built.profile[key][0] if len(built.profile[key]) == 4 else 1 for key in ("min", "opt", "max"))
+    batch = manifest.batch.model_copy(update=dict(zip(("min", "opt", "max"), bounds)))
+    updated = manifest.model_copy(
+        update={
+            "format": "tensorrt",
+            "artifact": built.path.name,
+            "artifact_sha256": sha256_file(built.path),
+            "gpu_arch": built.sm,
+            "tensorrt_version": built.trt_version,
+            "precision": built.precision,
+            "batch": BatchSpec.model_validate(batch.model_dump()),
+            "versions": {**manifest.versions, "tensorrt": built.trt_version},
+            "parity": None,
+        }
+    )
+    # model_copy does not validate; a manifest the runtime will refuse must fail here.
+    return Manifest.model_validate(updated.model_dump())
+
+
+def source_reference(out: Path, manifest: Manifest, *, conf: float, iou: float) -> Callable[[np.ndarray], Detections]:
+    """The source library's own inference on CPU (as in the ONNX parity check): image -> detections."""
+    if manifest.family == "yolo":
+        from detserve.sources import load_yolo
+        from export.reference import yolo_predict
+
+        model = load_yolo(Path(out) / manifest.source.file)
+        return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou)[0]
+    from detserve.engines.torch import TorchEngine
+    from export.reference import fasterrcnn_predict
+
+    model = TorchEngine(Path(out), manifest, device="cpu").model
+    return lambda image: fasterrcnn_predict(model, [image], conf=conf)[0]
+
+
+def engine_parity(
+    req: ExportRequest,
+    out: Path,
+    manifest: Manifest,
+    *,
+    engine: Engine | None = None,
+    reference: Callable[[np.ndarray], Detections] | None = None,
+    images: list[np.ndarray] | None = None,
+    device: int = 0,
+) -> Parity:
+    """Run the engine (through ``Detector``, as served) and the source model on the same images.
+
+    ``manifest`` is the engine's. ``engine`` defaults to a :class:`TensorRTEngine`
+    on ``out / manifest.artifact`` (sha256 checked), ``reference`` to
+    :func:`source_reference`, ``images`` to ``req.parity_images`` or
+    :func:`export.reference.parity_images`. Boxes match as in the ONNX check
+    (same class, IoU >= 0.99). The threshold is ``req.parity_threshold`` for
+    fp32 and fp16 alike: fp16 engines move boxes by a fraction of a pixel, so
+    on small boxes IoU >= 0.99 fails more often and the matched share can be
+    lower than the fp32 ONNX graph's; ``build_for_manifest``'s error then says
+    to rebuild with ``--precision fp32`` or lower ``--parity-threshold``.
+    Raises TensorRTUnavailable, EngineMismatch or ManifestError when the engine
+    does not load.
+    """
+    from detserve.detector import Detector
+    from detserve.manifest import verify_artifact
+    from detserve.progress import track
+    from export.parity import compare_all
+
+    out = Path(out)
+    conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
+    if images is None:
+        if req.parity_images is not None:
+            images = req.parity_images
+        else:
+            from export.reference import parity_images
+
+            images = parity_images()
+    with step("Loading the TensorRT engine and its source", req.quiet):
+        if engine is None:
+            engine = TensorRTEngine(
+                verify_artifact(out, manifest),
+                expected_sm=manifest.gpu_arch,
+                expected_trt=manifest.tensorrt_version,
+                device=device,
+            )
+        detector = Detector(out, manifest=manifest, engine=engine)
+        params = detector.params(conf=conf)
+        if reference is None:
+            reference = source_reference(out, manifest, conf=conf, iou=params.iou)
+    src_dets, eng_dets = [], []
+    for image in track(images, "Checking parity (source vs TensorRT engine)", quiet=req.quiet):
+        src_dets.append(reference(image))
+        eng_dets.append(detector.detect([image], params)[0])
+    result = compare_all(src_dets, eng_dets)
+    parity = Parity(
+        images=result.images,
+        source_boxes=result.source_boxes,
+        matched_share=round(result.matched_share, 6),
+        max_box_diff_px=round(result.max_box_diff_px, 6),
+        max_score_diff=round(result.max_score_diff, 8),
+        threshold=req.parity_threshold,
+        conf=conf,
+        passed=result.matched_share >= req.parity_threshold,
+    )
+    if not req.quiet:
+        from detserve.progress import console
+
+        console.print(
+            f"engine parity ({manifest.precision}): {result.matched}/{result.source_boxes} source boxes matched "
+            f"({parity.matched_share:.1%}) on {result.images} images, max box diff "
+            f"{parity.max_box_diff_px:.4f} px, max score diff {parity.max_score_diff:.2e}"
+        )
+    return parity
+
+
+def _print_dim(message: str) -> None:
+    from detserve.progress import console
+
+    console.print(f"  {message}", style="dim", markup=False, highlight=False)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def build_for_manifest(req: ExportRequest, out: Path, manifest: Manifest, plan: ExportPlan) -> Manifest:
+    """Build the TensorRT engine for an ONNX export, check its parity on the GPU, rewrite the manifest.
+
+    ``manifest`` describes ``out / manifest.artifact``, the ONNX model already
+    written and parity-checked; it stays in the folder beside the engine (and
+    the timing cache, ``timing.<sm>.trt<x.y>.cache``). Returns the engine's
+    manifest, also written to ``out``. Every failure is an ``ExportError`` with
+    one line; until the engine passes, ``out`` keeps the ONNX export's manifest,
+    which serves with onnxruntime. A failed parity check still writes the
+    engine's manifest, with the figures, like the ONNX check does.
+    """
+    from detserve.manifest import MANIFEST_NAME
+    from export.pipeline import ExportError  # here: export.pipeline imports this module lazily
+
+    out = Path(out)
+    kept = f"the ONNX export in {out} is complete and serves with onnxruntime"
+    if plan.format != "tensorrt" or not plan.gpu_arch:
+        raise ExportError(f"the export plan for pod {plan.pod.name!r} is not a TensorRT engine ({plan.format}); nothing to build")
+    try:
+        chw, (batch_min, batch_opt, batch_max) = manifest_profile(manifest, plan)
+    except ValueError as exc:
+        raise ExportError(f"cannot build a TensorRT engine: {_one_line(exc)}") from None
+
+    progress = None if req.quiet else _print_dim
+    title = f"Building TensorRT engine ({plan.precision}, {plan.gpu_arch}, batch {batch_min}/{batch_opt}/{batch_max}; takes minutes)"
+    try:
+        with step(title, req.quiet):
+            built = build_engine(
+                out / manifest.artifact,
+                out,
+                input_name=manifest.input.name,
+                chw=chw,
+                batch_min=batch_min,
+                batch_opt=batch_opt,
+                batch_max=batch_max,
+                fp16=plan.precision == "fp16",
+                timing_cache=out,
+                expected_sm=plan.gpu_arch,
+                progress=progress,
+            )
+    except TensorRTUnavailable as exc:
+        raise ExportError(f"cannot build a TensorRT engine: {_one_line(exc)} ({kept})") from None
+    except (TensorRTBuildError, ValueError, OSError) as exc:  # GpuMismatch is a TensorRTBuildError
+        raise ExportError(f"TensorRT engine build failed: {_one_line(exc)} ({kept})") from None
+
+    try:
+        new = engine_manifest(manifest, built)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ExportError(f"the engine {built.path.name} does not fit the manifest: {_one_line(exc)}") from None
+    try:
+        parity = engine_parity(req, out, new)
+    except (TensorRTUnavailable, EngineMismatch, ManifestError) as exc:
+        raise ExportError(f"the TensorRT engine {built.path.name} does not load here: {_one_line(exc)} ({kept})") from None
+    except ValueError as exc:  # e.g. a parity image outside the engine's profile
+        raise ExportError(f"the TensorRT engine parity check could not run: {_one_line(exc)} ({kept})") from None
+    new = new.model_copy(update={"parity": parity})
+    write_manifest(out, new)
+    if not parity.passed:
+        advice = (
+            "fp16 moves boxes slightly: rebuild with --precision fp32, or lower --parity-threshold if the figures are acceptable"
+            if built.precision == "fp16"
+            else "check the figures, or compare with the ONNX export's parity"
+        )
+        raise ExportError(
+            f"TensorRT engine parity check failed: the {built.precision} engine matched {parity.matched_share:.1%} of the "
+            f"source model's boxes (same class, IoU >= 0.99), below --parity-threshold {req.parity_threshold:.2f}; "
+            f"{advice} (figures kept in {out / MANIFEST_NAME})"
+        )
+    return new

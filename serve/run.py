@@ -1,0 +1,123 @@
+"""``detserve serve``: deploy.yaml on an embedded local Ray, bound to 127.0.0.1, until Ctrl-C.
+
+Ray's own ``serve run deploy.yaml`` works too; this runner adds what a laptop
+needs: a private local Ray (never attaching to a stale cluster), the offline
+environment in every worker, default models exported before the first
+replica starts, a curl line that works as printed, and a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from detserve import offline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_config(path: Path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """A private, loopback-only Ray for this process."""
+    import ray
+
+    env = offline.apply()
+    temp = Path(os.environ.get("DETSERVE_RAY_TMP", f"/tmp/detserve-ray-{os.getuid()}"))
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(temp),
+        runtime_env={"env_vars": {**env, "DETSERVE_ROOT": str(ROOT)}},
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+
+
+def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> list[str]:
+    """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    config = load_config(config_path)
+    http = config.http_options
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},
+        proxy_location="HeadOnly",
+    )
+    routes = []
+    for app in config.applications:
+        if only and app.name not in only:
+            continue
+        if app.import_path != "serve.app:build_app":
+            raise ValueError(f"application {app.name}: detserve serve runs serve.app:build_app apps; use `serve run` for {app.import_path}")
+        options: dict[str, Any] = {}
+        for d in app.deployments:
+            options = d.model_dump(exclude_unset=True, exclude={"name"})
+        serve.run(build_app(app.args, options), name=app.name, route_prefix=app.route_prefix, blocking=False)
+        routes.append(app.route_prefix)
+    return routes
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
+    from detserve.defaults import DEFAULT_MODELS
+    from export.defaults import ensure_default_models
+    from detserve.progress import console
+
+    config = load_config(config_path)
+    names = [a.args.get("model") for a in config.applications if not only or a.name in only]
+    defaults = tuple(n for n in names if n in DEFAULT_MODELS)
+    if defaults:  # export once here, not in every replica
+        ensure_default_models(defaults)
+    with console.status("Starting Ray and Serve on 127.0.0.1..."):
+        start_ray()
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            routes = deploy(config_path, host, port, only)
+        except BaseException:
+            shutdown()
+            raise
+    from detserve.defaults import sample_image
+
+    sample = sample_image()
+    console.print(f"[green]detserve is serving[/] {', '.join(routes)} on http://{host}:{port}  (API docs: http://{host}:{port}{routes[0]}/docs)")
+    console.print("Try:")
+    for route in routes:
+        console.print(f"  curl -s -X POST 'http://{host}:{port}{route}/predict?conf=0.25' -H 'Content-Type: image/jpeg' --data-binary @{sample}")
+    console.print("Ctrl-C stops the server and Ray.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        shutdown()
+        console.print("stopped.")
+
+
+if __name__ == "__main__":
+    main(only=sys.argv[1:] or None)

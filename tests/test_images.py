@@ -1,0 +1,115 @@
+"""One decoder for every caller: formats, EXIF, colour modes, and refusals before decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detserve.images import ImageError, Limits, decode
+from tests.conftest import encode
+
+
+def gradient(h: int = 48, w: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_exactly(fmt):
+    image = gradient()
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode(encode(image, fmt, **kwargs))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    np.testing.assert_array_equal(out, image)
+
+
+def test_jpeg_decodes_close():
+    image = gradient()
+    out = decode(encode(image, "JPEG", quality=95))
+    assert out.shape == image.shape
+    assert np.abs(out.astype(int) - image).mean() < 4
+
+
+@pytest.mark.parametrize("orientation,expect", [(1, lambda a: a), (3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_exif_orientation_is_applied(orientation, expect):
+    image = gradient(40, 60)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", exif=exif)
+    out = decode(buf.getvalue())
+    np.testing.assert_array_equal(out, expect(image))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F"])
+def test_every_mode_becomes_rgb(mode):
+    base = Image.fromarray(gradient())
+    if mode in ("I;16", "I", "F"):
+        gray = np.asarray(base.convert("L"), dtype=np.uint16)
+        image = Image.fromarray((gray.astype(np.uint16) * 257) if mode == "I;16" else gray.astype(np.int32 if mode == "I" else np.float32), mode=None)
+        if mode == "I;16":
+            image = Image.fromarray(gray * 257).convert("I;16") if image.mode != "I;16" else image
+    else:
+        image = base.convert(mode)
+    out = decode(image)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16", "I", "F"):
+        expected = np.asarray(base.convert("L"))
+        assert np.abs(out[..., 0].astype(int) - expected).max() <= 1
+        assert (out[..., 0] == out[..., 1]).all()
+
+
+def test_sixteen_bit_png_roundtrip():
+    gray = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG")
+    out = decode(buf.getvalue())
+    assert out.shape == (48, 64, 3)
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+
+
+def test_arrays_are_taken_as_rgb_rgba_or_gray():
+    image = gradient()
+    np.testing.assert_array_equal(decode(image), image)
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    np.testing.assert_array_equal(decode(rgba), image)
+    gray = image[..., 0]
+    assert decode(gray).shape == image.shape
+    with pytest.raises(ImageError) as err:
+        decode(np.zeros((4, 4, 5), np.uint8))
+    assert err.value.code == "bad_array"
+
+
+@pytest.mark.parametrize(
+    "data,code",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "not_an_image"),
+        (encode(gradient(), "JPEG")[:200], "corrupt_image"),
+        (encode(gradient(), "PNG")[:-30], "corrupt_image"),
+        (12345, "unsupported_type"),
+    ],
+)
+def test_bad_inputs_raise_image_error_with_a_code(data, code):
+    with pytest.raises(ImageError) as err:
+        decode(data)
+    assert err.value.code == code
+    assert err.value.message
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch):
+    big = encode(np.zeros((300, 400, 3), np.uint8), "PNG")
+    # If the limit were checked after decoding, load() would be called: make it fail loudly.
+    monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    with pytest.raises(ImageError) as err:
+        decode(big, Limits(max_pixels=100_000))
+    assert err.value.code == "too_many_pixels" and "120000" in err.value.message
+
+
+def test_byte_limit():
+    with pytest.raises(ImageError) as err:
+        decode(encode(gradient(), "PNG"), Limits(max_bytes=100))
+    assert err.value.code == "too_large"
