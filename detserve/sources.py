@@ -144,4 +144,6 @@ def _torch_load(path: Path, weights_only: bool):
     except (zipfile.BadZipFile, EOFError, RuntimeError, OSError) as exc:
         raise SourceError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # unpickling errors of many kinds
+        if weights_only and "ultralytics" in str(exc):
+            raise SourceError(f"{path} is an Ultralytics (YOLO) checkpoint, not a torchvision state_dict: use --model yolo") from None
         raise SourceError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated, or another format): {type(exc).__name__}") from None

@@ -16,6 +16,7 @@ for a CPU pod and are overridden per application there.
 
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -156,6 +157,8 @@ class DetectionServer:
         self.decode_pool = ThreadPoolExecutor(self.args.decode_threads, thread_name_prefix="decode")
         self.engine_pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.metrics = _Metrics()
+        # Batch sizes actually formed, for /stats (tests and benchmarks read it).
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.detector.warmup()
         self.info = self.detector.describe()
         log.info("detserve replica ready: %s", self.info)
@@ -176,6 +179,7 @@ class DetectionServer:
         loop = asyncio.get_running_loop()
         timings = BatchTimings()
         results = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, jobs, timings)
+        self.batch_sizes[timings.size] += 1
         m = self.metrics
         m.batch_size.observe(timings.size)
         m.engine.observe(timings.engine_s)
@@ -250,6 +254,13 @@ class DetectionServer:
     ) -> dict:
         images = await read_images(request, self.request_limits)
         return await self.detect(images, self.detector.params(conf=conf, iou=iou, max_det=max_det))
+
+    @api.get("/stats", summary="Batch sizes this replica has formed")
+    async def stats(self) -> dict:
+        sizes = dict(sorted(self.batch_sizes.items()))
+        images = sum(k * v for k, v in sizes.items())
+        return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
+                "mean_batch_size": images / max(1, sum(sizes.values()))}  # fmt: skip
 
     @api.get("/info", summary="The model this application serves")
     async def http_info(self) -> dict:

@@ -57,6 +57,15 @@ def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = Fal
     return providers
 
 
+def to_fp16(path: Path) -> bytes:
+    """An fp16 copy of an fp32 ONNX graph, inputs and outputs kept fp32 (for onnxruntime's CUDA provider)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=False)
+    return model.SerializeToString()
+
+
 class OnnxEngine:
     """An onnxruntime session over the manifest's ONNX artifact."""
 
@@ -65,8 +74,13 @@ class OnnxEngine:
         import onnxruntime as ort
 
         path = verify_artifact(folder, manifest)
+        model: str | bytes = str(path)
+        if device != "cpu" and manifest.precision == "fp16" and not trt:
+            # The artifact is the fp32 graph that passed parity; on a GPU pod
+            # that asks for fp16 (V100: no TensorRT), run a half-precision copy.
+            model = to_fp16(path)
         self.session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=providers_for(device, manifest, folder, trt)
+            model, sess_options=session_options(threads), providers=providers_for(device, manifest, folder, trt)
         )
         active = self.session.get_providers()[0]
         self.device = "cpu" if active == "CPUExecutionProvider" else device

@@ -1,0 +1,98 @@
+"""A small HTTP client for detserve, for users outside Ray.
+
+    from serve.client import Client
+
+    with Client("http://127.0.0.1:8000", app="yolo") as client:
+        result = client.predict("bus.jpg", conf=0.3)
+        for box in result.results[0]["annotations"]:
+            print(box["label"], box["coordinates"])
+
+Errors from the server raise :class:`DetserveError` with its ``status``, ``code``
+and ``message``, which say what to change.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+class DetserveError(Exception):
+    """The server refused or failed a request."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Prediction:
+    model: dict[str, Any]
+    results: list[dict[str, Any]]  # per image: width, height, annotations (Dataloop box JSON)
+
+
+def _to_bytes(image: Any) -> tuple[bytes, str]:
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes(), "application/octet-stream"
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), "application/octet-stream"
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue(), "image/png"
+    raise TypeError(f"cannot send {type(image).__name__}: pass a path, bytes, a PIL image or an RGB array")
+
+
+class Client:
+    """Talks to one application (``app``) of a detserve server."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", app: str = "yolo", timeout: float = 60.0):
+        self.url = f"{base_url.rstrip('/')}/{app.strip('/')}"
+        self._http = httpx.Client(timeout=timeout)
+
+    def predict(self, *images: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Prediction:
+        """Boxes for one or more images (paths, bytes, PIL images or RGB arrays), in order."""
+        if not images:
+            raise ValueError("give at least one image")
+        params = {k: v for k, v in {"conf": conf, "iou": iou, "max_det": max_det}.items() if v is not None}
+        encoded = [_to_bytes(image) for image in images]
+        if len(encoded) == 1:
+            data, ctype = encoded[0]
+            response = self._http.post(f"{self.url}/predict", params=params, content=data, headers={"content-type": ctype})
+        else:
+            files = [("file", (f"{i}", data, ctype)) for i, (data, ctype) in enumerate(encoded)]
+            response = self._http.post(f"{self.url}/predict", params=params, files=files)
+        body = self._check(response)
+        return Prediction(body["model"], body["results"])
+
+    def info(self) -> dict[str, Any]:
+        return self._check(self._http.get(f"{self.url}/info"))
+
+    @staticmethod
+    def _check(response: httpx.Response) -> dict[str, Any]:
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            code, message = error["code"], error["message"]
+        except Exception:
+            code, message = "http_error", response.text[:200] or response.reason_phrase
+        raise DetserveError(response.status_code, code, message)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""The runtime's boxes equal the reference implementations' boxes.
+
+YOLO: Ultralytics' own ``predict``. Faster R-CNN: torchvision's eval forward.
+Same count, same classes, coordinates within 0.5 px, scores within 1e-3 at fp32,
+on generated scenes, real photos, EXIF-rotated and non-RGB images.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detserve.detector import Detector
+from detserve.images import decode
+from export.reference import fasterrcnn_predict, yolo_predict
+
+
+def assert_same(ours, ref, px=0.5, score=1e-3):
+    assert len(ours) == len(ref), (len(ours), len(ref))
+    o = np.lexsort((ours.boxes[:, 1], ours.boxes[:, 0], ours.class_ids))
+    r = np.lexsort((ref.boxes[:, 1], ref.boxes[:, 0], ref.class_ids))
+    np.testing.assert_array_equal(ours.class_ids[o], ref.class_ids[r])
+    np.testing.assert_allclose(ours.boxes[o], ref.boxes[r], atol=px)
+    np.testing.assert_allclose(ours.scores[o], ref.scores[r], atol=score)
+
+
+def exif_rotated(image: np.ndarray, orientation: int = 6) -> bytes:
+    """JPEG-free (PNG) bytes whose EXIF says: rotate me."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", exif=exif)
+    return buf.getvalue()
+
+
+def variants(scenes, photos):
+    """(name, input for detserve, RGB array as the reference sees it)"""
+    out = [(f"scene{i}", s.image, s.image) for i, s in enumerate(scenes)]
+    out += [(f"photo{i}", p, p) for i, p in enumerate(photos)]
+    rotated = exif_rotated(scenes[0].image)
+    out.append(("exif", rotated, decode(rotated)))
+    gray = np.asarray(Image.fromarray(scenes[1].image).convert("L"))
+    out.append(("gray", gray, np.repeat(gray[..., None], 3, axis=2)))
+    rgba = np.concatenate([scenes[2].image, np.full(scenes[2].image.shape[:2] + (1,), 128, np.uint8)], axis=2)
+    out.append(("rgba", rgba, scenes[2].image))
+    return out
+
+
+@pytest.fixture(scope="module")
+def yolo_reference(yolo_export):
+    from detserve.sources import load_yolo
+
+    return load_yolo(yolo_export / "source.pt")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_yolo_runtime_equals_ultralytics_predict(yolo_export, yolo_reference, scenes, photos, backend):
+    detector = Detector(yolo_export, backend=backend, device="cpu")
+    total = 0
+    for conf in (0.25, 0.05):  # below Ultralytics' 0.25 default really lowers the threshold
+        params = detector.params(conf=conf)
+        for name, data, rgb in variants(scenes, photos):
+            [ours] = detector.detect([data], params)
+            [ref] = yolo_predict(yolo_reference, [rgb], imgsz=detector.manifest.input.imgsz, conf=conf, iou=params.iou)
+            assert_same(ours, ref)
+            total += len(ref)
+    assert total >= 20
+
+
+def test_exif_rotation_changes_the_boxes_the_right_way(yolo_export, scenes):
+    detector = Detector(yolo_export, backend="onnxruntime", device="cpu")
+    image = scenes[0].image
+    [upright] = detector.detect([image])
+    [rotated] = detector.detect([exif_rotated(image, 6)])  # 6: displayed rotated 90 deg clockwise
+    assert len(upright) == len(rotated) > 0
+    h = image.shape[0]
+    # A point (x, y) in the stored image lands at (h - y, x) once rotated clockwise.
+    expected = np.stack([h - upright.boxes[:, 3], upright.boxes[:, 0], h - upright.boxes[:, 1], upright.boxes[:, 2]], axis=1)
+    o = np.lexsort((expected[:, 1], expected[:, 0]))
+    r = np.lexsort((rotated.boxes[:, 1], rotated.boxes[:, 0]))
+    np.testing.assert_allclose(rotated.boxes[r], expected[o], atol=4.0)
+
+
+def test_fasterrcnn_runtime_equals_torchvision_eval(fasterrcnn_export, scenes, photos):
+    detector = Detector(fasterrcnn_export, backend="onnxruntime", device="cpu")
+    reference = Detector(fasterrcnn_export, backend="torch", device="cpu").engine.model
+    total = 0
+    for name, data, rgb in variants(scenes, photos):
+        [ours] = detector.detect([data], detector.params(conf=0.3))
+        [ref] = fasterrcnn_predict(reference, [rgb], conf=0.3)
+        assert_same(ours, ref)
+        total += len(ref)
+    assert total >= 10

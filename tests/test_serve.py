@@ -1,0 +1,257 @@
+"""Ray Serve: HTTP and handle round trips, batching under load, bad input, backpressure, timeouts.
+
+One Ray for the session (serve_cluster), one application per module; everything
+talks to 127.0.0.1 only. Requests are bounded in number and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import encode
+
+pytestmark = pytest.mark.serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_cluster():
+    from ray import serve
+
+    from serve.run import shutdown, start_ray
+
+    start_ray(num_cpus=2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    yield f"http://127.0.0.1:{port}"
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def yolo_url(serve_cluster, yolo_export):
+    from ray import serve
+
+    from serve.app import build_app
+
+    options = {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}
+    serve.run(build_app({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False)
+    yield f"{serve_cluster}/yolo"
+    serve.delete("yolo")
+
+
+@pytest.fixture(scope="module")
+def adapter(yolo_export):
+    from adapters import adapter_for
+
+    return adapter_for(yolo_export)
+
+
+def expected(adapter, image: np.ndarray, **params) -> list[dict]:
+    from adapters.base import to_collection
+
+    [det] = adapter.detector.detect([image], adapter.detector.params(**params))
+    return to_collection(det, adapter.labels, adapter.detector.manifest.name, None).to_json()["annotations"]
+
+
+def boxes_of(annotations: list[dict]) -> list[tuple]:
+    return [
+        (a["label"], round(a["coordinates"][0]["x"], 3), round(a["coordinates"][0]["y"], 3),
+         round(a["coordinates"][1]["x"], 3), round(a["coordinates"][1]["y"], 3),
+         round(a["metadata"]["user"]["model"]["confidence"], 5))
+        for a in annotations
+    ]  # fmt: skip
+
+
+def test_http_raw_body_matches_the_adapter(yolo_url, adapter, scenes):
+    image = scenes[0].image
+    r = httpx.post(f"{yolo_url}/predict", content=encode(image), headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["backend"] == "onnxruntime-cpu"
+    [result] = body["results"]
+    assert (result["width"], result["height"]) == (image.shape[1], image.shape[0])
+    want = expected(adapter, image)
+    assert len(want) > 0
+    assert boxes_of(result["annotations"]) == boxes_of(want)
+    assert all(a["type"] == "box" for a in result["annotations"])
+
+
+def test_http_multipart_and_json_keep_input_order(yolo_url, adapter, scenes):
+    images = [s.image for s in scenes[:3]]
+    files = [("file", (f"{i}.png", encode(im), "image/png")) for i, im in enumerate(images)]
+    multipart = httpx.post(f"{yolo_url}/predict?conf=0.3&max_det=5", files=files, timeout=30).json()
+    payload = {"images": [base64.b64encode(encode(im)).decode() for im in images]}
+    as_json = httpx.post(f"{yolo_url}/predict?conf=0.3&max_det=5", json=payload, timeout=30).json()
+    for body in (multipart, as_json):
+        assert [boxes_of(r["annotations"]) for r in body["results"]] == [
+            boxes_of(expected(adapter, im, conf=0.3, max_det=5)) for im in images
+        ]
+
+
+def test_query_parameters_change_the_answer(yolo_url, scenes):
+    data = encode(scenes[1].image)
+    low = httpx.post(f"{yolo_url}/predict?conf=0.01", content=data, headers={"content-type": "image/png"}).json()
+    high = httpx.post(f"{yolo_url}/predict?conf=0.9", content=data, headers={"content-type": "image/png"}).json()
+    one = httpx.post(f"{yolo_url}/predict?conf=0.01&max_det=1", content=data, headers={"content-type": "image/png"}).json()
+    assert len(low["results"][0]["annotations"]) > len(high["results"][0]["annotations"])
+    assert len(one["results"][0]["annotations"]) == 1
+
+
+def test_handle_accepts_bytes_pil_and_arrays(yolo_url, adapter, scenes):
+    from ray import serve
+
+    handle = serve.get_app_handle("yolo")
+    image = scenes[2].image
+    want = boxes_of(expected(adapter, image))
+    for item in (encode(image), Image.fromarray(image), image):
+        result = handle.predict.remote(item).result(timeout_s=30)
+        assert boxes_of(result["results"][0]["annotations"]) == want
+    many = handle.predict.remote([image, image], conf=0.5).result(timeout_s=30)
+    assert len(many["results"]) == 2
+    with pytest.raises(ValueError, match="not_an_image"):
+        handle.predict.remote(b"not an image").result(timeout_s=30)
+
+
+BAD_INPUTS = [
+    (b"", "image/jpeg", "", 400, "empty"),
+    (b"hello", "image/jpeg", "", 400, "not_an_image"),
+    ("truncated", "image/jpeg", "", 400, "corrupt_image"),
+    (b"x", "text/plain", "", 415, "unsupported_media_type"),
+    (b'{"images": ["!!!"]}', "application/json", "", 400, "bad_base64"),
+    (b'{"images": "nope"}', "application/json", "", 422, "bad_json"),
+    (b"{not json", "application/json", "", 400, "bad_json"),
+    ("png", "image/png", "?conf=2", 422, "invalid_parameter"),
+    ("png", "image/png", "?max_det=0", 422, "invalid_parameter"),
+    ("png", "image/png", "?iou=abc", 422, "invalid_parameter"),
+    ("bomb", "image/png", "", 413, "too_many_pixels"),
+]
+
+
+@pytest.mark.parametrize("body,ctype,query,status,code", BAD_INPUTS)
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(yolo_url, scenes, body, ctype, query, status, code):
+    if body == "truncated":
+        body = encode(scenes[0].image, "JPEG")[:300]
+    elif body == "png":
+        body = encode(scenes[0].image)
+    elif body == "bomb":  # 9000 x 9000 = 81 MP > the 40 MP default; tiny as a PNG, refused from its header
+        buf = io.BytesIO()
+        Image.new("L", (9000, 9000)).save(buf, format="PNG")
+        body = buf.getvalue()
+    r = httpx.post(f"{yolo_url}/predict{query}", content=body, headers={"content-type": ctype}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    ok = httpx.post(f"{yolo_url}/predict", content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_one_bad_image_in_a_multipart_request_names_its_index(yolo_url, scenes):
+    files = [("f", ("a.png", encode(scenes[0].image), "image/png")), ("f", ("b.png", b"junk", "image/png"))]
+    r = httpx.post(f"{yolo_url}/predict", files=files, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("image 1:")
+
+
+def test_concurrent_load_every_request_answered_once_and_batches_fill(yolo_url, adapter, scenes):
+    images = [encode(s.image) for s in scenes]
+    want = [boxes_of(expected(adapter, s.image)) for s in scenes]
+    before = httpx.get(f"{yolo_url}/stats").json()
+    n_requests, concurrency = 240, 32
+
+    async def main():
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(i):
+                async with sem:
+                    r = await client.post(f"{yolo_url}/predict", content=images[i % len(images)], headers={"content-type": "image/png"})
+                    return i, r.status_code, r.json()
+
+            return await asyncio.gather(*(one(i) for i in range(n_requests)))
+
+    started = time.perf_counter()
+    results = asyncio.run(main())
+    elapsed = time.perf_counter() - started
+    assert sorted(i for i, _, _ in results) == list(range(n_requests))  # each answered exactly once
+    assert all(status == 200 for _, status, _ in results)
+    for i, _, body in results:
+        assert boxes_of(body["results"][0]["annotations"]) == want[i % len(images)]
+    after = httpx.get(f"{yolo_url}/stats").json()
+    new_batches = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert sum(k * v for k, v in new_batches.items()) == n_requests
+    assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches  # batches really formed
+    assert elapsed < 120
+
+
+@pytest.fixture(scope="module")
+def slow_url(serve_cluster, yolo_export):
+    """A deliberately narrow deployment: one request at a time, one queued, long batch wait."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    options = {
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "autoscaling_config": None,
+        "num_replicas": 1,
+        "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    }
+    serve.run(build_app({"model": str(yolo_export)}, options), name="narrow", route_prefix="/narrow", blocking=False)
+    yield f"{serve_cluster}/narrow"
+    serve.delete("narrow")
+
+
+def test_overload_gets_fast_503_not_an_unbounded_queue(slow_url, scenes):
+    big = encode(np.asarray(Image.fromarray(scenes[0].image).resize((1600, 1200))))
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}) for _ in range(16))
+            )
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    r = httpx.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_request_timeout_gives_408(slow_url, scenes):
+    big = encode(np.asarray(Image.fromarray(scenes[0].image).resize((2400, 1800))))
+    r = httpx.post(
+        f"{slow_url}/predict", content=big, headers={"content-type": "image/png", "x-request-timeout-seconds": "0.001"}, timeout=60
+    )
+    assert r.status_code == 408, r.text
+    assert httpx.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}, timeout=60).status_code == 200
+
+
+def test_python_http_client(yolo_url, adapter, scenes):
+    from serve.client import Client, DetserveError
+
+    base, app = yolo_url.rsplit("/", 1)
+    with Client(base, app=app) as client:
+        one = client.predict(scenes[0].image)
+        assert boxes_of(one.results[0]["annotations"]) == boxes_of(expected(adapter, scenes[0].image))
+        two = client.predict(scenes[0].image, encode(scenes[1].image), conf=0.5)
+        assert len(two.results) == 2
+        assert client.info()["labels"]
+        with pytest.raises(DetserveError) as err:
+            client.predict(b"nope")
+        assert err.value.status == 400 and err.value.code == "not_an_image"
