@@ -108,7 +108,9 @@ class DetectionAdapter(dl.BaseModelAdapter):
 
     # ---- configuration -------------------------------------------------
     def _config(self, key: str, default: Any = None) -> Any:
-        return self._plain_config().get(key, default)
+        # A key set to null (JSON) means "not set": str(None) would be backend 'None'.
+        value = self._plain_config().get(key)
+        return default if value is None else value
 
     def _plain_config(self) -> dict:
         # dtlpy's configuration proxy calls the platform for a missing key;

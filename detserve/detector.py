@@ -24,10 +24,19 @@ from detserve.preprocess import Geometry, pack, prepare
 
 @dataclass
 class Prepared:
-    """Model-ready input: one tensor per engine call, and each image's geometry."""
+    """Model-ready input: one tensor per engine call, which images each holds, and every image's geometry."""
 
     tensors: list[np.ndarray]
+    members: list[list[int]]  # members[k]: the image positions in tensors[k], in order
     geometries: list[Geometry]
+
+
+def chunks_by_shape(images: Sequence[np.ndarray], max_batch: int) -> list[list[int]]:
+    """Positions of same-shape images, in chunks of at most ``max_batch``: one engine call each."""
+    groups: dict[tuple, list[int]] = {}
+    for pos, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(pos)
+    return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
 
 
 class Detector:
@@ -68,25 +77,23 @@ class Detector:
         return imagelib.decode(data, limits)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Prepared:
+        """Resize per the input contract and pack: one tensor per engine call (same-shape images together)."""
         spec = self.manifest.input
         model_images, geometries = prepare(list(images), spec)
         dtype = np.float16 if spec.dtype == "float16" else np.float32
-        if self.manifest.batch.max == 1 or spec.resize == "in_graph":
-            tensors = [pack([image], spec.scale, dtype) for image in model_images]
-        else:
-            step = self.manifest.batch.max
-            tensors = [pack(model_images[i : i + step], spec.scale, dtype) for i in range(0, len(model_images), step)]
-        return Prepared(tensors, geometries)
+        members = chunks_by_shape(model_images, self.manifest.batch.max)
+        tensors = [pack([model_images[p] for p in chunk], spec.scale, dtype) for chunk in members]
+        return Prepared(tensors, members, geometries)
 
     def join(self, parts: Sequence[Prepared]) -> Prepared:
         """Merge preprocessed requests into as few engine calls as the artifact allows (the server's batch)."""
         geometries = [g for p in parts for g in p.geometries]
-        tensors = [t for p in parts for t in p.tensors]
-        if self.manifest.input.resize == "in_graph" or self.manifest.batch.max == 1 or len(tensors) <= 1:
-            return Prepared(tensors, geometries)
-        merged = np.concatenate(tensors, axis=0)
-        step = self.manifest.batch.max
-        return Prepared([merged[i : i + step] for i in range(0, len(merged), step)], geometries)
+        images: list[np.ndarray] = []  # back to one CHW array per image, in order, then regroup
+        for part in parts:
+            rows = {pos: tensor[r] for tensor, members in zip(part.tensors, part.members) for r, pos in enumerate(members)}
+            images.extend(rows[i] for i in range(len(part.geometries)))
+        members = chunks_by_shape(images, self.manifest.batch.max)
+        return Prepared([np.stack([images[p] for p in chunk]) for chunk in members], members, geometries)
 
     def infer(self, prepared: Prepared) -> list[list[np.ndarray]]:
         return [self.engine.run(tensor) for tensor in prepared.tensors]
@@ -97,20 +104,20 @@ class Detector:
         """Boxes per image on the original image. ``params`` is one for all, or one per image."""
         n = len(prepared.geometries)
         per_image = [params] * n if isinstance(params, DetectParams) else list(params)
-        if self.manifest.output.kind == "yolo_raw":
-            raw = np.concatenate([out[0] for out in outputs], axis=0)
-            results: list[Detections] = [Detections()] * n
-            # NMS once per distinct setting (usually one) over all its images.
-            for setting in dict.fromkeys(per_image):
-                idx = [i for i, p in enumerate(per_image) if p == setting]
-                for i, det in zip(idx, yolo_nms(raw[idx], setting)):
-                    results[i] = unletterbox(det, prepared.geometries[i])
-            return results
-        results = []
-        for (boxes, labels, scores), g, p in zip(outputs, prepared.geometries, per_image):
-            det = filter_detections(Detections(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)), p)
-            det.boxes = clip(det.boxes, g)
-            results.append(det)
+        results: list[Detections] = [Detections()] * n
+        for out, members in zip(outputs, prepared.members):
+            if self.manifest.output.kind == "yolo_raw":
+                # NMS once per distinct setting (usually one) over the chunk's images.
+                for setting in dict.fromkeys(per_image[p] for p in members):
+                    rows = [r for r, p in enumerate(members) if per_image[p] == setting]
+                    for r, det in zip(rows, yolo_nms(out[0][rows], setting)):
+                        results[members[r]] = unletterbox(det, prepared.geometries[members[r]])
+            else:  # one image per call: boxes, labels, scores in original pixels
+                [pos] = members
+                boxes, labels, scores = out
+                det = filter_detections(Detections(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)), per_image[pos])
+                det.boxes = clip(det.boxes, prepared.geometries[pos])
+                results[pos] = det
         return results
 
     # --- all together ---------------------------------------------------

@@ -42,7 +42,10 @@ class InputSpec(_Model):
     #   pad_value (Ultralytics). "in_graph": the graph resizes and normalises
     #   itself (torchvision's GeneralizedRCNNTransform), input is the 0-1 image.
     resize: Literal["letterbox", "in_graph"]
-    imgsz: int | None = None  # letterbox target (square)
+    imgsz: int | None = None  # letterbox target (the longer side)
+    # letterbox to the minimal stride-multiple rectangle (as YOLO.predict does)
+    # instead of the full square: input height/width then vary per image.
+    rect: bool = False
     stride: int = 32
     pad_value: int = 114
     min_size: int | None = None  # torchvision transform

@@ -27,17 +27,25 @@ class Geometry:
     pad_y: int = 0
 
 
-def letterbox(image: np.ndarray, size: int, pad_value: int = 114) -> tuple[np.ndarray, Geometry]:
-    """Resize keeping aspect ratio into ``size x size`` and pad the rest, centred.
+def letterbox(
+    image: np.ndarray, size: int, pad_value: int = 114, rect: bool = False, stride: int = 32
+) -> tuple[np.ndarray, Geometry]:
+    """Resize keeping aspect ratio to fit ``size x size``, and pad, centred.
 
-    Mirrors ``ultralytics.data.augment.LetterBox(auto=False)`` and the inverse in
+    ``rect=False`` pads to the full square; ``rect=True`` pads only to the next
+    multiple of ``stride`` (the minimal rectangle), which is what
+    ``YOLO.predict`` does for a single image (it sets ``rect=True``). Mirrors
+    ``ultralytics.data.augment.LetterBox`` and the inverse in
     ``ultralytics.utils.ops.scale_boxes``: each side rounded, at least 1 px,
     padding split with Ultralytics' ``round(d - 0.1)`` rule, INTER_LINEAR.
     """
     h, w = image.shape[:2]
     r = min(size / h, size / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    dw, dh = size - new_w, size - new_h
+    if rect:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
     if (w, h) != (new_w, new_h):
@@ -61,7 +69,7 @@ def prepare(images: list[np.ndarray], spec: InputSpec) -> tuple[list[np.ndarray]
     """Apply the input contract's resize policy. Returns model-ready HxWx3 images and their geometry."""
     if spec.resize == "letterbox":
         assert spec.imgsz is not None
-        boxed = [letterbox(image, spec.imgsz, spec.pad_value) for image in images]
+        boxed = [letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride) for image in images]
         return [b[0] for b in boxed], [b[1] for b in boxed]
     # in_graph: the graph resizes, and maps boxes back to the size it was given.
     return list(images), [Geometry(image.shape[0], image.shape[1]) for image in images]

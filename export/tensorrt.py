@@ -262,9 +262,11 @@ FASTERRCNN_MAX_SIDE_FACTOR = 2
 def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, Axis, Axis], tuple[int, int, int]]:
     """``(chw, (batch_min, batch_opt, batch_max))`` for the engine of an exported ONNX model.
 
-    YOLO: a square ``imgsz`` letterbox and a dynamic batch; the batch range is
-    the manifest's (``--max-batch`` or the pod's), opt the pod's aim, clamped
-    into it. Faster R-CNN: its graph input is ``[1, 3, H, W]`` with dynamic H and
+    YOLO: a dynamic batch; the batch range is the manifest's (``--max-batch``
+    or the pod's), opt the pod's aim, clamped into it. With a rect letterbox
+    (``input.rect``, as YOLO.predict) one side is ``imgsz`` and the other any
+    stride multiple up to it, so H and W range from the stride to ``imgsz``
+    (opt: the square); a square letterbox is fixed at ``imgsz``. Faster R-CNN: its graph input is ``[1, 3, H, W]`` with dynamic H and
     W, one image per call; H and W range from :data:`FASTERRCNN_MIN_SIDE` to
     ``FASTERRCNN_MAX_SIDE_FACTOR x max_size``, opt at the trace's ``min_size x
     4/3 min_size``. Raises ValueError when the manifest lacks what it needs.
@@ -276,7 +278,8 @@ def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, 
         batch_max = max(int(manifest.batch.max or plan.max_batch), 1)
         batch_min = min(max(int(manifest.batch.min), 1), batch_max)
         batch_opt = min(max(int(manifest.batch.opt or plan.opt_batch), batch_min), batch_max)
-        return (3, spec.imgsz, spec.imgsz), (batch_min, batch_opt, batch_max)
+        side: Axis = (spec.stride, spec.imgsz, spec.imgsz) if spec.rect else spec.imgsz
+        return (3, side, side), (batch_min, batch_opt, batch_max)
     if manifest.family == "fasterrcnn":
         if not spec.min_size or not spec.max_size:
             raise ValueError(f"the manifest of {manifest.name} gives no input.min_size/max_size for the engine's profile")

@@ -66,7 +66,10 @@ def export_yolo(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Ma
         opset=req.opset,
         pod=pod.name,
         gpu_arch=pod.sm,
-        input=InputSpec(resize="letterbox", imgsz=imgsz, stride=stride, pad_value=114),
+        # rect: each image letterboxed to its own stride-multiple rectangle, as
+        # YOLO.predict does, so boxes match Ultralytics exactly; the graph's
+        # height and width are dynamic, and the runtime batches same-shape images.
+        input=InputSpec(resize="letterbox", imgsz=imgsz, stride=stride, pad_value=114, rect=True),
         output=OutputSpec(kind="yolo_raw", names=["output0"]),
         batch=BatchSpec(min=1, opt=pod.opt_batch, max=max_batch, dynamic=True, note="one graph for any batch size up to max"),
         source=SourceSpec(file=source.name, sha256=sha256_file(source), kind=kind),

@@ -159,6 +159,8 @@ class DetectionServer:
         self.metrics = _Metrics()
         # Batch sizes actually formed, for /stats (tests and benchmarks read it).
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        # Seconds spent per stage, summed over all images/batches (for /stats).
+        self.stage_seconds: collections.Counter[str] = collections.Counter()
         self.detector.warmup()
         self.info = self.detector.describe()
         log.info("detserve replica ready: %s", self.info)
@@ -180,6 +182,9 @@ class DetectionServer:
         timings = BatchTimings()
         results = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, jobs, timings)
         self.batch_sizes[timings.size] += 1
+        self.stage_seconds["engine"] += timings.engine_s
+        self.stage_seconds["postprocess"] += timings.postprocess_s
+        self.stage_seconds["queue_wait"] += sum(timings.queue_s)
         m = self.metrics
         m.batch_size.observe(timings.size)
         m.engine.observe(timings.engine_s)
@@ -204,6 +209,7 @@ class DetectionServer:
                 raise job
         for job in prepared:
             self.metrics.decode.observe(job.decode_s)
+            self.stage_seconds["decode"] += job.decode_s
             job.enqueued_at = time.perf_counter()
         detections = await asyncio.gather(*(self.batched(job) for job in prepared))
         for det in detections:
@@ -211,7 +217,10 @@ class DetectionServer:
                 self.metrics.errors.inc(tags={"kind": "engine"})
                 raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
-        return self.encode(prepared, detections)
+        start = time.perf_counter()
+        body = self.encode(prepared, detections)
+        self.stage_seconds["encode"] += time.perf_counter() - start
+        return body
 
     def encode(self, jobs: list[Job], detections: list[Detections]) -> dict:
         from adapters.base import to_collection
@@ -260,7 +269,8 @@ class DetectionServer:
         sizes = dict(sorted(self.batch_sizes.items()))
         images = sum(k * v for k, v in sizes.items())
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
-                "mean_batch_size": images / max(1, sum(sizes.values()))}  # fmt: skip
+                "mean_batch_size": images / max(1, sum(sizes.values())),
+                "stage_seconds": dict(self.stage_seconds)}  # fmt: skip
 
     @api.get("/info", summary="The model this application serves")
     async def http_info(self) -> dict:

@@ -382,6 +382,14 @@ def test_id_to_label_map_and_labels_rename_the_classes(yolo_export, yolo_adapter
     assert both.labels == {0: "disc", 1: "box", 2: "tri", 3: "asterisk"}  # the map is authoritative
 
 
+def test_null_configuration_values_mean_the_defaults(yolo_export, yolo_adapter, test_images):
+    """A key set to null (JSON) on the platform behaves as if it were absent."""
+    nulls = served(OfflineYolo, yolo_export, conf_thres=None, iou_thres=None, max_det=None, backend=None, device=None)
+    assert nulls.detector.engine.name == yolo_adapter.detector.engine.name
+    for ours, theirs in zip(nulls.predict(test_images), yolo_adapter.predict(test_images)):
+        assert_same_boxes(ours.to_json()["annotations"], _as_detections(theirs), YOLO_NAMES)
+
+
 def test_labels_of_the_wrong_length_are_refused(yolo_export):
     with pytest.raises(ValueError, match=r"'labels' has 2 names but the model has 4 classes"):
         served(OfflineYolo, yolo_export, labels=["circle", "square"])

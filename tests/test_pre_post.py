@@ -12,14 +12,16 @@ from detserve.preprocess import letterbox, pack
 
 @pytest.mark.parametrize("shape", [(480, 640), (640, 480), (1080, 810), (37, 500), (500, 37), (320, 320), (100, 50)])
 @pytest.mark.parametrize("size", [320, 640])
-def test_letterbox_matches_ultralytics_pixel_for_pixel(shape, size):
+@pytest.mark.parametrize("rect", [False, True])
+def test_letterbox_matches_ultralytics_pixel_for_pixel(shape, size, rect):
     from ultralytics.data.augment import LetterBox
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, shape + (3,), dtype=np.uint8)
-    ours, geometry = letterbox(image, size)
-    theirs = LetterBox((size, size), auto=False, stride=32)(image=image)
-    assert ours.shape == theirs.shape == (size, size, 3)
+    ours, geometry = letterbox(image, size, rect=rect)
+    theirs = LetterBox((size, size), auto=rect, stride=32)(image=image)  # YOLO.predict: auto = rect = True
+    assert ours.shape == theirs.shape
+    assert max(ours.shape[:2]) == size and all(side % 32 == 0 for side in ours.shape[:2])
     np.testing.assert_array_equal(ours, theirs)
     assert (geometry.orig_h, geometry.orig_w) == shape
 
@@ -28,10 +30,10 @@ def test_letterbox_matches_ultralytics_pixel_for_pixel(shape, size):
 def test_unletterbox_matches_ultralytics_scale_boxes(shape):
     from ultralytics.utils.ops import scale_boxes
 
-    _, geometry = letterbox(np.zeros(shape + (3,), np.uint8), 320)
+    padded, geometry = letterbox(np.zeros(shape + (3,), np.uint8), 320, rect=True)
     boxes = np.array([[10, 20, 200, 300], [0, 0, 320, 320], [150.5, 60.25, 170.75, 90.5]], np.float32)
     ours = unletterbox(Detections(boxes.copy(), np.ones(3, np.float32), np.zeros(3, np.int64)), geometry).boxes
-    theirs = scale_boxes((320, 320), torch.from_numpy(boxes.copy()), shape).numpy()
+    theirs = scale_boxes(padded.shape[:2], torch.from_numpy(boxes.copy()), shape).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 

@@ -70,18 +70,18 @@ def test_yolo_runtime_equals_ultralytics_predict(yolo_export, yolo_reference, sc
     assert total >= 20
 
 
-def test_exif_rotation_changes_the_boxes_the_right_way(yolo_export, scenes):
+@pytest.mark.parametrize("orientation,turn", [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_exif_tagged_bytes_give_the_boxes_of_the_turned_pixels(yolo_export, scenes, orientation, turn):
+    """A photo stored sideways with an EXIF tag is detected as displayed, not as stored."""
     detector = Detector(yolo_export, backend="onnxruntime", device="cpu")
     image = scenes[0].image
-    [upright] = detector.detect([image])
-    [rotated] = detector.detect([exif_rotated(image, 6)])  # 6: displayed rotated 90 deg clockwise
-    assert len(upright) == len(rotated) > 0
-    h = image.shape[0]
-    # A point (x, y) in the stored image lands at (h - y, x) once rotated clockwise.
-    expected = np.stack([h - upright.boxes[:, 3], upright.boxes[:, 0], h - upright.boxes[:, 1], upright.boxes[:, 2]], axis=1)
-    o = np.lexsort((expected[:, 1], expected[:, 0]))
-    r = np.lexsort((rotated.boxes[:, 1], rotated.boxes[:, 0]))
-    np.testing.assert_allclose(rotated.boxes[r], expected[o], atol=4.0)
+    [tagged] = detector.detect([exif_rotated(image, orientation)])
+    [turned] = detector.detect([np.ascontiguousarray(turn(image))])
+    [stored] = detector.detect([image])
+    assert len(turned) > 0
+    assert_same(tagged, turned, px=1e-3, score=1e-6)
+    if orientation != 3 or len(stored) != len(turned):
+        assert not (len(stored) == len(tagged) and np.allclose(stored.boxes, tagged.boxes))
 
 
 def test_fasterrcnn_runtime_equals_torchvision_eval(fasterrcnn_export, scenes, photos):

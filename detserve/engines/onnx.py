@@ -38,7 +38,9 @@ def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = Fal
     if trt:
         cache = folder / "trt-cache"
         cache.mkdir(exist_ok=True)
-        shape = f"{manifest.input.name}:{{}}x3x{manifest.input.imgsz}x{manifest.input.imgsz}"
+        spec = manifest.input
+        side = spec.imgsz
+        shape = f"{spec.name}:{{}}x3x{{}}x{{}}"
         trt_options = {
             "device_id": device_id,
             "trt_fp16_enable": manifest.precision == "fp16",
@@ -47,11 +49,12 @@ def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = Fal
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(cache),
         }
-        if manifest.input.imgsz:  # an optimisation profile over the batch axis
+        if side:  # an optimisation profile over the batch axis (and H/W for rect letterboxes)
+            low = spec.stride if spec.rect else side
             trt_options |= {
-                "trt_profile_min_shapes": shape.format(manifest.batch.min),
-                "trt_profile_opt_shapes": shape.format(manifest.batch.opt),
-                "trt_profile_max_shapes": shape.format(manifest.batch.max),
+                "trt_profile_min_shapes": shape.format(manifest.batch.min, low, low),
+                "trt_profile_opt_shapes": shape.format(manifest.batch.opt, side, side),
+                "trt_profile_max_shapes": shape.format(manifest.batch.max, side, side),
             }
         providers.insert(0, ("TensorrtExecutionProvider", trt_options))
     return providers

@@ -1,0 +1,173 @@
+"""The ceiling and the baseline, with no server in the way.
+
+- ``engine_rows``: detserve's onnxruntime engine alone (``Detector.infer`` on
+  already preprocessed batches) and the whole path (``Detector.detect`` from
+  JPEG bytes: decode -> letterbox -> engine -> NMS) at batch 1/2/4/8 and 1/2
+  intra-op threads. What a server could reach if serving cost nothing.
+- ``baseline_rows``: what users run today, Ultralytics ``YOLO(source.pt).predict``
+  one image at a time in eager PyTorch (``torch.set_num_threads(1)``: on 2 busy
+  cores more threads collapse), from the same JPEG bytes.
+- ``torch_backend_rows``: detserve's own PyTorch backend (the source model,
+  eager) through the same stages, next to onnxruntime.
+
+Each measurement runs for at least ``seconds`` and ``min_iters`` calls, after
+``warmup`` calls that are not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+from benchmarks.loadgen import percentile
+
+
+def time_calls(fn: Callable[[], object], *, seconds: float, min_iters: int = 3, warmup: int = 1, max_iters: int = 10_000) -> list[float]:
+    """Seconds per call of ``fn``: ``warmup`` calls dropped, then until both ``seconds`` and ``min_iters`` are reached."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - began < seconds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def row(kind: str, backend: str, threads: int, batch: int, times: Sequence[float], cpu_s: float | None = None) -> dict:
+    """One result row: per-call latency percentiles, per-image cost, images/s over the whole run."""
+    total = sum(times)
+    return {
+        "kind": kind,
+        "backend": backend,
+        "threads": threads,
+        "batch": batch,
+        "iters": len(times),
+        "ms_per_call_p50": round(1000 * percentile(times, 50), 3),
+        "ms_per_call_p99": round(1000 * percentile(times, 99), 3),
+        "ms_per_image": round(1000 * total / (len(times) * batch), 3),
+        "images_per_s": round(len(times) * batch / total, 3),
+        "cpu_pct": round(100 * cpu_s / total, 1) if cpu_s is not None else None,
+    }
+
+
+def _measured(kind: str, backend: str, threads: int, batch: int, fn: Callable[[], object], seconds: float, warmup: int = 1) -> dict:
+    cpu0 = time.process_time()
+    wall0 = time.perf_counter()
+    times = time_calls(fn, seconds=seconds, warmup=warmup)
+    # CPU share over the timed part only is not separable from warm-up; scale by wall fractions.
+    wall = time.perf_counter() - wall0
+    cpu = (time.process_time() - cpu0) * (sum(times) / wall) if wall > 0 else None
+    return row(kind, backend, threads, batch, times, cpu)
+
+
+def engine_rows(
+    folder: Path,
+    payloads: Sequence[bytes],
+    *,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    threads: Sequence[int] = (1, 2),
+    seconds: float = 2.0,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """onnxruntime: ``infer`` on preprocessed batches, and ``detect`` from JPEG bytes, per batch size and thread count."""
+    from detserve.detector import Detector
+
+    rows = []
+    for t in threads:
+        detector = Detector(folder, backend="onnxruntime", device="cpu", threads=t)
+        detector.warmup()
+        params = detector.params()
+        images = [detector.decode(p) for p in payloads]
+        for b in batch_sizes:
+            batch_images = [images[i % len(images)] for i in range(b)]
+            batch_bytes = [payloads[i % len(payloads)] for i in range(b)]
+            prepared = detector.preprocess(batch_images)
+            r = _measured("infer", detector.engine.name, t, b, lambda: detector.infer(prepared), seconds)
+            rows.append(r)
+            log(f"  raw infer  threads={t} batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
+            r = _measured("detect", detector.engine.name, t, b, lambda: detector.detect(batch_bytes, params), seconds)
+            rows.append(r)
+            log(f"  raw detect threads={t} batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
+    return rows
+
+
+def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3.0, log: Callable[[str], None] = print) -> list[dict]:
+    """Ultralytics ``YOLO(source.pt).predict``, one image per call, eager PyTorch with one thread."""
+    import torch
+
+    from detserve.detector import Detector
+    from detserve.images import decode
+    from detserve.manifest import read_manifest, verify_artifact
+    from export.reference import yolo_predict
+
+    manifest = read_manifest(folder)
+    if manifest.family != "yolo":
+        return []
+    torch.set_num_threads(1)
+    from ultralytics import YOLO
+
+    model = YOLO(str(verify_artifact(folder, manifest, which="source")))
+    params = Detector.params(_Defaults(manifest))  # the manifest's conf / iou / max_det
+    counter = iter(range(10**9))
+
+    def one() -> None:
+        data = payloads[next(counter) % len(payloads)]
+        yolo_predict(model, [decode(data)], imgsz=manifest.input.imgsz, conf=params.conf, iou=params.iou, max_det=params.max_det)
+
+    r = _measured("baseline", f"ultralytics-{_version('ultralytics')}-torch-eager", 1, 1, one, seconds, warmup=2)
+    log(f"  baseline ultralytics predict (torch threads=1): {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
+    return [r]
+
+
+def torch_backend_rows(
+    folder: Path, payloads: Sequence[bytes], *, batch_sizes: Sequence[int] = (1, 8), seconds: float = 2.0, log: Callable[[str], None] = print
+) -> list[dict]:
+    """detserve's PyTorch backend (one thread) through the same ``detect`` path as the onnxruntime rows."""
+    import torch
+
+    from detserve.detector import Detector
+
+    torch.set_num_threads(1)
+    detector = Detector(folder, backend="torch", device="cpu", threads=1)
+    detector.warmup()
+    params = detector.params()
+    rows = []
+    for b in batch_sizes:
+        batch_bytes = [payloads[i % len(payloads)] for i in range(b)]
+        r = _measured("detect", detector.engine.name, 1, b, lambda: detector.detect(batch_bytes, params), seconds)
+        rows.append(r)
+        log(f"  detserve torch backend detect batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
+    return rows
+
+
+class _Defaults:
+    """Just enough of a Detector for ``Detector.params`` (the manifest's defaults) without loading an engine."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def jpeg_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
+    """``n`` generated scenes (200-480 px sides) as JPEG bytes: what every server and the baseline get."""
+    import io
+
+    from PIL import Image
+
+    from detserve.synthetic import scenes
+
+    out = []
+    for scene in scenes(n, seed):
+        buffer = io.BytesIO()
+        Image.fromarray(scene.image).save(buffer, format="JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out

@@ -1,0 +1,409 @@
+"""``python -m benchmarks [--quick | --full]``: the whole side-by-side, one server at a time.
+
+    raw engine + baseline (no server)
+    -> detserve on an in-process Ray (start_ray(2), one replica): over HTTP, then through a handle
+    -> shutdown -> LitServe (subprocess) -> PyTriton (subprocess)
+    -> bench-results/<timestamp>/{results.json, results.md, *.png}; the markdown is printed
+
+Every server gets the same JPEG payloads (generated scenes), the same load
+points, and the same window rule (``benchmarks.loadgen``). Everything binds and
+connects to 127.0.0.1; every subprocess is started in its own process group and
+ended at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from detserve import offline
+
+offline.apply()
+
+from benchmarks import loadgen, peers, raw, report  # noqa: E402
+from benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "bench"
+
+#: detserve's deployment for the benchmark: the CPU defaults of serve.app, but one fixed
+#: replica (no autoscaling) so that every server runs exactly one inference worker.
+DETSERVE_OPTIONS: dict[str, Any] = {
+    "num_replicas": 1,
+    "autoscaling_config": None,
+    "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+}
+
+
+@dataclass
+class Profile:
+    name: str
+    concurrency: list[int]
+    open_fractions: list[float]  # open-loop rates, as fractions of detserve-http's best closed-loop images/s
+    plan: WindowPlan
+    raw_batch_sizes: list[int]
+    raw_threads: list[int]
+    raw_seconds: float
+    baseline_seconds: float
+    torch_batch_sizes: list[int]
+    payloads: int = 32
+    p99_budgets_ms: list[float] = field(default_factory=lambda: [100.0, 250.0, 500.0, 1000.0])
+    handle: bool = True
+
+
+QUICK = Profile(
+    name="quick",
+    concurrency=[1, 8],
+    open_fractions=[0.7],
+    plan=WindowPlan(warmup_s=2.0, window_s=2.5, max_windows=5, tolerance=0.10, max_requests=2_000, max_seconds=25.0),
+    raw_batch_sizes=[1, 2, 4, 8],
+    raw_threads=[1],
+    raw_seconds=1.0,
+    baseline_seconds=2.0,
+    torch_batch_sizes=[1],
+)
+
+FULL = Profile(
+    name="full",
+    concurrency=[1, 2, 4, 8, 16, 32],
+    open_fractions=[0.5, 0.8, 1.0],
+    plan=WindowPlan(warmup_s=5.0, window_s=5.0, max_windows=10, tolerance=0.10, max_requests=20_000, max_seconds=120.0),
+    raw_batch_sizes=[1, 2, 4, 8],
+    raw_threads=[1, 2],
+    raw_seconds=3.0,
+    baseline_seconds=5.0,
+    torch_batch_sizes=[1, 8],
+    p99_budgets_ms=[100.0, 250.0, 500.0, 1000.0, 2000.0],
+)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- machine and versions ------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_start": _loadavg(),
+    }
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:
+        pass
+    return info
+
+
+def _loadavg() -> str | None:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("detserve", "onnxruntime", "torch", "torchvision", "ultralytics", "ray", "aiohttp", "fastapi", "uvicorn",
+                 "numpy", "opencv-python", "pillow", "litserve", "psutil", "matplotlib"):  # fmt: skip
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+# --- the model -------------------------------------------------------------------------
+
+
+def resolve_model(arg: str | None) -> Path:
+    """``--model DIR``; else the default YOLO (``models/yolo-shapes.pt``, exported once); else a random-init yolov8n at 320 px."""
+    if arg:
+        return Path(arg).resolve()
+    from detserve.defaults import DEFAULT_MODELS
+
+    if DEFAULT_MODELS["yolo"].weights.is_file():
+        from export.defaults import ensure_default_models
+
+        return ensure_default_models(("yolo",), quiet=True)["yolo"]
+    folder = ROOT / ".cache" / "bench-models" / "yolov8n-320-random"
+    from detserve.manifest import ManifestError, read_manifest
+
+    try:
+        read_manifest(folder)
+        return folder
+    except ManifestError:
+        pass
+    log(f"default weights {DEFAULT_MODELS['yolo'].weights} missing: exporting a random-init yolov8n (320 px) to {folder} (fine for timing)")
+    from export.pipeline import ExportRequest, export_model
+
+    export_model(ExportRequest(model="yolo", weights=Path("yolov8n.yaml"), out=folder, imgsz=320, force=True, quiet=True))
+    return folder
+
+
+def model_info(folder: Path) -> dict:
+    from detserve.manifest import read_manifest
+
+    m = read_manifest(folder)
+    return {"folder": str(folder), "name": m.name, "family": m.family, "imgsz": m.input.imgsz, "batch_max": m.batch.max,
+            "source": m.source.file, "artifact_sha256": m.artifact_sha256[:12]}  # fmt: skip
+
+
+# --- servers ---------------------------------------------------------------------------
+
+
+def load_shapes(profile: Profile) -> list[ClosedLoop | OpenLoop]:
+    return [ClosedLoop(c) for c in profile.concurrency]
+
+
+def open_shapes(profile: Profile, reference_images_per_s: float | None) -> list[OpenLoop]:
+    if not reference_images_per_s:
+        return []
+    return [OpenLoop(rate=round(f * reference_images_per_s, 1), seed=i) for i, f in enumerate(profile.open_fractions) if f > 0]
+
+
+def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
+    return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
+
+
+def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict) -> None:
+    """detserve on an in-process Ray: HTTP points, then handle points, then shutdown."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.run import shutdown, start_ray
+
+    port = peers.free_port()
+    config = {
+        "args": {"model": str(folder), "threads": 1},
+        "options": DETSERVE_OPTIONS,
+        "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
+        "settings": "1 replica, 1 engine thread + 2 decode threads, @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005), "
+        "max_ongoing_requests=32; raw image/jpeg body",
+    }
+    began = time.monotonic()
+    start_ray(2)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/{APP}/info", 120)
+        config["start_s"] = round(time.monotonic() - began, 1)
+        log(f"detserve up on {base}/{APP} in {config['start_s']} s")
+
+        def server_cpu() -> float | None:  # every Ray process: GCS, raylet, controller, proxy, replica
+            return peers.process_tree_cpu(os.getpid(), include_self=False)
+
+        shapes = load_shapes(profile)
+        http = results["servers"]["detserve-http"] = {"kind": "http", "config": config, "points": []}
+        points = asyncio.run(
+            loadgen.measure_http("detserve-http", base, detserve_requests(payloads), shapes, profile.plan,
+                                 stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
+        )
+        http["points"] = [p.to_dict() for p in points]
+        best = max((p.images_per_s for p in points), default=None)
+        results["config"]["open_loop_reference_images_per_s"] = best
+        opens = open_shapes(profile, best)
+        if opens:
+            more = asyncio.run(
+                loadgen.measure_http("detserve-http", base, detserve_requests(payloads), opens, profile.plan,
+                                     stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
+            )
+            http["points"] += [p.to_dict() for p in more]
+        if profile.handle:
+            handle_config = dict(config, settings=config["settings"] + "; DeploymentHandle.predict.remote(bytes) from the driver")
+            entry = results["servers"]["detserve-handle"] = {"kind": "handle", "config": handle_config, "points": []}
+            entry["points"] = [p.to_dict() for p in asyncio.run(_measure_handle(base, payloads, shapes + opens, profile.plan, server_cpu))]
+    finally:
+        shutdown()
+
+
+async def _measure_handle(base: str, payloads: list[bytes], shapes, plan: WindowPlan, server_cpu) -> list[loadgen.PointResult]:
+    from ray import serve
+
+    handle = serve.get_app_handle(APP)
+
+    async def send(i: int) -> loadgen.Status:
+        await handle.predict.remote(payloads[i % len(payloads)])
+        return 200
+
+    out = []
+    async with loadgen.http_session(4, plan.request_timeout_s) as session:
+        stats = loadgen.http_stats(session, f"{base}/{APP}/stats")  # the same (only) replica
+        for shape in shapes:
+            out.append(await loadgen.measure("detserve-handle", send, shape, plan, stats=stats, server_cpu=server_cpu, log=log))
+    return out
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    import urllib.request
+
+    loadgen.require_loopback(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with opener.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, results: dict, workdir: Path, peer_workers: int) -> None:
+    """Start one peer, measure it like detserve, stop it (and check that nothing it started is left)."""
+    from serve.app import AppArgs
+
+    defaults = AppArgs()
+    config = peers.PeerConfig(model=str(folder), threads=1, max_batch_size=DETSERVE_OPTIONS["user_config"]["max_batch_size"],
+                              batch_wait_s=DETSERVE_OPTIONS["user_config"]["batch_wait_timeout_s"], workers=peer_workers,
+                              max_pixels=defaults.max_pixels, max_body_bytes=defaults.max_body_bytes)  # fmt: skip
+    info = results["peers"][name] = {"status": "starting", "config": config.describe(name)}
+    try:
+        peer = (peers.start_litserve if name == "litserve" else peers.start_pytriton)(config, workdir)
+    except peers.PeerUnavailable as exc:
+        info.update(status="unavailable", reason=str(exc))
+        log(f"{name}: unavailable: {str(exc).splitlines()[0]}")
+        return
+    info.update(version=peer.version, start_s=round(peer.started_s, 1), log=str(peer.log_file))
+    log(f"{name} ({peer.version}) up on {peer.base_url} in {peer.started_s:.1f} s")
+    try:
+        if name == "litserve":
+            requests = [loadgen.HttpRequest("/predict", *peers.multipart_request(p)) for p in payloads]
+        else:
+            requests = [loadgen.HttpRequest("/v2/models/detect/infer", *peers.triton_request(p)) for p in payloads]
+
+        async def stats() -> dict | None:
+            return await asyncio.to_thread(peer.read_stats)
+
+        shapes = load_shapes(profile) + open_shapes(profile, results["config"].get("open_loop_reference_images_per_s"))
+        points = asyncio.run(loadgen.measure_http(name, peer.base_url, requests, shapes, profile.plan, stats=stats,
+                                                  server_cpu=peer.tree_cpu_seconds, log=log))  # fmt: skip
+        results["servers"][name] = {"kind": "http", "config": info["config"], "points": [p.to_dict() for p in points]}
+        info["status"] = "ran"
+    finally:
+        left = peer.stop()
+        if left:
+            info["leftover_pids"] = left
+            results["errors"][f"{name}-cleanup"] = f"processes left after SIGKILL: {left}"
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] | None, peer_workers: int = 1) -> tuple[dict, dict]:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    outdir = out_root / stamp
+    outdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "profile": profile.name,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "config": {**asdict(profile), "detserve_options": DETSERVE_OPTIONS, "peer_workers": peer_workers, "only": only},
+        "servers": {},
+        "peers": {},
+        "raw": [],
+        "errors": {},
+    }
+    wanted = set(only or ("raw", "detserve", "litserve", "pytriton"))
+    began = time.monotonic()
+
+    def stage(name: str, fn: Callable[[], None]) -> None:
+        if name not in wanted:
+            return
+        log(f"== {name}")
+        t = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        results.setdefault("stage_seconds", {})[name] = round(time.monotonic() - t, 1)
+
+    folder = resolve_model(model)
+    results["model"] = model_info(folder)
+    payloads = raw.jpeg_payloads(profile.payloads)
+    results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads),
+                                     "source": "detserve.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"}  # fmt: skip
+
+    def do_raw() -> None:
+        results["raw"] += raw.engine_rows(folder, payloads, batch_sizes=profile.raw_batch_sizes, threads=profile.raw_threads,
+                                          seconds=profile.raw_seconds, log=log)  # fmt: skip
+        results["raw"] += raw.baseline_rows(folder, payloads, seconds=profile.baseline_seconds, log=log)
+        results["raw"] += raw.torch_backend_rows(folder, payloads, batch_sizes=profile.torch_batch_sizes, seconds=profile.raw_seconds, log=log)
+
+    stage("raw", do_raw)
+    stage("detserve", lambda: run_detserve(folder, payloads, profile, results))
+    if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
+        # Open-loop rates need a reference: without detserve's, use the raw single-image path.
+        ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
+        results["config"]["open_loop_reference_images_per_s"] = ref["images_per_s"]
+    stage("litserve", lambda: run_peer("litserve", folder, payloads, profile, results, outdir / "peers", peer_workers))
+    stage("pytriton", lambda: run_peer("pytriton", folder, payloads, profile, results, outdir / "peers", peer_workers))
+    results["machine"]["loadavg_end"] = _loadavg()
+    results["total_seconds"] = round(time.monotonic() - began, 1)
+    files = report.write_all(results, outdir)
+    return results, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
+    mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")
+    mode.add_argument("--setup-peers", action="store_true", help="create PyTriton's own venv (needs the package registry), then exit")
+    parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
+    parser.add_argument("--only", help="comma-separated subset of raw,detserve,litserve,pytriton")
+    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (a timestamped folder is made inside)")
+    parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
+    parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
+    parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer (detserve runs 1 replica)")
+    args = parser.parse_args(argv)
+    if args.setup_peers:
+        log(f"PyTriton venv ready: {peers.setup_pytriton()}")
+        return 0
+    profile = FULL if args.full else QUICK
+    if args.concurrency:
+        profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])
+    if args.p99_budgets:
+        profile = replace(profile, p99_budgets_ms=[float(x) for x in args.p99_budgets.split(",")])
+    only = [x.strip() for x in args.only.split(",")] if args.only else None
+    results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers)
+    print()
+    print(files["markdown"].read_text())
+    log(f"wrote {', '.join(str(p) for p in files.values())}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
