@@ -97,7 +97,14 @@ class DetectionAdapter(dl.BaseModelAdapter):
         self.labels: dict[int, str] = {}
         # Used when there is no model entity (Ray Serve, the CLI, tests).
         self.local_configuration = dict(configuration or {})
-        super().__init__(model_entity)
+        # dtlpy warns about model_info names on every construction; not news to our users.
+        dtlpy_logger = logging.getLogger("ModelAdapter")
+        level = dtlpy_logger.level
+        dtlpy_logger.setLevel(logging.ERROR)
+        try:
+            super().__init__(model_entity)
+        finally:
+            dtlpy_logger.setLevel(level)
 
     @classmethod
     def from_export(cls, folder: str | Path, **configuration) -> "DetectionAdapter":

@@ -187,6 +187,16 @@ def open_shapes(profile: Profile, reference_images_per_s: float | None) -> list[
     return [OpenLoop(rate=round(f * reference_images_per_s, 1), seed=i) for i, f in enumerate(profile.open_fractions) if f > 0]
 
 
+def serve_logging_config() -> dict:
+    """deploy.yaml's logging_config (access log off, as shipped), so the benchmark serves like ``make serve``."""
+    import yaml
+
+    try:
+        return dict(yaml.safe_load((ROOT / "deploy.yaml").read_text()).get("logging_config") or {})
+    except (OSError, AttributeError):
+        return {"encoding": "TEXT", "log_level": "INFO", "enable_access_log": False}
+
+
 def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
@@ -209,8 +219,11 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
     began = time.monotonic()
     start_ray(2)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False)
+        logging_config = serve_logging_config()
+        config["logging_config"] = logging_config
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly",
+                    logging_config=logging_config)  # fmt: skip
+        serve.run(build_app(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/{APP}/info", 120)
         config["start_s"] = round(time.monotonic() - began, 1)

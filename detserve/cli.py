@@ -150,22 +150,31 @@ def predict(
     from adapters.base import to_collection
     from export.defaults import ensure_default_models
     from detserve.draw import draw_boxes
-    from detserve.images import decode
+    from detserve.images import ImageError, decode
     from detserve.progress import console, track
 
     folder = model if model is not None else ensure_default_models(("yolo",))["yolo"]
     adapter = adapter_for(folder, device=device, backend=backend)
     params = adapter.detector.params(conf=conf, iou=iou, max_det=max_det)
     out.mkdir(parents=True, exist_ok=True)
-    total = 0
+    total, failed = 0, []
     for path in track(images, "Predicting"):
-        image = decode(path)
+        try:
+            image = decode(path)
+        except ImageError as exc:  # one unreadable file must not stop the others
+            failed.append(f"{path}: {exc}")
+            continue
         [det] = adapter.detector.detect([image], params)
         collection = to_collection(det, adapter.labels, adapter.detector.manifest.name, None)
         (out / f"{path.stem}.json").write_text(json.dumps(collection.to_json()["annotations"], indent=1))
         draw_boxes(image, det, adapter.labels).save(out / f"{path.stem}.png")
         total += len(det)
-    console.print(f"[green]{total} boxes[/] in {len(images)} image(s) with {adapter.detector.describe()['backend']}; wrote {out}/")
+    done = len(images) - len(failed)
+    console.print(f"[green]{total} boxes[/] in {done} image(s) with {adapter.detector.describe()['backend']}; wrote {out}/")
+    for line in failed:
+        console.print(f"[bold red]error:[/] {line}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detserve.defaults import DEFAULT_MODELS, is_current
+from detserve.defaults import DEFAULT_MODELS, is_current, sample_image
 
 
 def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet: bool = False) -> dict[str, Path]:
@@ -32,4 +32,5 @@ def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet
                 )
             )
         folders[name] = model.folder
+    sample_image()  # a scene the default models detect, for curl examples
     return folders

@@ -9,10 +9,12 @@ into the manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from detserve.postprocess import Detections
+from detserve.manifest import Parity
+from detserve.postprocess import DetectParams, Detections
 
 
 @dataclass
@@ -77,3 +79,45 @@ def compare_all(sources: list[Detections], artifacts: list[Detections], iou: flo
     for s, a in zip(sources, artifacts, strict=True):
         total.add(compare(s, a, iou))
     return total
+
+
+def measure(
+    detect: Callable[[np.ndarray, DetectParams], Detections],
+    reference: Callable[[np.ndarray], Detections],
+    images: list[np.ndarray],
+    params: DetectParams,
+    *,
+    threshold: float,
+    what: str = "artifact",
+    quiet: bool = False,
+) -> Parity:
+    """Run the artifact (``detect``) and the source (``reference``) on ``images``; the figures for the manifest."""
+    from detserve.progress import console, track
+
+    sources, artifacts = [], []
+    for image in track(images, f"Checking parity (source vs {what})", quiet=quiet):
+        sources.append(reference(image))
+        artifacts.append(detect(image, params))
+    result = compare_all(sources, artifacts)
+    parity = Parity(
+        images=result.images,
+        source_boxes=result.source_boxes,
+        matched_share=round(result.matched_share, 6),
+        max_box_diff_px=round(result.max_box_diff_px, 6),
+        max_score_diff=round(result.max_score_diff, 8),
+        threshold=threshold,
+        conf=params.conf,
+        passed=result.matched_share >= threshold,
+    )
+    if not quiet:
+        console.print(
+            f"parity ({what}): {result.matched}/{result.source_boxes} source boxes matched "
+            f"({parity.matched_share:.1%}) on {result.images} images, max box diff "
+            f"{parity.max_box_diff_px:.4f} px, max score diff {parity.max_score_diff:.2e}"
+        )
+        if result.source_boxes == 0:
+            console.print(
+                "[yellow]warning:[/] the source model found no boxes on the parity images (random init?), "
+                "so parity is trivially met; check with a trained model"
+            )
+    return parity

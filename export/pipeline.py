@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from detserve.manifest import MANIFEST_NAME, Manifest, Parity, sha256_file, write_manifest
+from detserve.manifest import MANIFEST_NAME, Manifest, sha256_file, write_manifest
 from detserve.pods import export_plan, get_pod
 from detserve.progress import step, track
 from detserve.sources import SourceError
@@ -148,58 +148,22 @@ def _check_parity(req: ExportRequest, out: Path, manifest: Manifest) -> Manifest
     """Run source and artifact on the same images; record the figures; fail below threshold."""
     from detserve.detector import Detector
     from detserve.engines import load_engine
-    from export.parity import compare_all
-    from export.reference import parity_images
+    from export.parity import measure
+    from export.reference import parity_images, source_reference
 
     conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
     images = req.parity_images if req.parity_images is not None else parity_images()
     with step("Loading the exported model and its source", req.quiet):
         artifact = Detector(out, manifest=manifest, engine=load_engine(out, backend="onnxruntime", device="cpu", manifest=manifest))
-        source = Detector(out, manifest=manifest, engine=load_engine(out, backend="torch", device="cpu", manifest=manifest))
-    params = artifact.params(conf=conf)
-    # Reference: the source library's own inference (Ultralytics predict / torchvision eval).
-    if manifest.family == "yolo":
-        from export.reference import yolo_predict
-        from detserve.sources import load_yolo
-
-        model = load_yolo(out / manifest.source.file)
-        reference = lambda im: yolo_predict(model, [im], imgsz=manifest.input.imgsz, conf=conf, iou=params.iou)[0]  # noqa: E731
-    else:
-        from export.reference import fasterrcnn_predict
-
-        reference = lambda im: fasterrcnn_predict(source.engine.model, [im], conf=conf)[0]  # noqa: E731
-    src_dets, art_dets = [], []
-    for image in track(images, "Checking parity (source vs artifact)", quiet=req.quiet):
-        src_dets.append(reference(image))
-        art_dets.append(artifact.detect([image], params)[0])
-    result = compare_all(src_dets, art_dets)
-    parity = Parity(
-        images=result.images,
-        source_boxes=result.source_boxes,
-        matched_share=round(result.matched_share, 6),
-        max_box_diff_px=round(result.max_box_diff_px, 6),
-        max_score_diff=round(result.max_score_diff, 8),
-        threshold=req.parity_threshold,
-        conf=conf,
-        passed=result.matched_share >= req.parity_threshold,
-    )
+        params = artifact.params(conf=conf)
+        # The reference is the source library's own inference (Ultralytics predict / torchvision eval).
+        reference = source_reference(out, manifest, conf=conf, iou=params.iou)
+    parity = measure(
+        lambda image, p: artifact.detect([image], p)[0], reference, images, params,
+        threshold=req.parity_threshold, what="ONNX", quiet=req.quiet,
+    )  # fmt: skip
     manifest = manifest.model_copy(update={"parity": parity})
     write_manifest(out, manifest)
-    if not req.quiet:
-        from detserve.progress import console
-
-        console.print(
-            f"parity: {result.matched}/{result.source_boxes} source boxes matched "
-            f"({parity.matched_share:.1%}) on {result.images} images, max box diff "
-            f"{parity.max_box_diff_px:.4f} px, max score diff {parity.max_score_diff:.2e}"
-        )
-    if result.source_boxes == 0 and not req.quiet:
-        from detserve.progress import console
-
-        console.print(
-            "[yellow]warning:[/] the source model found no boxes on the parity images (random init?), "
-            "so parity is trivially met; check with a trained model"
-        )
     if not parity.passed:
         raise ExportError(
             f"parity check failed: the artifact matched {parity.matched_share:.1%} of the source model's boxes, "

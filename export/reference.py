@@ -8,9 +8,12 @@ torchvision's eval forward, one image at a time. Both return
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from detserve.manifest import Manifest
 
 from detserve.images import decode
 from detserve.postprocess import Detections
@@ -51,3 +54,16 @@ def parity_images(n_generated: int = 6, seed: int = 1234) -> list[np.ndarray]:
     from detserve.synthetic import scenes
 
     return photos() + [s.image for s in scenes(n_generated, seed)]
+
+
+def source_reference(out: Path, manifest: Manifest, *, conf: float, iou: float) -> Callable[[np.ndarray], Detections]:
+    """The source library's own inference on CPU for an export folder: image -> detections."""
+    if manifest.family == "yolo":
+        from detserve.sources import load_yolo
+
+        model = load_yolo(Path(out) / manifest.source.file)
+        return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou)[0]
+    from detserve.engines.torch import TorchEngine
+
+    model = TorchEngine(Path(out), manifest, device="cpu").model
+    return lambda image: fasterrcnn_predict(model, [image], conf=conf)[0]

@@ -312,21 +312,6 @@ def engine_manifest(manifest: Manifest, built: BuiltEngine) -> Manifest:
     return Manifest.model_validate(updated.model_dump())
 
 
-def source_reference(out: Path, manifest: Manifest, *, conf: float, iou: float) -> Callable[[np.ndarray], Detections]:
-    """The source library's own inference on CPU (as in the ONNX parity check): image -> detections."""
-    if manifest.family == "yolo":
-        from detserve.sources import load_yolo
-        from export.reference import yolo_predict
-
-        model = load_yolo(Path(out) / manifest.source.file)
-        return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou)[0]
-    from detserve.engines.torch import TorchEngine
-    from export.reference import fasterrcnn_predict
-
-    model = TorchEngine(Path(out), manifest, device="cpu").model
-    return lambda image: fasterrcnn_predict(model, [image], conf=conf)[0]
-
-
 def engine_parity(
     req: ExportRequest,
     out: Path,
@@ -341,7 +326,7 @@ def engine_parity(
 
     ``manifest`` is the engine's. ``engine`` defaults to a :class:`TensorRTEngine`
     on ``out / manifest.artifact`` (sha256 checked), ``reference`` to
-    :func:`source_reference`, ``images`` to ``req.parity_images`` or
+    :func:`export.reference.source_reference`, ``images`` to ``req.parity_images`` or
     :func:`export.reference.parity_images`. Boxes match as in the ONNX check
     (same class, IoU >= 0.99). The threshold is ``req.parity_threshold`` for
     fp32 and fp16 alike: fp16 engines move boxes by a fraction of a pixel, so
@@ -353,8 +338,8 @@ def engine_parity(
     """
     from detserve.detector import Detector
     from detserve.manifest import verify_artifact
-    from detserve.progress import track
-    from export.parity import compare_all
+    from export.parity import measure
+    from export.reference import source_reference
 
     out = Path(out)
     conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
@@ -377,30 +362,15 @@ def engine_parity(
         params = detector.params(conf=conf)
         if reference is None:
             reference = source_reference(out, manifest, conf=conf, iou=params.iou)
-    src_dets, eng_dets = [], []
-    for image in track(images, "Checking parity (source vs TensorRT engine)", quiet=req.quiet):
-        src_dets.append(reference(image))
-        eng_dets.append(detector.detect([image], params)[0])
-    result = compare_all(src_dets, eng_dets)
-    parity = Parity(
-        images=result.images,
-        source_boxes=result.source_boxes,
-        matched_share=round(result.matched_share, 6),
-        max_box_diff_px=round(result.max_box_diff_px, 6),
-        max_score_diff=round(result.max_score_diff, 8),
+    return measure(
+        lambda image, p: detector.detect([image], p)[0],
+        reference,
+        images,
+        params,
         threshold=req.parity_threshold,
-        conf=conf,
-        passed=result.matched_share >= req.parity_threshold,
+        what=f"TensorRT engine, {manifest.precision}",
+        quiet=req.quiet,
     )
-    if not req.quiet:
-        from detserve.progress import console
-
-        console.print(
-            f"engine parity ({manifest.precision}): {result.matched}/{result.source_boxes} source boxes matched "
-            f"({parity.matched_share:.1%}) on {result.images} images, max box diff "
-            f"{parity.max_box_diff_px:.4f} px, max score diff {parity.max_score_diff:.2e}"
-        )
-    return parity
 
 
 def _print_dim(message: str) -> None:

@@ -236,14 +236,15 @@ def _lively_random_init(model: torch.nn.Module, seed: int = 5) -> torch.nn.Modul
 
 
 @pytest.mark.slow
-def test_resnet50_fpn_exports_and_matches(tmp_path):
-    """fasterrcnn_resnet50_fpn (5 FPN levels, multi-level RoIAlign) at a small size."""
+@pytest.mark.parametrize("arch", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2"])
+def test_resnet50_fpn_exports_and_matches(arch, tmp_path):
+    """ResNet-50 FPN archs (5 FPN levels, multi-level RoIAlign; v2: conv box head) at a small size."""
     import onnxruntime as ort
 
     from detserve.sources import build_fasterrcnn
 
     torch.manual_seed(0)
-    model = _lively_random_init(build_fasterrcnn("fasterrcnn_resnet50_fpn", 5, min_size=200, max_size=300))
+    model = _lively_random_init(build_fasterrcnn(arch, 5, min_size=200, max_size=300))
     wrapped = BatchedFasterRCNN(model)
     path = export_batched(wrapped, tmp_path / "r50.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -257,8 +258,9 @@ def test_resnet50_fpn_exports_and_matches(tmp_path):
         _assert_parity(_parity(refs, onnx_out, wrapped.box_score_thresh), f"onnx {sizes}")
 
 
-def test_mobilenet_random_init_mechanics(tmp_path):
-    """The other mobilenet arch exports too; padded outputs keep the contract at N = 1, 3."""
+@pytest.mark.slow
+def test_mobilenet_large_fpn_exports_and_matches(tmp_path):
+    """fasterrcnn_mobilenet_v3_large_fpn (random init) at N = 1 and 3."""
     import onnxruntime as ort
 
     from detserve.sources import build_fasterrcnn

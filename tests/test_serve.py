@@ -255,3 +255,41 @@ def test_python_http_client(yolo_url, adapter, scenes):
         with pytest.raises(DetserveError) as err:
             client.predict(b"nope")
         assert err.value.status == 400 and err.value.code == "not_an_image"
+
+
+def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_cluster, yolo_export, scenes):
+    """Kill the only replica mid-load: every request gets a response (no silence), then service resumes."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
+               "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}  # fmt: skip
+    serve.run(build_app({"model": str(yolo_export)}, options), name="fragile", route_prefix="/fragile", blocking=False)
+    url = f"{serve_cluster}/fragile/predict"
+    big = encode(np.asarray(Image.fromarray(scenes[0].image).resize((1200, 900))))
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "fragile" in a["name"] and "DetectionServer" in a["name"]]
+    assert len(replicas) == 1, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+    async def main():
+        async with httpx.AsyncClient(timeout=90) as client:
+            pending = [asyncio.create_task(client.post(url, content=big, headers={"content-type": "image/png"})) for _ in range(12)]
+            await asyncio.sleep(0.3)
+            ray.kill(victim, no_restart=True)
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+    try:
+        responses = asyncio.run(main())
+        assert all(isinstance(r, httpx.Response) for r in responses), responses  # nothing hung or dropped
+        assert {r.status_code for r in responses} <= {200, 500, 503}, [r.status_code for r in responses]
+        deadline = time.monotonic() + 90
+        while True:  # Ray starts a new replica; the application answers again
+            r = httpx.post(url, content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=30)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.status_code == 200, r.text
+    finally:
+        serve.delete("fragile")
