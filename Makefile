@@ -42,7 +42,7 @@ test-slow: setup
 	scripts/offline-run $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: models
-	scripts/offline-run $(PY) -m detserve bench --quick
+	scripts/offline-run $(PY) -m benchmarks --quick
 
 # Regenerate the lock from pyproject.toml's pins (needs the registry).
 lock:

@@ -208,7 +208,7 @@ class PointResult:
     seconds: float  # measured wall time (the reported windows)
     ok: int
     errors: dict[str, int]
-    dropped: int  # open loop: arrivals skipped because max_in_flight requests were outstanding
+    dropped: int  # open loop, whole point: arrivals skipped because max_in_flight requests were outstanding
     images_per_s: float
     latency_ms: dict[str, float | None]  # p50, p90, p95, p99, mean, max
     window_throughputs: list[float]

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-
 from benchmarks.loadgen import percentile
 
 
@@ -142,6 +141,26 @@ def torch_backend_rows(
         rows.append(r)
         log(f"  detserve torch backend detect batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return rows
+
+
+class LoadProbe:
+    """A 1-thread engine call on one preprocessed image, timed for a second: how busy the machine is right now.
+
+    The servers run one after another; the run probes before each, so a change
+    in background load between them shows up in the report instead of hiding in
+    the ratios.
+    """
+
+    def __init__(self, folder: Path, payload: bytes):
+        from detserve.detector import Detector
+
+        self.detector = Detector(folder, backend="onnxruntime", device="cpu", threads=1)
+        self.prepared = self.detector.preprocess([self.detector.decode(payload)])
+        self.detector.infer(self.prepared)
+
+    def ms_per_image(self, seconds: float = 1.0) -> float:
+        times = time_calls(lambda: self.detector.infer(self.prepared), seconds=seconds, min_iters=5, warmup=1)
+        return round(1000 * percentile(times, 50), 2)
 
 
 class _Defaults:

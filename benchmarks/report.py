@@ -20,6 +20,9 @@ from typing import Any, Iterable
 
 from benchmarks.loadgen import STAGES
 
+#: Above this spread of the load probes (max/min - 1) the report warns that ratios are unreliable.
+CALIBRATION_SPREAD = 0.15
+
 #: Server order in tables and plots.
 ORDER = ("detserve-http", "detserve-handle", "litserve", "pytriton")
 
@@ -185,6 +188,18 @@ def markdown(results: dict) -> str:
         f"({results.get('model', {}).get('imgsz')} px, {results.get('model', {}).get('source')}). "
         "Client and servers share these cores: read ratios measured in this run, not absolute numbers."
     )
+    calibration = results.get("calibration_ms") or {}
+    if calibration:
+        values = [v for v in calibration.values() if v]
+        spread = (max(values) - min(values)) / min(values) if values else 0.0
+        out += ["", "Background load check — the raw engine's ms/image (infer, batch 1, 1 thread, median of 1 s) just before each part: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in calibration.items()) + f" (spread {100 * spread:.0f} %)."]  # fmt: skip
+        if spread > CALIBRATION_SPREAD:
+            out.append(
+                f"**The machine's background load changed by more than {100 * CALIBRATION_SPREAD:.0f} % during this run: "
+                "ratios between servers measured at different times are not trustworthy; re-run, or compare each server's "
+                "`engine ms/img` below.**"
+            )
     out += ["", "## Headline ratios (detserve over HTTP, best images/s)", ""]
     out.append(_table(("ratio", "value"), [[k, v if v is None else f"{v:.2f}×"] for k, v in ratios(results).items()]))
     out += ["", "## Servers side by side", ""]
@@ -238,17 +253,19 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     written = []
     names = servers_in_order(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
+    for i, name in enumerate(names):
+        colour = f"C{i}"
         points = sorted((p for p in ok_points(results, name) if p["load"] == "closed"), key=lambda p: p["concurrency"])
         if points:
             xs = [p["latency_ms"]["p99"] for p in points]
             ys = [p["images_per_s"] for p in points]
-            ax.plot(xs, ys, marker="o", label=name)
+            ax.plot(xs, ys, marker="o", color=colour, label=name)
             for p, x, y in zip(points, xs, ys):
                 ax.annotate(f"c={p['concurrency']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         opens = [p for p in ok_points(results, name) if p["load"] == "open"]
         if opens:
-            ax.scatter([p["latency_ms"]["p99"] for p in opens], [p["images_per_s"] for p in opens], marker="x", label=f"{name} (open loop)")
+            ax.scatter([p["latency_ms"]["p99"] for p in opens], [p["images_per_s"] for p in opens], marker="x", color=colour,
+                       label=f"{name} (open loop)")  # fmt: skip
     ceiling = raw_best(results, "detect")
     if ceiling:
         ax.axhline(ceiling["images_per_s"], linestyle="--", color="grey", linewidth=1, label=f"raw decode→NMS, 1 thread, batch {ceiling['batch']}")
@@ -278,7 +295,8 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     for i, (name, p) in enumerate(shown):
         hist = {int(k): v for k, v in p["server_stats"]["batch_sizes"].items()}
         images = sum(k * v for k, v in hist.items()) or 1
-        ax.bar([j + i * width for j in range(len(sizes))], [k * hist.get(k, 0) / images for k in sizes], width, label=f"{name} (c={p['concurrency']})")
+        ax.bar([j + i * width for j in range(len(sizes))], [k * hist.get(k, 0) / images for k in sizes], width,
+               color=f"C{names.index(name)}", label=f"{name} (c={p['concurrency']})")  # fmt: skip
     ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(sizes))], [str(s) for s in sizes])
     ax.set_xlabel("batch size formed")
     ax.set_ylabel("share of images")

@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -375,18 +376,69 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
         results["raw"] += raw.baseline_rows(folder, payloads, seconds=profile.baseline_seconds, log=log)
         results["raw"] += raw.torch_backend_rows(folder, payloads, batch_sizes=profile.torch_batch_sizes, seconds=profile.raw_seconds, log=log)
 
+    probe = raw.LoadProbe(folder, payloads[0])
+    results["calibration_ms"] = {}
+
+    def calibrate(name: str) -> None:
+        """The raw engine's ms/image just before a server runs: how busy the machine was for that server."""
+        if name in wanted:
+            results["calibration_ms"][name] = probe.ms_per_image()
+
+    calibrate("raw")
     stage("raw", do_raw)
+    calibrate("detserve")
     stage("detserve", lambda: run_detserve(folder, payloads, profile, results))
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
         results["config"]["open_loop_reference_images_per_s"] = ref["images_per_s"]
+    calibrate("litserve")
     stage("litserve", lambda: run_peer("litserve", folder, payloads, profile, results, outdir / "peers", peer_workers))
+    calibrate("pytriton")
     stage("pytriton", lambda: run_peer("pytriton", folder, payloads, profile, results, outdir / "peers", peer_workers))
+    results["calibration_ms"]["end"] = probe.ms_per_image()
+    left = end_own_children()
+    if left:
+        results["errors"]["cleanup"] = f"child processes still running after the run were ended: {left}"
     results["machine"]["loadavg_end"] = _loadavg()
     results["total_seconds"] = round(time.monotonic() - began, 1)
     files = report.write_all(results, outdir)
     return results, files
+
+
+def end_own_children(grace_s: float = 15.0) -> list[str]:
+    """Wait for this process's children (Ray's, after shutdown) to exit; end any that do not, by pid. Returns what had to be ended."""
+    import psutil
+
+    me = psutil.Process()
+    deadline = time.monotonic() + grace_s
+    while (children := [c for c in me.children(recursive=True) if _alive(c)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    ended = []
+    for child in children:
+        try:
+            ended.append(f"{child.pid} {' '.join(child.cmdline())[:80]}")
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=5)
+    for child in children:
+        if _alive(child):
+            child.kill()
+    return ended
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _sigterm(*_: object) -> None:
+    raise KeyboardInterrupt  # run the finally blocks: peers stopped, Ray shut down
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_peers:
         log(f"PyTriton venv ready: {peers.setup_pytriton()}")
         return 0
+    signal.signal(signal.SIGTERM, _sigterm)
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])

@@ -191,6 +191,14 @@ def serve(
     run_server(config, host, port, app_name)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks: raw engine, baseline, detserve, peers, side by side (options: `detserve bench --help`)."""
+    from benchmarks.run import main as run_bench
+
+    raise typer.Exit(run_bench(list(ctx.args)))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

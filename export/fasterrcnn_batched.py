@@ -264,7 +264,9 @@ class BatchedFasterRCNN(torch.nn.Module):
     ``model.roi_heads.score_thresh`` etc. before wrapping.
     """
 
-    def __init__(self, model: torch.nn.Module, *, nms_trick_max_numel: int = TV_NMS_TRICK_MAX_NUMEL_CPU):
+    def __init__(
+        self, model: torch.nn.Module, *, nms_trick_max_numel: int = TV_NMS_TRICK_MAX_NUMEL_CPU, dense_roi_levels: bool = False
+    ):
         super().__init__()
         model = model.eval()
         rpn, heads, transform = model.rpn, model.roi_heads, model.transform
@@ -287,6 +289,7 @@ class BatchedFasterRCNN(torch.nn.Module):
         self.detections_per_img = int(heads.detections_per_img)
         self.num_classes = int(self.box_predictor.cls_score.out_features)
         self.nms_trick_max_numel = int(nms_trick_max_numel)
+        self.dense_roi_levels = bool(dense_roi_levels)
         # What the caller's preprocessing must do (resize_and_batch arguments).
         self.image_mean = tuple(float(v) for v in transform.image_mean)
         self.image_std = tuple(float(v) for v in transform.image_std)
@@ -388,6 +391,12 @@ class BatchedFasterRCNN(torch.nn.Module):
         reachable = self.level_mapper.k_max - self.level_mapper.k_min + 1
         if reachable == 1:  # e.g. mobilenet FPNs: both maps have stride 32, every roi maps to level 0
             return roi_align(x[0], rois, self.pool_output_size, self.pool_scales[0], self.sampling_ratio)
+        if self.dense_roi_levels:  # no NonZero (TensorRT-friendlier), at the price of pooling every roi at every level
+            result = None
+            for level in range(min(reachable, len(x))):
+                pooled = roi_align(x[level], rois, self.pool_output_size, self.pool_scales[level], self.sampling_ratio)
+                result = pooled if result is None else torch.where((levels == level)[:, None, None, None], pooled, result)
+            return result
         # per level: pool that level's rois; then put the rows back in roi order with one Gather
         # (an inverse permutation) rather than scattering feature maps (slow in onnxruntime).
         order, pooled = [], []

@@ -273,6 +273,7 @@ def test_images(scenes, photos) -> list[np.ndarray]:
 
 YOLO_NAMES = dict(enumerate(CLASSES))  # Ultralytics: class ids 0..K-1
 FASTERRCNN_NAMES = {i + 1: name for i, name in enumerate(CLASSES)}  # torchvision: 0 is background
+FASTERRCNN_CONF = 0.15  # the default Faster R-CNN scores low: a threshold that still leaves boxes to compare
 
 
 # --- 1, 2: predict_items equals the reference ------------------------------------
@@ -295,14 +296,14 @@ def test_yolo_predict_items_equals_ultralytics(yolo_export, yolo_source, image_f
 
 
 def test_fasterrcnn_predict_items_equals_torchvision(fasterrcnn_export, fasterrcnn_source, image_files):
-    adapter = served(OfflineFasterRCNN, fasterrcnn_export, "fasterrcnn-shapes", conf_thres=0.3)
+    adapter = served(OfflineFasterRCNN, fasterrcnn_export, "fasterrcnn-shapes", conf_thres=FASTERRCNN_CONF)
     model = adapter.model_entity
     assert adapter.labels == FASTERRCNN_NAMES
     items = [link_item(path) for path, _ in image_files]
     by_item = predict_items(adapter, items, batch_size=4)
     total = 0
     for item, (path, displayed) in zip(items, image_files):
-        [ref] = fasterrcnn_predict(fasterrcnn_source, [displayed], conf=0.3)
+        [ref] = fasterrcnn_predict(fasterrcnn_source, [displayed], conf=FASTERRCNN_CONF)
         assert_same_boxes(by_item[item.id], ref, FASTERRCNN_NAMES)
         assert_model_info(by_item[item.id], model, set(CLASSES))
         total += len(ref)
@@ -397,9 +398,9 @@ def test_labels_of_the_wrong_length_are_refused(yolo_export):
 
 def test_fasterrcnn_labels_map_from_torchvision_ids(fasterrcnn_export, scenes):
     images = [s.image for s in scenes[:4]]
-    default = served(OfflineFasterRCNN, fasterrcnn_export, conf_thres=0.3)
+    default = served(OfflineFasterRCNN, fasterrcnn_export, conf_thres=FASTERRCNN_CONF)
     upper = ["CIRCLE", "SQUARE", "TRIANGLE", "STAR"]
-    relabelled = served(OfflineFasterRCNN, fasterrcnn_export, conf_thres=0.3, labels=upper)
+    relabelled = served(OfflineFasterRCNN, fasterrcnn_export, conf_thres=FASTERRCNN_CONF, labels=upper)
     assert relabelled.labels == {1: "CIRCLE", 2: "SQUARE", 3: "TRIANGLE", 4: "STAR"}
     names = _labels(default.predict(images))
     assert sum(map(len, names)) > 0

@@ -285,3 +285,11 @@ def test_json_and_plots_are_written(tmp_path):
     assert set(data["servers"]) == {"detserve-http", "litserve"}
     for key in ("json", "markdown", "throughput-vs-p99", "batch-sizes"):
         assert files[key].is_file() and files[key].stat().st_size > 0
+
+
+def test_a_change_in_background_load_is_called_out():
+    steady = {**_results(), "calibration_ms": {"raw": 20.0, "detserve": 21.0, "litserve": 20.5, "end": 20.2}}
+    md = report.markdown(steady)
+    assert "Background load check" in md and "detserve 21.0" in md and "not trustworthy" not in md
+    busy = {**_results(), "calibration_ms": {"raw": 20.0, "detserve": 21.0, "litserve": 35.0}}
+    assert "not trustworthy" in report.markdown(busy)

@@ -86,7 +86,6 @@ def _parity(refs: list[Detections], outs: list[Detections], thresh: float) -> Pa
 
 
 def _assert_parity(p: ParityResult, what: str) -> None:
-    assert p.source_boxes > 0, what
     assert p.matched == p.source_boxes == p.artifact_boxes, f"{what}: {p}"
     assert p.max_score_diff <= SCORE_TOL, f"{what}: {p}"
 
@@ -171,26 +170,55 @@ def test_resize_and_batch_is_torchvisions_transform(trained, mixed_images):
 
 # --------------------------------------------------------------------------- parity, trained model
 
+BATCH_SIZES = range(1, 9)
+
+
+@pytest.fixture(scope="module")
+def same_refs(trained, same_ratio_images) -> list[Detections]:
+    """torchvision, image by image."""
+    return _torchvision(trained, same_ratio_images, batched=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_refs(trained, mixed_images) -> dict[int, list[Detections]]:
+    """torchvision's batched forward on the first n images, for each n."""
+    return {n: _torchvision(trained, mixed_images[:n], batched=True) for n in BATCH_SIZES}
+
+
+def _runner(backend, wrapped, request):
+    if backend == "torch":
+        return lambda images: _run_torch(wrapped, images)
+    session = request.getfixturevalue("session")
+    return lambda images: _run_onnx(session, wrapped, images)
+
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_same_size_batches_match_torchvision_image_by_image(backend, trained, wrapped, same_ratio_images, request):
-    run = (lambda ims: _run_torch(wrapped, ims)) if backend == "torch" else (lambda ims: _run_onnx(request.getfixturevalue("session"), wrapped, ims))
-    refs = _torchvision(trained, same_ratio_images, batched=False)
-    for n in range(1, 9):
-        _assert_parity(_parity(refs[:n], run(same_ratio_images[:n]), wrapped.box_score_thresh), f"{backend} N={n}")
+def test_same_size_batches_match_torchvision_image_by_image(backend, wrapped, same_ratio_images, same_refs, request):
+    run = _runner(backend, wrapped, request)
+    total = ParityResult()
+    for n in BATCH_SIZES:
+        p = _parity(same_refs[:n], run(same_ratio_images[:n]), wrapped.box_score_thresh)
+        _assert_parity(p, f"{backend} N={n}")
+        total.add(p)
+    assert total.source_boxes >= 100  # parity judged on real boxes
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_mixed_size_batches_match_torchvision_batched(backend, trained, wrapped, mixed_images, request):
-    run = (lambda ims: _run_torch(wrapped, ims)) if backend == "torch" else (lambda ims: _run_onnx(request.getfixturevalue("session"), wrapped, ims))
-    alone = _torchvision(trained, mixed_images, batched=False)
-    for n in (1, 2, 3, 5, 8):
-        images = mixed_images[:n]
-        out = run(images)
-        _assert_parity(_parity(_torchvision(trained, images, batched=True), out, wrapped.box_score_thresh), f"{backend} N={n}")
-        # against image-by-image torchvision the padding differs; confident boxes still agree
-        close = _parity([_strip_edge(a, 0.5) for a in alone[:n]], [_strip_edge(o, 0.5) for o in out], 0.5)
-        assert close.matched >= 0.9 * close.source_boxes, f"{backend} N={n} vs image by image: {close}"
+def test_mixed_size_batches_match_torchvision_batched(backend, wrapped, mixed_images, mixed_refs, request):
+    """Mixed sizes: the batch's common padding is part of the computation, as in ``model(images)``.
+
+    (Image by image, torchvision pads each image only to its own multiple of 32;
+    features near the border differ, and with the undertrained shapes model so
+    do many boxes. Batches whose images resize to one size match image by image:
+    see the test above.)
+    """
+    run = _runner(backend, wrapped, request)
+    total = ParityResult()
+    for n in BATCH_SIZES:
+        p = _parity(mixed_refs[n], run(mixed_images[:n]), wrapped.box_score_thresh)
+        _assert_parity(p, f"{backend} N={n}")
+        total.add(p)
+    assert total.source_boxes >= 100
 
 
 def test_onnx_graph_is_one_batched_graph(session, onnx_path):
