@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.detserve-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup serve test test-slow bench models lock clean help
+.PHONY: setup serve test test-slow bench bench-setup models lock clean help
 
 help:
 	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000"
@@ -41,13 +41,20 @@ test: setup
 test-slow: setup
 	scripts/offline-run $(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: models
+# PyTriton's own venv for `make bench` (needs the registry once; without it the peer is reported unavailable).
+.cache/bench-pytriton/.installed: $(STAMP)
+	-$(PY) -m benchmarks --setup-peers
+	@test -x .cache/bench-pytriton/bin/python && touch $@ || true
+
+bench-setup: .cache/bench-pytriton/.installed
+
+bench: models bench-setup
 	scripts/offline-run $(PY) -m benchmarks --quick
 
 # Regenerate the lock from pyproject.toml's pins (needs the registry).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install -q -e ".[test]"
+	.lock-venv/bin/pip install -q -e ".[test,bench]"
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^detserve' > requirements.lock
 	rm -rf .lock-venv
 

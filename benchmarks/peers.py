@@ -375,10 +375,10 @@ def process_tree_cpu(pid: int, include_self: bool = True) -> float | None:
 
 
 def stop_group(process: subprocess.Popen, grace_s: float = 15.0) -> list[int]:
-    """End a process started with ``start_new_session=True`` and everything in its group."""
+    """End a process started with ``process_group=0`` and everything in its process group."""
     import psutil
 
-    pgid = process.pid  # the session leader: its pid is the group id
+    pgid = process.pid  # the group leader: its pid is the group id
     members = _group_members(pgid)
     if process.poll() is None or members:
         try:
@@ -575,7 +575,11 @@ def _start(
     ]  # fmt: skip
     started = time.monotonic()
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own process group (so that it can be ended as a whole) but the same session: with
+        # Linux autogroup scheduling CPU is shared per session under contention, and detserve
+        # (Ray) and the raw engine run in this session; a new session would give a peer a share
+        # of its own on a busy machine.
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     peer = Peer(name, port, process, stats_file, log_file, config.describe(name), version, 0.0, extra or {})
     _wait_ready(peer, ready_path, timeout_s)
     peer.started_s = time.monotonic() - started

@@ -19,24 +19,33 @@ from detserve import images as imagelib
 from detserve.engines import Engine, load_engine
 from detserve.manifest import Manifest, read_manifest
 from detserve.postprocess import DetectParams, Detections, clip, filter_detections, unletterbox, yolo_nms
-from detserve.preprocess import Geometry, pack, prepare
+from detserve.preprocess import Geometry, prepare
 
 
 @dataclass
 class Prepared:
     """Model-ready input: one tensor per engine call, which images each holds, and every image's geometry."""
 
-    tensors: list[np.ndarray]
+    tensors: list[tuple[np.ndarray, ...]]  # the engine's inputs for each call
     members: list[list[int]]  # members[k]: the image positions in tensors[k], in order
     geometries: list[Geometry]
 
 
-def chunks_by_shape(images: Sequence[np.ndarray], max_batch: int) -> list[list[int]]:
-    """Positions of same-shape images, in chunks of at most ``max_batch``: one engine call each."""
+def batch_by_shape(per_image: Sequence[tuple[np.ndarray, ...]], geometries: list[Geometry], max_batch: int) -> Prepared:
+    """Stack images whose input tensors have the same shape, in chunks of ``max_batch``: one engine call each.
+
+    Only same-shape images share a call, so padding never depends on the
+    neighbours: every image gets the boxes it would get alone.
+    """
     groups: dict[tuple, list[int]] = {}
-    for pos, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(pos)
-    return [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+    for pos, inputs in enumerate(per_image):
+        groups.setdefault(inputs[0].shape, []).append(pos)
+    members = [group[i : i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
+    tensors = [
+        tuple(np.concatenate([per_image[p][k] for p in chunk]) for k in range(len(per_image[chunk[0]])))
+        for chunk in members
+    ]
+    return Prepared(tensors, members, geometries)
 
 
 class Detector:
@@ -77,26 +86,20 @@ class Detector:
         return imagelib.decode(data, limits)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Prepared:
-        """Resize per the input contract and pack: one tensor per engine call (same-shape images together)."""
-        spec = self.manifest.input
-        model_images, geometries = prepare(list(images), spec)
-        dtype = np.float16 if spec.dtype == "float16" else np.float32
-        members = chunks_by_shape(model_images, self.manifest.batch.max)
-        tensors = [pack([model_images[p] for p in chunk], spec.scale, dtype) for chunk in members]
-        return Prepared(tensors, members, geometries)
+        """Resize per the input contract and pack: one engine call per group of same-shape images."""
+        prepared = [prepare(image, self.manifest.input) for image in images]
+        return batch_by_shape([p[0] for p in prepared], [p[1] for p in prepared], self.manifest.batch.max)
 
     def join(self, parts: Sequence[Prepared]) -> Prepared:
         """Merge preprocessed requests into as few engine calls as the artifact allows (the server's batch)."""
-        geometries = [g for p in parts for g in p.geometries]
-        images: list[np.ndarray] = []  # back to one CHW array per image, in order, then regroup
-        for part in parts:
-            rows = {pos: tensor[r] for tensor, members in zip(part.tensors, part.members) for r, pos in enumerate(members)}
-            images.extend(rows[i] for i in range(len(part.geometries)))
-        members = chunks_by_shape(images, self.manifest.batch.max)
-        return Prepared([np.stack([images[p] for p in chunk]) for chunk in members], members, geometries)
+        per_image: list[tuple[np.ndarray, ...]] = []
+        for part in parts:  # back to one batch-of-one per image, in order, then regroup
+            rows = {pos: tuple(a[r : r + 1] for a in arrays) for arrays, members in zip(part.tensors, part.members) for r, pos in enumerate(members)}
+            per_image.extend(rows[i] for i in range(len(part.geometries)))
+        return batch_by_shape(per_image, [g for p in parts for g in p.geometries], self.manifest.batch.max)
 
     def infer(self, prepared: Prepared) -> list[list[np.ndarray]]:
-        return [self.engine.run(tensor) for tensor in prepared.tensors]
+        return [self.engine.run(*inputs) for inputs in prepared.tensors]
 
     def postprocess(
         self, outputs: list[list[np.ndarray]], prepared: Prepared, params: DetectParams | Sequence[DetectParams]
@@ -112,12 +115,13 @@ class Detector:
                     rows = [r for r, p in enumerate(members) if per_image[p] == setting]
                     for r, det in zip(rows, yolo_nms(out[0][rows], setting)):
                         results[members[r]] = unletterbox(det, prepared.geometries[members[r]])
-            else:  # one image per call: boxes, labels, scores in original pixels
-                [pos] = members
-                boxes, labels, scores = out
-                det = filter_detections(Detections(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)), per_image[pos])
-                det.boxes = clip(det.boxes, prepared.geometries[pos])
-                results[pos] = det
+            else:  # padded per-image detections, already in original pixels and score order
+                boxes, scores, labels, counts = out
+                for r, pos in enumerate(members):
+                    k = int(counts[r])
+                    det = filter_detections(Detections(boxes[r, :k], scores[r, :k], labels[r, :k]), per_image[pos])
+                    det.boxes = clip(det.boxes, prepared.geometries[pos])
+                    results[pos] = det
         return results
 
     # --- all together ---------------------------------------------------

@@ -38,10 +38,12 @@ class InputSpec(_Model):
     dtype: Literal["float32", "float16"] = "float32"
     color: Literal["RGB"] = "RGB"
     scale: float = 1 / 255.0  # uint8 pixel * scale
-    # "letterbox": resize keeping aspect ratio into imgsz x imgsz, pad with
-    #   pad_value (Ultralytics). "in_graph": the graph resizes and normalises
-    #   itself (torchvision's GeneralizedRCNNTransform), input is the 0-1 image.
-    resize: Literal["letterbox", "in_graph"]
+    # "letterbox": resize keeping aspect ratio to fit imgsz, pad with pad_value
+    #   (Ultralytics). "rcnn": torchvision's GeneralizedRCNNTransform on the
+    #   host: normalise with mean/std, resize to min_size/max_size, zero-pad to
+    #   a multiple of stride; the graph also takes each image's resized and
+    #   original (h, w).
+    resize: Literal["letterbox", "rcnn"]
     imgsz: int | None = None  # letterbox target (the longer side)
     # letterbox to the minimal stride-multiple rectangle (as YOLO.predict does)
     # instead of the full square: input height/width then vary per image.
@@ -59,8 +61,8 @@ class OutputSpec(_Model):
 
     # "yolo_raw": one tensor [N, 4 + nc, anchors], boxes as cx, cy, w, h in
     #   input pixels, class scores after sigmoid; NMS is the runtime's.
-    # "fasterrcnn": boxes [K, 4] xyxy in original pixels, labels [K] int64,
-    #   scores [K]; one image per call (torchvision's export unrolls the batch).
+    # "fasterrcnn": padded per-image detections: boxes [N, K, 4] xyxy in
+    #   original pixels, scores [N, K], labels [N, K] int64, num_detections [N].
     kind: Literal["yolo_raw", "fasterrcnn"]
     names: list[str]
     min_score: float = 0.0  # scores below this never leave the graph

@@ -1,8 +1,10 @@
 """Turn decoded RGB images into the tensor an artifact's input contract asks for.
 
 One letterbox (Ultralytics' arithmetic, to the rounding, so that boxes match
-``YOLO.predict``) and one batch packer. Faster R-CNN graphs resize and
-normalise inside the graph, so their input is the 0-1 image itself.
+``YOLO.predict``) and one batch packer for YOLO; torchvision's own transform
+arithmetic for Faster R-CNN (``batched_rcnn.resize_and_batch``). Each image is
+prepared alone, as a batch of one, so its input never depends on the images
+it is later batched with.
 """
 
 from __future__ import annotations
@@ -65,11 +67,16 @@ def pack(images: list[np.ndarray], scale: float, dtype: np.dtype = np.float32) -
     return out
 
 
-def prepare(images: list[np.ndarray], spec: InputSpec) -> tuple[list[np.ndarray], list[Geometry]]:
-    """Apply the input contract's resize policy. Returns model-ready HxWx3 images and their geometry."""
+def prepare(image: np.ndarray, spec: InputSpec) -> tuple[tuple[np.ndarray, ...], Geometry]:
+    """One image's engine inputs, as a batch of one (the first is the image tensor), and its geometry."""
+    dtype = np.float16 if spec.dtype == "float16" else np.float32
     if spec.resize == "letterbox":
         assert spec.imgsz is not None
-        boxed = [letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride) for image in images]
-        return [b[0] for b in boxed], [b[1] for b in boxed]
-    # in_graph: the graph resizes, and maps boxes back to the size it was given.
-    return list(images), [Geometry(image.shape[0], image.shape[1]) for image in images]
+        boxed, geometry = letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride)
+        return (pack([boxed], spec.scale, dtype),), geometry
+    # rcnn: torchvision's transform; the graph scales boxes back to the original itself.
+    from detserve.batched_rcnn import resize_and_batch
+
+    assert spec.min_size and spec.max_size and spec.mean and spec.std
+    inputs = resize_and_batch([image], spec.min_size, spec.max_size, spec.stride, image_mean=spec.mean, image_std=spec.std)
+    return inputs, Geometry(image.shape[0], image.shape[1])

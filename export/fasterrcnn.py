@@ -1,11 +1,13 @@
-"""torchvision Faster R-CNN -> ONNX (legacy TorchScript exporter).
+"""torchvision Faster R-CNN -> ONE ONNX graph for a dynamic batch of images.
 
-The graph keeps torchvision's own transform (normalise, resize to min/max
-size) and postprocess (boxes scaled back to the input image), so its input is
-one 0-1 RGB image ``[1, 3, H, W]`` of any size and its outputs are that image's
-boxes, labels and scores. torchvision's export unrolls the batch at trace time
-(pytorch/vision#8937), so this graph takes one image per call; the manifest
-says so (``batch.max = 1``) and the runtime loops.
+torchvision's own export unrolls the batch at trace time (pytorch/vision#8937)
+and loops over images in Python. detserve exports
+:class:`detserve.batched_rcnn.BatchedFasterRCNN` instead: the same modules and
+weights, every per-image step re-expressed as batched tensor ops, so one graph
+takes ``[N, 3, H, W]`` (N, H, W dynamic) and returns padded per-image
+detections. The runtime does torchvision's normalise/resize/pad on the host
+(``detserve.preprocess.rcnn_resize``, the same torch ops in the same order), so
+the graph's input is bit-identical to ``GeneralizedRCNNTransform``'s.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import io
 import shutil
 import warnings
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
+from detserve.batched_rcnn import OUTPUT_NAMES, INPUT_NAMES, BatchedFasterRCNN
 from detserve.manifest import BatchSpec, InputSpec, Manifest, OutputSpec, SourceSpec, sha256_file
 from detserve.pods import ExportPlan, Pod
 from detserve.progress import step
@@ -28,18 +33,6 @@ from export.pipeline import ExportError, ExportRequest
 #: torchvision's box_score_thresh: boxes below it never leave the graph. A
 #: threshold of 0 makes ONNX NonMaxSuppression take seconds (90k candidates).
 MIN_SCORE = 0.05
-
-
-class _SingleImage(torch.nn.Module):
-    """NCHW (N=1) in, the image's (boxes, labels, scores) out: the ONNX-facing signature."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor):
-        result = self.model([images[0]])[0]
-        return result["boxes"], result["labels"], result["scores"]
 
 
 def export_fasterrcnn(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Manifest:
@@ -73,22 +66,9 @@ def export_fasterrcnn(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan)
         else:
             torch.save({"arch": ckpt.arch, "labels": labels, "min_size": min_size, "max_size": max_size, "state_dict": model.state_dict()}, source)
     artifact = out / "model.onnx"
-    with step(f"Exporting ONNX (opset {req.opset}, dynamic height/width, one image per call)", req.quiet):
-        example = torch.rand(1, 3, min_size, int(min_size * 4 / 3))
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _SingleImage(model),
-                (example,),
-                str(artifact),
-                dynamo=False,
-                opset_version=req.opset,
-                input_names=["images"],
-                output_names=["boxes", "labels", "scores"],
-                dynamic_axes={"images": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "labels": {0: "detections"}, "scores": {0: "detections"}},
-            )
-    with step("Simplifying the graph (onnxslim)", req.quiet):
-        _slim(artifact)
+    with step(f"Exporting ONNX (opset {req.opset}, one graph for a dynamic batch, dynamic height/width)", req.quiet):
+        export_batched(model, artifact, opset=req.opset)
+    max_batch = req.max_batch or pod.max_batch
     return Manifest(
         name=req.name or f"{ckpt.arch}",
         family="fasterrcnn",
@@ -102,16 +82,18 @@ def export_fasterrcnn(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan)
         pod=pod.name,
         gpu_arch=pod.sm,
         input=InputSpec(
-            resize="in_graph",
+            resize="rcnn",
             min_size=min_size,
             max_size=max_size,
+            stride=int(transform.size_divisible),
             mean=tuple(float(v) for v in transform.image_mean),
             std=tuple(float(v) for v in transform.image_std),
         ),
-        output=OutputSpec(kind="fasterrcnn", names=["boxes", "labels", "scores"], min_score=MIN_SCORE),
+        output=OutputSpec(kind="fasterrcnn", names=list(OUTPUT_NAMES), min_score=MIN_SCORE),
         batch=BatchSpec(
-            min=1, opt=1, max=1, dynamic=False,
-            note="torchvision's export unrolls the batch (pytorch/vision#8937): one image per engine call",
+            min=1, opt=min(pod.opt_batch, max_batch), max=max_batch, dynamic=True,
+            note="one graph for any batch; the runtime batches images that pad to the same size, "
+            "so each image gets the boxes torchvision gives it alone",
         ),
         source=SourceSpec(
             file=source.name, sha256=sha256_file(source), kind="torchvision_state_dict" if req.weights else "torchvision_random_init"
@@ -120,17 +102,62 @@ def export_fasterrcnn(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan)
     )
 
 
-def _slim(path: Path) -> None:
-    """Fold constants and drop dead nodes with onnxslim; keep the original if it fails."""
-    try:
-        import onnxslim
+def export_batched(
+    model: torch.nn.Module,
+    out_path: str | Path,
+    opset: int = 17,
+    *,
+    trace_sizes: Sequence[tuple[int, int]] = ((240, 320), (300, 200)),
+) -> Path:
+    """Export ``model`` (a torchvision FasterRCNN or a :class:`BatchedFasterRCNN`) to one ONNX graph.
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            slimmed = onnxslim.slim(str(path))
-        import onnx
+    Inputs ``images [N, 3, H, W]`` float32 (see :func:`resize_and_batch`),
+    ``image_sizes [N, 2]`` int64, ``original_sizes [N, 2]`` int64; outputs
+    ``boxes [N, K, 4]``, ``scores [N, K]``, ``labels [N, K]`` int64,
+    ``num_detections [N]`` int64. N, H, W are dynamic: traced with two images
+    of different original sizes (``trace_sizes``) so no size is baked in.
+    """
+    wrapped = model if isinstance(model, BatchedFasterRCNN) else BatchedFasterRCNN(model)
+    wrapped.eval()
+    rng = np.random.default_rng(0)
+    example = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in trace_sizes]
+    batch, sizes, originals = wrapped.prepare(example)
+    args = (torch.from_numpy(batch), torch.from_numpy(sizes), torch.from_numpy(originals))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            args,
+            str(out_path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={
+                "images": {0: "batch", 2: "height", 3: "width"},
+                "image_sizes": {0: "batch"},
+                "original_sizes": {0: "batch"},
+                "boxes": {0: "batch"},
+                "scores": {0: "batch"},
+                "labels": {0: "batch"},
+                "num_detections": {0: "batch"},
+            },
+        )
+    _fix_output_shapes(out_path, wrapped.detections_per_img)
+    return out_path
 
-        onnx.save(slimmed, str(path))
-    except Exception as exc:  # slimming is an optimisation, never a reason to fail
-        from detserve.progress import console
 
-        console.print(f"[yellow]note:[/] onnxslim could not simplify the graph ({exc}); kept it as exported")
+def _fix_output_shapes(path: Path, k: int) -> None:
+    """Write the static K into the outputs' declared shapes (the tracer leaves it symbolic)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name != "num_detections" and len(dims) >= 2:
+            dims[1].Clear()
+            dims[1].dim_value = k
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))

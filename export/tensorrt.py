@@ -248,15 +248,11 @@ def build_engine(
 
 # -- the export pipeline's step ----------------------------------------------
 
-#: Faster R-CNN graphs resize in the graph, so the engine takes each image at
-#: its own size: the profile bounds the image sides the engine accepts, not the
-#: size the backbone sees (the graph scales every image to at most max_size).
-#: The smallest side accepted (``Detector.warmup`` sends 64 x 64) ...
+#: Faster R-CNN: the host resizes every image so its sides are at most
+#: max_size (and its shorter side at most min_size), then pads to a multiple of
+#: the stride, so the graph's H and W range from one stride (very thin images)
+#: to max_size rounded up to the stride.
 FASTERRCNN_MIN_SIDE = 32
-#: ... and the largest, as a multiple of the manifest's max_size: 2 x 1333 =
-#: 2666 takes 1080p and 1440p photos. Larger images are refused by the engine
-#: ("outside the engine's profile"); shrink them before sending.
-FASTERRCNN_MAX_SIDE_FACTOR = 2
 
 
 def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, Axis, Axis], tuple[int, int, int]]:
@@ -267,8 +263,8 @@ def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, 
     (``input.rect``, as YOLO.predict) one side is ``imgsz`` and the other any
     stride multiple up to it, so H and W range from the stride to ``imgsz``
     (opt: the square); a square letterbox is fixed at ``imgsz``. Faster R-CNN: its graph input is ``[1, 3, H, W]`` with dynamic H and
-    W, one image per call; H and W range from :data:`FASTERRCNN_MIN_SIDE` to
-    ``FASTERRCNN_MAX_SIDE_FACTOR x max_size``, opt at the trace's ``min_size x
+    W and a dynamic batch; H and W range from :data:`FASTERRCNN_MIN_SIDE` to
+    max_size rounded up to the stride, opt at ``min_size x
     4/3 min_size``. Raises ValueError when the manifest lacks what it needs.
     """
     spec = manifest.input
@@ -283,11 +279,15 @@ def manifest_profile(manifest: Manifest, plan: ExportPlan) -> tuple[tuple[Axis, 
     if manifest.family == "fasterrcnn":
         if not spec.min_size or not spec.max_size:
             raise ValueError(f"the manifest of {manifest.name} gives no input.min_size/max_size for the engine's profile")
-        low = min(FASTERRCNN_MIN_SIDE, spec.min_size)
-        high = max(spec.max_size, spec.min_size) * FASTERRCNN_MAX_SIDE_FACTOR
-        opt_h = spec.min_size
-        opt_w = min(max(round(spec.min_size * 4 / 3), opt_h), high)
-        return (3, (low, opt_h, high), (low, opt_w, high)), (1, 1, 1)
+        stride = spec.stride
+        up = lambda v: -(-int(v) // stride) * stride  # noqa: E731 - round up to the stride
+        high = up(max(spec.max_size, spec.min_size))
+        low = min(FASTERRCNN_MIN_SIDE, high)
+        opt_h = min(up(spec.min_size), high)
+        opt_w = min(up(spec.min_size * 4 / 3), high)
+        batch_max = max(int(manifest.batch.max or plan.max_batch), 1)
+        batch_opt = min(max(int(manifest.batch.opt or plan.opt_batch), 1), batch_max)
+        return (3, (low, opt_h, high), (low, opt_w, high)), (1, batch_opt, batch_max)
     raise ValueError(f"no TensorRT profile for model family {manifest.family!r}")
 
 

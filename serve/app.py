@@ -157,6 +157,14 @@ class DetectionServer:
         self.decode_pool = ThreadPoolExecutor(self.args.decode_threads, thread_name_prefix="decode")
         self.engine_pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.metrics = _Metrics()
+        # Set while the engine is free. Ray's @serve.batch seals a batch as soon
+        # as its first request arrives and only then waits for the previous
+        # batch to finish (max_concurrent_batches), so under load it forms
+        # batches of one that queue behind the engine. Holding new jobs here
+        # while a batch runs and releasing them together when it ends lets the
+        # batch queue take everything that arrived meanwhile (as Triton does).
+        self.engine_idle = asyncio.Event()
+        self.engine_idle.set()
         # Batch sizes actually formed, for /stats (tests and benchmarks read it).
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         # Seconds spent per stage, summed over all images/batches (for /stats).
@@ -180,7 +188,11 @@ class DetectionServer:
     async def batched(self, jobs: list[Job]) -> list[Detections | Exception]:
         loop = asyncio.get_running_loop()
         timings = BatchTimings()
-        results = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, jobs, timings)
+        self.engine_idle.clear()
+        try:
+            results = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, jobs, timings)
+        finally:
+            self.engine_idle.set()
         self.batch_sizes[timings.size] += 1
         self.stage_seconds["engine"] += timings.engine_s
         self.stage_seconds["postprocess"] += timings.postprocess_s
@@ -211,7 +223,7 @@ class DetectionServer:
             self.metrics.decode.observe(job.decode_s)
             self.stage_seconds["decode"] += job.decode_s
             job.enqueued_at = time.perf_counter()
-        detections = await asyncio.gather(*(self.batched(job) for job in prepared))
+        detections = await asyncio.gather(*(self.submit(job) for job in prepared))
         for det in detections:
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
@@ -221,6 +233,11 @@ class DetectionServer:
         body = self.encode(prepared, detections)
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
+
+    async def submit(self, job: Job) -> Detections | Exception:
+        """Into the batch queue once the engine is free (see ``engine_idle``)."""
+        await self.engine_idle.wait()
+        return await self.batched(job)
 
     def encode(self, jobs: list[Job], detections: list[Detections]) -> dict:
         from adapters.base import to_collection

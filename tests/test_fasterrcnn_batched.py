@@ -1,16 +1,15 @@
-"""Batched Faster R-CNN export (export/fasterrcnn_batched.py): one graph, dynamic N/H/W, torchvision's results.
+"""Batched Faster R-CNN (detserve/batched_rcnn.py, export/fasterrcnn.py): one graph, dynamic N/H/W, torchvision's results.
 
 Parity is judged on the trained shapes model (models/fasterrcnn-shapes.pth)
 against torchvision's own eval forward, both for the PyTorch wrapper and for
 the exported ONNX graph run by onnxruntime:
 
-* images whose resized size is the same (same aspect ratio, different
-  original sizes) pad identically alone and in a batch, so every image must
-  match ``model([image])`` (IoU >= 0.99, same label, score within 1e-4);
-* images of mixed aspect ratios share the batch's padding, which changes the
+* images of one aspect ratio but different original sizes pad to the same
+  size alone and in a batch, so every image must match ``model([image])``
+  (IoU >= 0.99, same label, score within 1e-4), for N = 1..8;
+* images of mixed sizes share the batch's padding, which changes the
   backbone's features near the padded border: they must match torchvision's
-  batched forward ``model(images)`` (the same computation), and stay close to
-  ``model([image])``.
+  batched forward ``model(images)`` (the same computation), for N = 1..8.
 """
 
 from __future__ import annotations
@@ -26,13 +25,8 @@ import detserve.offline
 detserve.offline.apply()
 
 from detserve.postprocess import Detections  # noqa: E402
-from export.fasterrcnn_batched import (  # noqa: E402
-    INPUT_NAMES,
-    OUTPUT_NAMES,
-    BatchedFasterRCNN,
-    export_batched,
-    resize_and_batch,
-)
+from detserve.batched_rcnn import INPUT_NAMES, OUTPUT_NAMES, BatchedFasterRCNN, resize_and_batch  # noqa: E402
+from export.fasterrcnn import export_batched  # noqa: E402
 from export.parity import ParityResult, compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +126,7 @@ def mixed_images() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def same_ratio_images() -> list[np.ndarray]:
-    """Scenes at different original sizes that all resize to the same (320, 426)."""
+    """Scenes of one aspect ratio (3:4) and different original sizes: one padded size, alone or batched."""
     from detserve.synthetic import make_scene
 
     sizes = [(240, 320), (300, 400), (360, 480), (270, 360), (330, 440), (240, 320), (300, 400), (360, 480)]
@@ -140,14 +134,14 @@ def same_ratio_images() -> list[np.ndarray]:
 
 
 def _run_torch(wrapped, images):
-    batch, sizes, originals = resize_and_batch(images, wrapped.min_size, wrapped.max_size, image_mean=wrapped.image_mean, image_std=wrapped.image_std)
+    batch, sizes, originals = wrapped.prepare(images)
     with torch.inference_mode():
         out = wrapped(torch.from_numpy(batch), torch.from_numpy(sizes), torch.from_numpy(originals))
     return _unpad(*out)
 
 
 def _run_onnx(session, wrapped, images):
-    batch, sizes, originals = resize_and_batch(images, wrapped.min_size, wrapped.max_size, image_mean=wrapped.image_mean, image_std=wrapped.image_std)
+    batch, sizes, originals = wrapped.prepare(images)
     out = session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, (batch, sizes, originals))))
     boxes, scores, labels, num = out
     assert boxes.shape == (len(images), wrapped.detections_per_img, 4) and labels.dtype == np.int64 and num.dtype == np.int64

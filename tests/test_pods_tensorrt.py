@@ -464,9 +464,9 @@ def _onnx_manifest(family: str = "yolo", **update) -> Manifest:
         batch = BatchSpec(min=1, opt=8, max=16, dynamic=True, note="one graph for any batch size up to max")
         source = SourceSpec(file="source.pt", sha256="0" * 64, kind="ultralytics")
     else:
-        spec = InputSpec(resize="in_graph", min_size=800, max_size=1333, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-        output = OutputSpec(kind="fasterrcnn", names=["boxes", "labels", "scores"], min_score=0.05)
-        batch = BatchSpec(min=1, opt=1, max=1, dynamic=False)
+        spec = InputSpec(resize="rcnn", min_size=800, max_size=1333, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        output = OutputSpec(kind="fasterrcnn", names=["boxes", "scores", "labels", "num_detections"], min_score=0.05)
+        batch = BatchSpec(min=1, opt=8, max=16, dynamic=True)
         source = SourceSpec(file="source.pth", sha256="0" * 64, kind="torchvision_random_init")
     manifest = Manifest(
         name="m",
@@ -575,25 +575,30 @@ def test_build_for_manifest_fp32_and_a_smaller_max_batch(monkeypatch, onnx_out):
 
 
 def test_fasterrcnn_profile_fits_its_graph_and_the_parity_images():
-    chw, batch = manifest_profile(_onnx_manifest("fasterrcnn"), export_plan("gpu-t4", "tensorrt", None))
-    assert batch == (1, 1, 1)
-    assert chw == (3, (FASTERRCNN_MIN_SIDE, 800, 2666), (FASTERRCNN_MIN_SIDE, 1067, 2666))
-    # torchvision's graph input is [1, 3, H, W] with dynamic H and W.
-    fitted = check_profile_against_input("images", (1, 3, -1, -1), profile_shapes(chw, *batch))
+    from detserve.batched_rcnn import resize_and_batch
+
+    manifest = _onnx_manifest("fasterrcnn")
+    chw, batch = manifest_profile(manifest, export_plan("gpu-t4", "tensorrt", None))
+    assert batch == (1, 8, 16)
+    assert chw == (3, (FASTERRCNN_MIN_SIDE, 800, 1344), (FASTERRCNN_MIN_SIDE, 1088, 1344))
+    # The batched graph's input is [N, 3, H, W], all dynamic.
+    fitted = check_profile_against_input("images", (-1, 3, -1, -1), profile_shapes(chw, *batch))
     low, high = fitted["min"], fitted["max"]
-    # Detector.warmup (64 x 64), the generated scenes (200-480), bus.jpg (1080 x 810), zidane.jpg (720 x 1280), 1080p.
-    for h, w in ((64, 64), (200, 480), (1080, 810), (720, 1280), (1080, 1920), (1920, 1080)):
-        assert all(lo <= d <= hi for d, lo, hi in zip((1, 3, h, w), low, high)), (h, w)
+    # What the host sends for: Detector.warmup (64 x 64), scenes, bus.jpg, zidane.jpg, 1080p, a thin strip.
+    for h, w in ((64, 64), (200, 480), (1080, 810), (720, 1280), (1080, 1920), (1920, 1080), (40, 4000)):
+        image = np.zeros((h, w, 3), np.uint8)
+        x, _, _ = resize_and_batch([image], manifest.input.min_size, manifest.input.max_size, manifest.input.stride)
+        assert all(lo <= d <= hi for d, lo, hi in zip(x.shape, low, high)), (h, w, x.shape)
 
 
-def test_build_for_manifest_fasterrcnn_is_one_image_per_call(monkeypatch, onnx_out):
-    builder = _FakeBuilder((1, 3, -1, -1))
+def test_build_for_manifest_fasterrcnn_batches(monkeypatch, onnx_out):
+    builder = _FakeBuilder((-1, 3, -1, -1))
     monkeypatch.setattr(trt_export, "build_engine", builder)
     monkeypatch.setattr(trt_export, "engine_parity", _passing_parity())
     new = build_for_manifest(_req(onnx_out, model="fasterrcnn"), onnx_out, _onnx_manifest("fasterrcnn"), export_plan("gpu-t4", "tensorrt", None))
-    assert (builder.calls[0]["batch_min"], builder.calls[0]["batch_opt"], builder.calls[0]["batch_max"]) == (1, 1, 1)
-    assert (new.batch.min, new.batch.opt, new.batch.max) == (1, 1, 1)
-    assert (new.format, new.input.resize, new.output.kind) == ("tensorrt", "in_graph", "fasterrcnn")
+    assert (builder.calls[0]["batch_min"], builder.calls[0]["batch_opt"], builder.calls[0]["batch_max"]) == (1, 8, 16)
+    assert (new.batch.min, new.batch.opt, new.batch.max) == (1, 8, 16)
+    assert (new.format, new.input.resize, new.output.kind) == ("tensorrt", "rcnn", "fasterrcnn")
 
 
 def test_build_for_manifest_without_tensorrt_is_an_export_error_with_the_install_hint(monkeypatch, onnx_out):

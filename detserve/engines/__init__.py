@@ -1,7 +1,8 @@
 """One engine interface over onnxruntime, TensorRT and PyTorch.
 
-An engine takes the artifact's input tensor (numpy, NCHW float) and returns its
-outputs as a list of numpy arrays, in the order the manifest's output contract
+An engine takes the artifact's inputs (numpy: the NCHW float image tensor, then
+any further inputs, e.g. Faster R-CNN's image sizes) and returns its outputs as
+a list of numpy arrays, in the order the manifest's output contract
 names them. Engines know nothing of images, boxes or labels: that is the
 runtime's pre- and post-processing, done once for every engine.
 
@@ -34,8 +35,8 @@ class Engine(Protocol):
     #: the largest batch one ``run`` call takes
     max_batch: int
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run the model on one input tensor and return its outputs."""
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> list[np.ndarray]:
+        """Run the model on the image tensor (and any further inputs the artifact takes); return its outputs."""
         ...
 
 

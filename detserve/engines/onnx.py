@@ -93,21 +93,23 @@ class OnnxEngine:
             "TensorrtExecutionProvider": "onnxruntime-tensorrt",
         }.get(active, f"onnxruntime-{active}")
         self.max_batch = manifest.batch.max
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._binding = self.session.io_binding() if self.device != "cpu" else None
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> list[np.ndarray]:
+        """The image tensor, then any further inputs the graph takes (Faster R-CNN: image_sizes, original_sizes)."""
+        inputs = dict(zip(self.input_names, (np.ascontiguousarray(batch, dtype=self.input_dtype), *extra), strict=True))
         if self._binding is None:
-            return self.session.run(self.output_names, {self.input_name: batch})
+            return self.session.run(self.output_names, inputs)
         # CUDA: IOBinding copies the input once and keeps outputs on the device
         # until we ask for them, instead of ORT's per-run host round trips.
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        binding.bind_cpu_input(self.input_name, batch)
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
         for name in self.output_names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)

@@ -170,9 +170,12 @@ class TensorRTEngine:
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if len(inputs) != 1:
-            raise ValueError(f"{path.name} has inputs {inputs}; detserve runs one-input engines")
+        if not inputs:
+            raise ValueError(f"{path.name} has no inputs")
+        # The image tensor first; Faster R-CNN adds image_sizes and original_sizes (small int64 tensors).
         self.input_name: str = inputs[0]
+        self.extra_input_names: list[str] = inputs[1:]
+        self._extra_dtypes = {n: _torch_dtype(trt, torch, engine.get_tensor_dtype(n)) for n in self.extra_input_names}
         self.output_names: list[str] = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._input_dtype = _torch_dtype(trt, torch, engine.get_tensor_dtype(self.input_name))
         self._output_dtypes = {n: _torch_dtype(trt, torch, engine.get_tensor_dtype(n)) for n in self.output_names}
@@ -214,8 +217,10 @@ class TensorRTEngine:
                 numel = max(int(np.prod(shape)), 1)
                 self._buffers[name] = torch.empty(numel, dtype=self._output_dtypes[name], device=self._cuda)
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """float32 NCHW in; outputs in the engine's order, for the images given."""
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> list[np.ndarray]:
+        """float32 NCHW in (then any further inputs, in the engine's order); outputs in the engine's order."""
+        if len(extra) != len(self.extra_input_names):
+            raise ValueError(f"the engine takes inputs {[self.input_name, *self.extra_input_names]}; got {1 + len(extra)} arrays")
         shape = self._check_input(batch)
         torch, context = self._torch, self._context
         with self._lock, torch.cuda.device(self._cuda), torch.cuda.stream(self._stream):
@@ -226,6 +231,13 @@ class TensorRTEngine:
             if not context.set_input_shape(self.input_name, shape):
                 raise ValueError(f"TensorRT rejected input shape {shape} (profile {self.profile})")
             context.set_tensor_address(self.input_name, x.data_ptr())
+            keep = [x]  # device copies of the extra inputs live until the run is done
+            for name, array in zip(self.extra_input_names, extra):
+                t = torch.from_numpy(np.ascontiguousarray(array)).to(self._cuda).to(self._extra_dtypes[name]).contiguous()
+                if not context.set_input_shape(name, tuple(t.shape)):
+                    raise ValueError(f"TensorRT rejected the shape {tuple(t.shape)} of input {name!r}")
+                context.set_tensor_address(name, t.data_ptr())
+                keep.append(t)
             out_shapes = {}
             for name, buffer in self._buffers.items():
                 out_shape = tuple(context.get_tensor_shape(name))

@@ -28,7 +28,10 @@ class TorchEngine:
         if manifest.family == "yolo":
             self.model = load_yolo(path).model.fuse().float().eval().to(device)
         else:
+            from detserve.batched_rcnn import BatchedFasterRCNN
+
             ckpt = read_fasterrcnn_checkpoint(path, manifest.arch)
+            # torchvision's own model: the reference (``.model``) ...
             self.model = build_fasterrcnn(
                 ckpt.arch,
                 ckpt.num_classes or len(manifest.labels) + 1,
@@ -37,18 +40,19 @@ class TorchEngine:
                 max_size=manifest.input.max_size,
                 box_score_thresh=manifest.output.min_score,
             ).to(device)
+            # ... run as the exported graph runs it: one batched call, the same inputs and outputs.
+            self.batched = BatchedFasterRCNN(self.model).eval()
         self.half = manifest.precision == "fp16" and device != "cpu"
         if self.half:
             self.model.half()
 
     @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self, batch: np.ndarray, *extra: np.ndarray) -> list[np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         x = x.half() if self.half else x.float()
         if self.family == "yolo":
             out = self.model(x)
             out = out[0] if isinstance(out, (list, tuple)) else out
             return [out.float().cpu().numpy()]
-        # Faster R-CNN: per-image dicts, as the unrolled graph returns for one image.
-        result = self.model([x[0]])[0]
-        return [result["boxes"].float().cpu().numpy(), result["labels"].cpu().numpy(), result["scores"].float().cpu().numpy()]
+        sizes = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in extra]
+        return [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in self.batched(x, *sizes)]

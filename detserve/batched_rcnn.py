@@ -1,4 +1,4 @@
-"""torchvision Faster R-CNN as ONE batched ONNX graph (dynamic N, H, W).
+"""torchvision Faster R-CNN as one batched module (dynamic N, H, W): the graph detserve exports and runs.
 
 torchvision's own ONNX export unrolls the batch at trace time
 (pytorch/vision#8937) and its proposal filtering and detection
@@ -305,6 +305,12 @@ class BatchedFasterRCNN(torch.nn.Module):
         self.sampling_ratio = int(pool.sampling_ratio)
         self.pool_scales, self.level_mapper = self._pool_scales(pool)
 
+    def prepare(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`resize_and_batch` with this model's sizes, mean and std: the graph's three inputs."""
+        return resize_and_batch(
+            images, self.min_size, self.max_size, self.size_divisible, image_mean=self.image_mean, image_std=self.image_std
+        )
+
     @torch.no_grad()
     def _pool_scales(self, pool) -> tuple[list[float], LevelMapper]:
         if pool.scales is not None and pool.map_levels is not None:
@@ -312,7 +318,8 @@ class BatchedFasterRCNN(torch.nn.Module):
         from torchvision.ops.poolers import _filter_input, _setup_scales
 
         side = int(math.ceil(self.min_size / self.size_divisible) * self.size_divisible)
-        feats = self.backbone(torch.zeros(1, 3, side, side))
+        param = next(self.backbone.parameters())
+        feats = self.backbone(torch.zeros(1, 3, side, side, dtype=param.dtype, device=param.device))
         scales, mapper = _setup_scales(_filter_input(feats, self.featmap_names), [(side, side)], pool.canonical_scale, pool.canonical_level)
         return list(scales), mapper
 
@@ -457,69 +464,3 @@ class BatchedFasterRCNN(torch.nn.Module):
         scores = torch.where(valid, scores, torch.zeros_like(scores))
         labels = torch.where(valid, labels, torch.full_like(labels, -1))
         return boxes, scores, labels, valid.sum(dim=1)
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_batched(
-    model: torch.nn.Module,
-    out_path: str | Path,
-    opset: int = 17,
-    *,
-    trace_sizes: Sequence[tuple[int, int]] = ((240, 320), (300, 200)),
-) -> Path:
-    """Export ``model`` (a torchvision FasterRCNN or a :class:`BatchedFasterRCNN`) to one ONNX graph.
-
-    Inputs ``images [N, 3, H, W]`` float32 (see :func:`resize_and_batch`),
-    ``image_sizes [N, 2]`` int64, ``original_sizes [N, 2]`` int64; outputs
-    ``boxes [N, K, 4]``, ``scores [N, K]``, ``labels [N, K]`` int64,
-    ``num_detections [N]`` int64. N, H, W are dynamic: traced with two images
-    of different original sizes (``trace_sizes``) so no size is baked in.
-    """
-    wrapped = model if isinstance(model, BatchedFasterRCNN) else BatchedFasterRCNN(model)
-    wrapped.eval()
-    rng = np.random.default_rng(0)
-    example = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in trace_sizes]
-    batch, sizes, originals = resize_and_batch(
-        example, wrapped.min_size, wrapped.max_size, wrapped.size_divisible, image_mean=wrapped.image_mean, image_std=wrapped.image_std
-    )
-    args = (torch.from_numpy(batch), torch.from_numpy(sizes), torch.from_numpy(originals))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapped,
-            args,
-            str(out_path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_axes={
-                "images": {0: "batch", 2: "height", 3: "width"},
-                "image_sizes": {0: "batch"},
-                "original_sizes": {0: "batch"},
-                "boxes": {0: "batch"},
-                "scores": {0: "batch"},
-                "labels": {0: "batch"},
-                "num_detections": {0: "batch"},
-            },
-        )
-    _fix_output_shapes(out_path, wrapped.detections_per_img)
-    return out_path
-
-
-def _fix_output_shapes(path: Path, k: int) -> None:
-    """Write the static K into the outputs' declared shapes (the tracer leaves it symbolic)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for out in model.graph.output:
-        dims = out.type.tensor_type.shape.dim
-        if out.name != "num_detections" and len(dims) >= 2:
-            dims[1].Clear()
-            dims[1].dim_value = k
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
