@@ -147,17 +147,9 @@ def yolo_predict_fn(weights: Path, *, imgsz: int = 320, conf: float = 0.001, thr
 
 def build_fasterrcnn(arch: str, *, min_size: int, max_size: int, **kwargs):
     """An untrained torchvision detector with background + CLASSES outputs."""
-    offline.apply()
-    import torchvision
+    from detserve.sources import build_fasterrcnn as build
 
-    return getattr(torchvision.models.detection, arch)(
-        weights=None,
-        weights_backbone=None,
-        num_classes=len(CLASSES) + 1,
-        min_size=min_size,
-        max_size=max_size,
-        **kwargs,
-    )
+    return build(arch, len(CLASSES) + 1, min_size=min_size, max_size=max_size, **kwargs)
 
 
 def train_fasterrcnn(
@@ -205,52 +197,17 @@ def train_fasterrcnn(
         rpn_pre_nms_top_n_train=600,
         rpn_post_nms_top_n_train=600,
     )
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    total_steps = epochs * math.ceil(n_train / batch)
-
-    def lr_at(progress: float) -> float:
-        warmup = 0.05
-        if progress < warmup:
-            return lr * (0.01 + 0.99 * progress / warmup)
-        return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
-
-    generator = torch.Generator().manual_seed(seed)
-    flips = np.random.default_rng([seed, 1])
     snapshots = sorted(snapshot_at_s)
+
+    def snapshot(step: int, elapsed: float) -> None:
+        while snapshots and elapsed >= snapshots[0]:
+            t = snapshots.pop(0)
+            save_fasterrcnn(model, out.with_name(f"{out.stem}-{int(t)}s{out.suffix}"), arch, min_size, max_size)
+            print(f"fasterrcnn: snapshot at {elapsed:.0f} s, step {step}", flush=True)
+
+    samples = [(s.image, s.boxes, s.classes + 1) for s in train_scenes]  # torchvision: 0 is background
     started = time.perf_counter()
-    step, progress = 0, 0.0
-    with _EpochProgress("fasterrcnn", 1000, unit="‰") as bar:
-        for epoch in range(epochs):
-            order = torch.randperm(n_train, generator=generator).tolist()
-            for first in range(0, n_train, batch):
-                elapsed = time.perf_counter() - started
-                progress = max(step / total_steps, elapsed / time_budget_s if time_budget_s else 0.0)
-                if progress >= 1.0:
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(progress)
-                images, targets = [], []
-                for index in order[first : first + batch]:
-                    image, target = _frcnn_sample(train_scenes[index], flips)
-                    images.append(image)
-                    targets.append(target)
-                losses = model(images, targets)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 10.0)
-                optimizer.step()
-                step += 1
-                elapsed = time.perf_counter() - started
-                bar.set(int(1000 * progress), f"epoch {epoch + 1}/{epochs} step {step} loss {loss.item():.3f}")
-                while snapshots and elapsed >= snapshots[0]:
-                    t = snapshots.pop(0)
-                    save_fasterrcnn(model, out.with_name(f"{out.stem}-{int(t)}s{out.suffix}"), arch, min_size, max_size)
-                    print(f"fasterrcnn: snapshot at {elapsed:.0f} s, step {step}", flush=True)
-            if progress >= 1.0:
-                break
+    step = fit_fasterrcnn(model, samples, epochs=epochs, batch=batch, lr=lr, seed=seed, time_budget_s=time_budget_s, on_step=snapshot)
     elapsed = time.perf_counter() - started
     save_fasterrcnn(model, out, arch, min_size, max_size)
     print(
@@ -260,10 +217,73 @@ def train_fasterrcnn(
     return out
 
 
-def _frcnn_sample(scene: Scene, rng: np.random.Generator):
+def fit_fasterrcnn(
+    model,
+    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    epochs: int,
+    batch: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> int:
+    """The Faster R-CNN training loop, for the default model and for the Dataloop adapter.
+
+    ``samples``: (HxWx3 uint8 RGB image, (K, 4) xyxy boxes, (K,) torchvision
+    label ids, 0 being background). AdamW, a 5 % warm-up, then a cosine decay;
+    random horizontal/vertical flips. The schedule runs on whichever ends
+    first, ``epochs`` or ``time_budget_s`` of training time. Returns the steps
+    taken; the model is left in eval mode.
+    """
     import torch
 
-    image, boxes = scene.image, scene.boxes.copy()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    total_steps = max(1, epochs * math.ceil(len(samples) / batch))
+
+    def lr_at(progress: float) -> float:
+        warmup = 0.05
+        if progress < warmup:
+            return lr * (0.01 + 0.99 * progress / warmup)
+        return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+    generator = torch.Generator().manual_seed(seed)
+    flips = np.random.default_rng([seed, 1])
+    started = time.perf_counter()
+    step, progress = 0, 0.0
+    with _EpochProgress("fasterrcnn", 1000, unit="‰") as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(samples), generator=generator).tolist()
+            for first in range(0, len(samples), batch):
+                elapsed = time.perf_counter() - started
+                progress = max(step / total_steps, elapsed / time_budget_s if time_budget_s else 0.0)
+                if progress >= 1.0:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(progress)
+                images, targets = zip(*(_frcnn_sample(*samples[i], flips) for i in order[first : first + batch]))
+                losses = model(list(images), list(targets))
+                loss = sum(losses.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                optimizer.step()
+                step += 1
+                bar.set(int(1000 * progress), f"epoch {epoch + 1}/{epochs} step {step} loss {loss.item():.3f}")
+                if on_step is not None:
+                    on_step(step, time.perf_counter() - started)
+            if progress >= 1.0:
+                break
+    model.eval()
+    return step
+
+
+def _frcnn_sample(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    import torch
+
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
     h, w = image.shape[:2]
     if rng.random() < 0.5:
         image = image[:, ::-1]
@@ -272,7 +292,7 @@ def _frcnn_sample(scene: Scene, rng: np.random.Generator):
         image = image[::-1]
         boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(scene.classes + 1)}
+    target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(np.asarray(labels, np.int64))}
     return tensor, target
 
 

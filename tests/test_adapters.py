@@ -535,3 +535,21 @@ def test_yolo_train_and_save_give_a_servable_export(yolo_export, scenes, tmp_pat
     assert m.family == "yolo" and m.input.imgsz == 64
     assert m.source.sha256 == sha256_file(tmp_path / "saved" / "weights.pt")
     served(OfflineYolo, tmp_path / "saved", "yolo-trained", artifact="detserve").predict([scenes[0].image])
+
+
+@pytest.mark.slow
+def test_fasterrcnn_train_and_save_give_a_servable_export(fasterrcnn_export, scenes, tmp_path):
+    data_path = tmp_path / "data"
+    for i, scene in enumerate(scenes[:2]):
+        boxes = [_box_json(CLASSES[c], *b) for b, c in zip(scene.boxes.tolist(), scene.classes.tolist())]
+        _write_dtlpy_item(data_path, "train", f"train{i}.png", scene.image, boxes)
+
+    adapter = served(OfflineFasterRCNN, fasterrcnn_export, "frcnn-train", epochs=1, train_batch_size=2)
+    weights = adapter.train(data_path, tmp_path / "runs")
+    assert Path(weights).is_file()
+    adapter.save(tmp_path / "saved")
+    m = read_manifest(tmp_path / "saved" / "detserve")
+    assert m.family == "fasterrcnn" and m.labels == {1: "circle", 2: "square", 3: "triangle", 4: "star"}
+    assert m.source.sha256 == sha256_file(tmp_path / "saved" / "weights.pth")
+    assert m.source.sha256 != read_manifest(fasterrcnn_export).source.sha256  # the weights really changed
+    served(OfflineFasterRCNN, tmp_path / "saved", "frcnn-trained", artifact="detserve").predict([scenes[0].image])

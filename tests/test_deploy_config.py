@@ -1,0 +1,43 @@
+"""deploy.yaml and the KubeRay RayService are valid Serve configs that build detserve apps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.app import AppArgs, UserConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def configs():
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy.yaml").read_text()))
+    service = yaml.safe_load((ROOT / "serve" / "kuberay" / "rayservice-gpu.yaml").read_text())
+    kuberay = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    return deploy, kuberay
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_app_is_a_detserve_app_with_valid_args_and_batching(which):
+    config = configs()[which]
+    assert {a.name for a in config.applications} == {"yolo", "fasterrcnn"}
+    for app in config.applications:
+        assert app.import_path == "serve.app:build_app" and app.route_prefix == f"/{app.name}"
+        AppArgs(**app.args)  # extra="forbid": a typo in args fails here, not in a replica
+        [deployment] = app.deployments
+        user = UserConfig(**deployment.user_config)
+        # Ray caps a batch at max_ongoing_requests: it must leave room for a full batch.
+        assert deployment.max_ongoing_requests >= user.max_batch_size
+        assert deployment.max_queued_requests > 0
+        assert app.runtime_env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_laptop_config_binds_loopback_and_gpu_config_asks_for_gpus():
+    deploy, kuberay = configs()
+    assert deploy.http_options.host == "127.0.0.1"
+    for app in kuberay.applications:
+        assert app.deployments[0].ray_actor_options.num_gpus == 1
+        assert app.args["backend"] == "tensorrt"
