@@ -26,6 +26,11 @@ from detserve.sources import SourceError
 Family = Literal["yolo", "fasterrcnn"]
 
 
+#: Score threshold of the parity check: low enough that a trained model shows
+#: many boxes to compare, high enough to stay clear of the graph's own floor.
+PARITY_CONF = 0.25
+
+
 class ExportError(ValueError):
     """An export that cannot go ahead; the message says why and what to do."""
 
@@ -151,7 +156,7 @@ def _check_parity(req: ExportRequest, out: Path, manifest: Manifest) -> Manifest
     from export.parity import measure
     from export.reference import parity_images, source_reference
 
-    conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
+    conf = req.parity_conf if req.parity_conf is not None else PARITY_CONF
     images = req.parity_images if req.parity_images is not None else parity_images()
     with step("Loading the exported model and its source", req.quiet):
         artifact = Detector(out, manifest=manifest, engine=load_engine(out, backend="onnxruntime", device="cpu", manifest=manifest))

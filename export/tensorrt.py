@@ -339,10 +339,11 @@ def engine_parity(
     from detserve.detector import Detector
     from detserve.manifest import verify_artifact
     from export.parity import measure
+    from export.pipeline import PARITY_CONF
     from export.reference import source_reference
 
     out = Path(out)
-    conf = req.parity_conf if req.parity_conf is not None else (0.25 if manifest.family == "yolo" else 0.5)
+    conf = req.parity_conf if req.parity_conf is not None else PARITY_CONF
     if images is None:
         if req.parity_images is not None:
             images = req.parity_images

@@ -295,3 +295,38 @@ def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_c
         assert r.status_code == 200, r.text
     finally:
         serve.delete("fragile")
+
+
+def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(serve_cluster, fasterrcnn_export):
+    """Same-size images batch into one call of the one graph; every answer equals that image alone."""
+    from ray import serve
+
+    from adapters import adapter_for
+    from detserve.synthetic import make_scene
+    from serve.app import build_app
+
+    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
+               "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}  # fmt: skip
+    serve.run(build_app({"model": str(fasterrcnn_export)}, options), name="frcnn", route_prefix="/frcnn", blocking=False)
+    try:
+        rng = np.random.default_rng(11)
+        images = [make_scene(rng, 320, 240).image for _ in range(8)]  # one size: one padded shape
+        local = adapter_for(fasterrcnn_export)
+        want = [boxes_of(expected(local, im, conf=0.2)) for im in images]
+        assert sum(map(len, want)) > 0
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(
+                    client.post(f"{serve_cluster}/frcnn/predict?conf=0.2", content=encode(im), headers={"content-type": "image/png"})
+                    for im in images * 3
+                ))  # fmt: skip
+
+        responses = asyncio.run(main())
+        assert [r.status_code for r in responses] == [200] * 24
+        for i, r in enumerate(responses):
+            assert boxes_of(r.json()["results"][0]["annotations"]) == want[i % 8]
+        stats = httpx.get(f"{serve_cluster}/frcnn/stats").json()
+        assert max(int(k) for k in stats["batch_sizes"]) > 1, stats  # several images, one engine call
+    finally:
+        serve.delete("frcnn")
