@@ -95,6 +95,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
     def __init__(self, model_entity: dl.Model | None = None, configuration: dict | None = None):
         self.detector = None
         self.labels: dict[int, str] = {}
+        self.trained_weights: Path | None = None  # set by train()
         # Used when there is no model entity (Ray Serve, the CLI, tests).
         self.local_configuration = dict(configuration or {})
         # dtlpy warns about model_info names on every construction; not news to our users.
@@ -178,6 +179,17 @@ class DetectionAdapter(dl.BaseModelAdapter):
         if self._model_entity is not None:
             self._model_entity.configuration = {**self._plain_config(), "artifact": "detserve", "weights_filename": weights.name}
         return out
+
+    def save(self, local_path, **kwargs):
+        """Write the weights (trained, or the loaded ones) and a fresh, verified export: servable at once."""
+        import shutil
+
+        weights = self.trained_weights or (self.detector.folder / self.detector.manifest.source.file)
+        local_path = Path(local_path)
+        local_path.mkdir(parents=True, exist_ok=True)
+        target = local_path / f"weights{Path(weights).suffix}"
+        shutil.copyfile(weights, target)
+        self._save_export(local_path, target)
 
     def prepare_item_func(self, item: dl.Item):
         """The item as an RGB array with EXIF applied, or None (logged) when it cannot be read."""

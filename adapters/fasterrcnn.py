@@ -57,13 +57,3 @@ class FasterRCNNAdapter(DetectionAdapter):
         )  # fmt: skip
         self.trained_weights = out
         return out
-
-    def save(self, local_path, **kwargs):
-        """Write the weights and a fresh, verified export, so the model is servable at once."""
-        import shutil
-
-        weights = getattr(self, "trained_weights", None) or (self.detector.folder / self.detector.manifest.source.file)
-        local_path = Path(local_path)
-        local_path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, local_path / "weights.pth")
-        self._save_export(local_path, local_path / "weights.pth")

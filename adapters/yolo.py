@@ -70,11 +70,3 @@ class YoloAdapter(DetectionAdapter):
         )
         self.trained_weights = Path(model.trainer.best)
         return self.trained_weights
-
-    def save(self, local_path, **kwargs):
-        """Write the trained weights and a fresh, verified export, so the model is servable at once."""
-        weights = getattr(self, "trained_weights", None) or (self.detector.folder / self.detector.manifest.source.file)
-        local_path = Path(local_path)
-        local_path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, local_path / "weights.pt")
-        self._save_export(local_path, local_path / "weights.pt")

@@ -28,7 +28,7 @@ from detserve.pods import ExportPlan, Pod
 from detserve.progress import step
 from detserve.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
 
-from export.pipeline import ExportError, ExportRequest
+from export.pipeline import ExportError, ExportRequest, onnx_fields
 
 #: torchvision's box_score_thresh: boxes below it never leave the graph. A
 #: threshold of 0 makes ONNX NonMaxSuppression take seconds (90k candidates).
@@ -74,13 +74,7 @@ def export_fasterrcnn(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan)
         family="fasterrcnn",
         arch=ckpt.arch,
         labels={i + 1: str(name) for i, name in enumerate(labels)},  # 0 is background
-        format="onnx",
-        artifact=artifact.name,
-        artifact_sha256="",
-        precision=plan.precision,
-        opset=req.opset,
-        pod=pod.name,
-        gpu_arch=pod.sm,
+        **onnx_fields(req, pod, plan, artifact),
         input=InputSpec(
             resize="rcnn",
             min_size=min_size,

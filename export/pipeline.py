@@ -77,6 +77,14 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
+def onnx_fields(req: ExportRequest, pod, plan, artifact: Path) -> dict:
+    """The manifest fields every ONNX export fills the same way (sha256 and versions come last)."""
+    return dict(
+        format="onnx", artifact=artifact.name, artifact_sha256="", precision=plan.precision,
+        opset=req.opset, pod=pod.name, gpu_arch=pod.sm,
+    )  # fmt: skip
+
+
 def prepare_out_dir(out: Path, force: bool) -> None:
     if out.exists():
         if not force:

@@ -17,7 +17,7 @@ from detserve.pods import ExportPlan, Pod
 from detserve.progress import step
 from detserve.sources import load_yolo
 
-from export.pipeline import ExportError, ExportRequest
+from export.pipeline import ExportError, ExportRequest, onnx_fields
 
 
 def export_yolo(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Manifest:
@@ -59,13 +59,7 @@ def export_yolo(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Ma
         family="yolo",
         arch=str((model.model.yaml or {}).get("yaml_file", weights.name)),
         labels={int(k): str(v) for k, v in names.items()},
-        format="onnx",
-        artifact=artifact.name,
-        artifact_sha256="",
-        precision=plan.precision,
-        opset=req.opset,
-        pod=pod.name,
-        gpu_arch=pod.sm,
+        **onnx_fields(req, pod, plan, artifact),
         # rect: each image letterboxed to its own stride-multiple rectangle, as
         # YOLO.predict does, so boxes match Ultralytics exactly; the graph's
         # height and width are dynamic, and the runtime batches same-shape images.

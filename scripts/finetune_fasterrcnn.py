@@ -25,7 +25,7 @@ while True:
     if el > budget: break
     for g in opt.param_groups: g["lr"] = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * min(1.0, el / budget)))
     idx = rng.integers(0, len(scenes), 4)
-    ims, tg = zip(*[_frcnn_sample(scenes[i], rng) for i in idx])
+    ims, tg = zip(*[_frcnn_sample(scenes[i].image, scenes[i].boxes, scenes[i].classes + 1, rng) for i in idx])
     losses = model(list(ims), list(tg)); loss = sum(losses.values())
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 10.0); opt.step(); step += 1
     if step % 10 == 0:

@@ -230,7 +230,7 @@ class DetectionServer:
                 raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
-        body = self.encode(prepared, detections)
+        body = await loop.run_in_executor(self.decode_pool, self.encode, prepared, detections)  # off the event loop
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 

@@ -58,6 +58,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     serve.start(
         http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},
         proxy_location="HeadOnly",
+        logging_config=config.logging_config,
     )
     routes = []
     for app in config.applications:
@@ -68,7 +69,10 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
         options: dict[str, Any] = {}
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
-        serve.run(build_app(app.args, options), name=app.name, route_prefix=app.route_prefix, blocking=False)
+        serve.run(
+            build_app(app.args, options), name=app.name, route_prefix=app.route_prefix,
+            logging_config=config.logging_config, blocking=False,
+        )  # fmt: skip
         routes.append(app.route_prefix)
     return routes
 

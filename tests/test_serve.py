@@ -21,6 +21,9 @@ from tests.conftest import encode
 
 pytestmark = pytest.mark.serve
 
+#: Access logs off in tests: every request would print a line into the output.
+QUIET = {"enable_access_log": False, "log_level": "WARNING"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,9 +37,14 @@ def serve_cluster():
 
     from serve.run import shutdown, start_ray
 
-    start_ray(num_cpus=2)
+    # Logical CPUs are scheduling accounting only: this session runs several
+    # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
+    start_ray(num_cpus=8)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30},
+        logging_config=QUIET,
+    )
     yield f"http://127.0.0.1:{port}"
     shutdown()
 
@@ -48,7 +56,7 @@ def yolo_url(serve_cluster, yolo_export):
     from serve.app import build_app
 
     options = {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}
-    serve.run(build_app({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False)
+    serve.run(build_app({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
     yield f"{serve_cluster}/yolo"
     serve.delete("yolo")
 
@@ -213,7 +221,7 @@ def slow_url(serve_cluster, yolo_export):
         "num_replicas": 1,
         "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
     }
-    serve.run(build_app({"model": str(yolo_export)}, options), name="narrow", route_prefix="/narrow", blocking=False)
+    serve.run(build_app({"model": str(yolo_export)}, options), name="narrow", route_prefix="/narrow", blocking=False, logging_config=QUIET)
     yield f"{serve_cluster}/narrow"
     serve.delete("narrow")
 
@@ -268,7 +276,7 @@ def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_c
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}  # fmt: skip
-    serve.run(build_app({"model": str(yolo_export)}, options), name="fragile", route_prefix="/fragile", blocking=False)
+    serve.run(build_app({"model": str(yolo_export)}, options), name="fragile", route_prefix="/fragile", blocking=False, logging_config=QUIET)
     url = f"{serve_cluster}/fragile/predict"
     big = encode(np.asarray(Image.fromarray(scenes[0].image).resize((1200, 900))))
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "fragile" in a["name"] and "DetectionServer" in a["name"]]
@@ -307,7 +315,7 @@ def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(se
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}  # fmt: skip
-    serve.run(build_app({"model": str(fasterrcnn_export)}, options), name="frcnn", route_prefix="/frcnn", blocking=False)
+    serve.run(build_app({"model": str(fasterrcnn_export)}, options), name="frcnn", route_prefix="/frcnn", blocking=False, logging_config=QUIET)
     try:
         rng = np.random.default_rng(11)
         images = [make_scene(rng, 320, 240).image for _ in range(8)]  # one size: one padded shape
