@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,20 @@ class ImageError(ValueError):
 class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = 50 * 1024 * 1024
+
+
+def _pil_open(fp):
+    """PIL's own ``Image.open``, even after Ultralytics has patched it.
+
+    Ultralytics replaces ``Image.open`` with a wrapper that, on an unreadable
+    file, runs ``check_requirements("pi-heif")`` (a pip install when
+    auto-install is on) and then fails with ModuleNotFoundError; a bad upload
+    must get a clean "not an image" instead.
+    """
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        opener = getattr(sys.modules.get(opener.__module__), "_image_open", opener)
+    return opener(fp)
 
 
 def decode(data: ImageInput, limits: Limits = Limits()) -> np.ndarray:
@@ -71,7 +86,7 @@ def decode(data: ImageInput, limits: Limits = Limits()) -> np.ndarray:
             # PIL warns (and over 2x its limit raises) for huge images; we
             # check the size ourselves right after reading the header.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _pil_open(io.BytesIO(data))
             _check_pixels(image.width, image.height, limits)
             image.load()
     except ImageError:

@@ -113,3 +113,13 @@ def test_byte_limit():
     with pytest.raises(ImageError) as err:
         decode(encode(gradient(), "PNG"), Limits(max_bytes=100))
     assert err.value.code == "too_large"
+
+
+def test_bad_bytes_stay_a_clean_error_after_ultralytics_patches_pil():
+    import ultralytics.utils.patches  # noqa: F401  (replaces PIL.Image.open)
+
+    assert Image.open.__module__ != "PIL.Image"
+    with pytest.raises(ImageError) as err:
+        decode(b"definitely not an image")
+    assert err.value.code == "not_an_image"
+    np.testing.assert_array_equal(decode(encode(gradient())), gradient())
