@@ -99,6 +99,9 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
         ensure_default_models(defaults)
     with console.status("Starting Ray and Serve on 127.0.0.1..."):
         start_ray()
+        # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
+        # process started in the background by a shell inherits it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             routes = deploy(config_path, host, port, only)
