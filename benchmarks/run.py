@@ -32,6 +32,7 @@ offline.apply()
 
 from benchmarks import loadgen, peers, raw, report  # noqa: E402
 from benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
+from serve.app import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "bench"
@@ -41,8 +42,11 @@ APP = "bench"
 DETSERVE_OPTIONS: dict[str, Any] = {
     "num_replicas": 1,
     "autoscaling_config": None,
-    "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+    "user_config": {"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_S},
 }
+#: The peers' batch window: their documented dynamic-batching setting (LitServe
+#: batch_timeout, Triton max_queue_delay), the same for both.
+PEER_BATCH_WAIT_S = 0.005
 
 
 @dataclass
@@ -214,7 +218,8 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
         "args": {"model": str(folder), "threads": 1},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
-        "settings": "1 replica, 1 engine thread + 2 decode threads, @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005), "
+        "settings": f"1 replica, 1 engine thread + 2 decode threads, @serve.batch(max_batch_size={DEFAULT_MAX_BATCH_SIZE}, "
+        f"batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}) behind the engine-idle gate, "
         "max_ongoing_requests=32; raw image/jpeg body",
     }
     began = time.monotonic()
@@ -297,7 +302,7 @@ def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, r
 
     defaults = AppArgs()
     config = peers.PeerConfig(model=str(folder), threads=1, max_batch_size=DETSERVE_OPTIONS["user_config"]["max_batch_size"],
-                              batch_wait_s=DETSERVE_OPTIONS["user_config"]["batch_wait_timeout_s"], workers=peer_workers,
+                              batch_wait_s=PEER_BATCH_WAIT_S, workers=peer_workers,
                               max_pixels=defaults.max_pixels, max_body_bytes=defaults.max_body_bytes)  # fmt: skip
     info = results["peers"][name] = {"status": "starting", "config": config.describe(name)}
     try:
