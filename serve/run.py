@@ -27,8 +27,12 @@ def load_config(path: Path):
     return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """A private, loopback-only Ray for this process."""
+def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
+    """A private, loopback-only Ray for this process.
+
+    Ray's Prometheus endpoint (Serve's and detserve's metrics) listens on
+    ``http://127.0.0.1:<metrics_port>/metrics``: ``DETSERVE_METRICS_PORT``, 8080 by default.
+    """
     import ray
 
     env = offline.apply()
@@ -44,6 +48,7 @@ def start_ray(num_cpus: int | None = None) -> None:
         runtime_env={"env_vars": {**env, "DETSERVE_ROOT": str(ROOT)}},
         logging_level="WARNING",
         configure_logging=True,
+        _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
     )
 
 
@@ -115,6 +120,7 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
     console.print("Try:")
     for route in routes:
         console.print(f"  curl -s -X POST 'http://{host}:{port}{route}/predict?conf=0.25' -H 'Content-Type: image/jpeg' --data-binary @{sample}")
+    console.print(f"Prometheus metrics (detserve_*, ray_serve_*): http://127.0.0.1:{os.environ.get('DETSERVE_METRICS_PORT', '8080')}/metrics")
     console.print("Ctrl-C stops the server and Ray.")
     try:
         while True:

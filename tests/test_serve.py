@@ -32,14 +32,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_cluster():
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(metrics_port):
     from ray import serve
 
     from serve.run import shutdown, start_ray
 
     # Logical CPUs are scheduling accounting only: this session runs several
     # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
-    start_ray(num_cpus=8)
+    start_ray(num_cpus=8, metrics_port=metrics_port)
     port = free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30},
@@ -338,3 +343,24 @@ def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(se
         assert max(int(k) for k in stats["batch_sizes"]) > 1, stats  # several images, one engine call
     finally:
         serve.delete("frcnn")
+
+
+def test_metrics_reach_rays_prometheus_endpoint(yolo_url, metrics_port, scenes):
+    """detserve's own metrics (batch size, stage times, images, errors) are scraped with Serve's."""
+    for _ in range(3):
+        httpx.post(f"{yolo_url}/predict", content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=30)
+    httpx.post(f"{yolo_url}/predict", content=b"junk", headers={"content-type": "image/png"}, timeout=30)
+    wanted = ("detserve_images_total", "detserve_batch_size", "detserve_engine_seconds", "detserve_decode_seconds",
+              "detserve_errors_total", "ray_serve_num_http_requests")  # fmt: skip
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        try:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'kind="not_an_image"' in text
