@@ -843,3 +843,26 @@ def test_renamed_engine_for_another_gpu_is_refused(gpu_sm, tmp_path):
         TensorRTEngine(moved)
     with pytest.raises(GpuMismatch):
         build_engine(tmp_path / "conv.onnx", tmp_path, input_name="images", chw=(3, 32, 32), expected_sm=other)
+
+
+# -- onnxruntime's TensorRT execution provider (the settings; running it needs a GPU) ---------
+
+
+def test_onnxruntime_tensorrt_provider_settings_cover_rect_letterboxes(tmp_path):
+    from detserve.engines.onnx import providers_for, wants_tensorrt_ep
+
+    manifest = _onnx_manifest(input=InputSpec(resize="letterbox", imgsz=320, rect=True), precision="fp16", pod="gpu-t4")
+    trt, cuda, cpu = providers_for("cuda:0", manifest, tmp_path, trt=True)
+    assert trt[0] == "TensorrtExecutionProvider" and cuda[0] == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    options = trt[1]
+    assert options["trt_fp16_enable"] and options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+    # rect letterbox: one side imgsz, the other any stride multiple, so H and W range from the stride up.
+    assert options["trt_profile_min_shapes"] == "images:1x3x32x32"
+    assert options["trt_profile_opt_shapes"] == "images:8x3x320x320"
+    assert options["trt_profile_max_shapes"] == "images:16x3x320x320"
+    assert (tmp_path / "trt-cache").is_dir()
+    assert providers_for("cpu", manifest, tmp_path) == ["CPUExecutionProvider"]
+    # Never on CPU; on GPU only for pods TensorRT supports, and only when the provider is installed (it is not here).
+    assert not wants_tensorrt_ep(manifest, "cpu")
+    assert not wants_tensorrt_ep(manifest, "cuda:0")
+    assert not wants_tensorrt_ep(_onnx_manifest(pod="gpu-v100"), "cuda:0")

@@ -100,9 +100,10 @@ def load_engine(
     manifest = manifest or read_manifest(folder)
     backend, device, why = resolve(manifest, backend, device)
     if backend == "onnxruntime":
-        from detserve.engines.onnx import OnnxEngine
+        from detserve.engines.onnx import OnnxEngine, wants_tensorrt_ep
 
-        engine: Engine = OnnxEngine(folder, manifest, device=device, threads=threads)
+        trt = wants_tensorrt_ep(manifest, device)
+        engine: Engine = OnnxEngine(folder, manifest, device=device, threads=threads, trt=trt)
     elif backend == "torch":
         from detserve.engines.torch import TorchEngine
 

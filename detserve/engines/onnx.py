@@ -25,6 +25,18 @@ def session_options(threads: int):
     return options
 
 
+def wants_tensorrt_ep(manifest: Manifest, device: str) -> bool:
+    """Use onnxruntime's TensorRT provider on a GPU pod whose GPU TensorRT supports, when it is installed."""
+    if device == "cpu":
+        return False
+    import onnxruntime as ort
+
+    from detserve.pods import PODS
+
+    pod = PODS.get(manifest.pod)
+    return bool(pod and pod.tensorrt_supported) and "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
 def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = False) -> list:
     """The provider list for a device: CUDA with FP16-friendly settings, optionally TensorRT first."""
     if device == "cpu":
