@@ -210,7 +210,7 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import application
     from serve.run import shutdown, start_ray
 
     port = peers.free_port()
@@ -229,7 +229,7 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
         config["logging_config"] = logging_config
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly",
                     logging_config=logging_config)  # fmt: skip
-        serve.run(build_app(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
+        serve.run(application(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/{APP}/info", 120)
         config["start_s"] = round(time.monotonic() - began, 1)

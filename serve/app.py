@@ -297,12 +297,17 @@ class DetectionServer:
         return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}
 
 
-def build_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
-    """Application builder for deploy.yaml (``import_path: serve.app:build_app``).
-
-    ``options`` are deployment options (as in deploy.yaml's ``deployments:``),
-    for callers that build the application in code.
-    """
+def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+    """The detserve application, for code: ``args`` as in deploy.yaml, ``options`` as its ``deployments:`` entry."""
     AppArgs(**args)  # fail at deploy time, with the field name, not in the replica
     deployment = DetectionServer.options(**options) if options else DetectionServer
     return deployment.bind(args)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for deploy.yaml (``import_path: serve.app:build_app``).
+
+    Ray calls builders with exactly one argument, the application's ``args``;
+    per-deployment options come from the config file's ``deployments:``.
+    """
+    return application(args)

@@ -56,7 +56,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import application
 
     config = load_config(config_path)
     http = config.http_options
@@ -75,7 +75,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
         serve.run(
-            build_app(app.args, options), name=app.name, route_prefix=app.route_prefix,
+            application(app.args, options), name=app.name, route_prefix=app.route_prefix,
             logging_config=config.logging_config, blocking=False,
         )  # fmt: skip
         routes.append(app.route_prefix)

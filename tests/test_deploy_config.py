@@ -41,3 +41,14 @@ def test_laptop_config_binds_loopback_and_gpu_config_asks_for_gpus():
     for app in kuberay.applications:
         assert app.deployments[0].ray_actor_options.num_gpus == 1
         assert app.args["backend"] == "tensorrt"
+
+
+def test_build_app_has_the_signature_rays_config_loader_calls():
+    """`serve run deploy.yaml` calls the builder with exactly one argument (Ray refuses other signatures)."""
+    import inspect
+
+    from serve.app import build_app
+
+    assert len(inspect.signature(build_app).parameters) == 1
+    app = build_app({"model": "yolo"})
+    assert type(app).__name__ == "Application"

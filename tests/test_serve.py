@@ -58,10 +58,10 @@ def serve_cluster(metrics_port):
 def yolo_url(serve_cluster, yolo_export):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import application
 
     options = {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}
-    serve.run(build_app({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
+    serve.run(application({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
     yield f"{serve_cluster}/yolo"
     serve.delete("yolo")
 
@@ -217,7 +217,7 @@ def slow_url(serve_cluster, yolo_export):
     """A deliberately narrow deployment: one request at a time, one queued, long batch wait."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import application
 
     options = {
         "max_ongoing_requests": 1,
@@ -226,7 +226,7 @@ def slow_url(serve_cluster, yolo_export):
         "num_replicas": 1,
         "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
     }
-    serve.run(build_app({"model": str(yolo_export)}, options), name="narrow", route_prefix="/narrow", blocking=False, logging_config=QUIET)
+    serve.run(application({"model": str(yolo_export)}, options), name="narrow", route_prefix="/narrow", blocking=False, logging_config=QUIET)
     yield f"{serve_cluster}/narrow"
     serve.delete("narrow")
 
@@ -277,11 +277,11 @@ def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_c
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import application
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}  # fmt: skip
-    serve.run(build_app({"model": str(yolo_export)}, options), name="fragile", route_prefix="/fragile", blocking=False, logging_config=QUIET)
+    serve.run(application({"model": str(yolo_export)}, options), name="fragile", route_prefix="/fragile", blocking=False, logging_config=QUIET)
     url = f"{serve_cluster}/fragile/predict"
     big = encode(np.asarray(Image.fromarray(scenes[0].image).resize((1200, 900))))
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "fragile" in a["name"] and "DetectionServer" in a["name"]]
@@ -316,11 +316,11 @@ def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(se
 
     from adapters import adapter_for
     from detserve.synthetic import make_scene
-    from serve.app import build_app
+    from serve.app import application
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}  # fmt: skip
-    serve.run(build_app({"model": str(fasterrcnn_export)}, options), name="frcnn", route_prefix="/frcnn", blocking=False, logging_config=QUIET)
+    serve.run(application({"model": str(fasterrcnn_export)}, options), name="frcnn", route_prefix="/frcnn", blocking=False, logging_config=QUIET)
     try:
         rng = np.random.default_rng(11)
         images = [make_scene(rng, 320, 240).image for _ in range(8)]  # one size: one padded shape
