@@ -130,6 +130,8 @@ class _Metrics:
     name="DetectionServer",
     max_ongoing_requests=32,
     max_queued_requests=128,
+    # Beyond the queue: a fast 503 that tells the client when to retry.
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=10,

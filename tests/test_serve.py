@@ -244,6 +244,7 @@ def test_overload_gets_fast_503_not_an_unbounded_queue(slow_url, scenes):
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
     r = httpx.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200
 
