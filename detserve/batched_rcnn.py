@@ -60,11 +60,7 @@ detections sorted by score, descending.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -319,12 +319,10 @@ def save_fasterrcnn(model, path: Path, arch: str, min_size: int, max_size: int) 
 
 def load_fasterrcnn(path: Path):
     """A checkpoint written by :func:`save_fasterrcnn`, as an fp32 model in eval mode."""
-    import torch
+    from detserve.sources import build_fasterrcnn as build, read_fasterrcnn_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_fasterrcnn(checkpoint["arch"], min_size=checkpoint["min_size"], max_size=checkpoint["max_size"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
-    return model.eval()
+    ckpt = read_fasterrcnn_checkpoint(Path(path), None)  # weights_only; fp16 tensors back to fp32
+    return build(ckpt.arch, ckpt.num_classes, state_dict=ckpt.state_dict, min_size=ckpt.min_size, max_size=ckpt.max_size)
 
 
 def fasterrcnn_predict_fn(checkpoint: Path, *, threads: int = 2) -> PredictFn:

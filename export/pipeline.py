@@ -20,7 +20,7 @@ import numpy as np
 
 from detserve.manifest import MANIFEST_NAME, Manifest, sha256_file, write_manifest
 from detserve.pods import export_plan, get_pod
-from detserve.progress import step, track
+from detserve.progress import step
 from detserve.sources import SourceError
 
 Family = Literal["yolo", "fasterrcnn"]

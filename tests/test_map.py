@@ -8,7 +8,6 @@ artifact through detserve's runtime.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from detserve.detector import Detector

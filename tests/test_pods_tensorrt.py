@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +64,7 @@ def test_pod_table_has_the_dataloop_pods():
 
 
 def test_gpu_pods_architectures_and_backends():
-    t4, a100, v100 = PODS["gpu-t4"], PODS["gpu-a100"], PODS["gpu-v100"]
+    t4, a100 = PODS["gpu-t4"], PODS["gpu-a100"]
     assert (t4.gpu, t4.sm, t4.tensorrt_supported, t4.backend, t4.precision) == ("T4", "sm_75", True, "tensorrt", "fp16")
     assert (a100.gpu, a100.sm, a100.tensorrt_supported, a100.backend) == ("A100", "sm_80", True, "tensorrt")
     assert t4.dataloop_pod_type == "gpu-t4"

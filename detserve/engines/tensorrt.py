@@ -181,7 +181,8 @@ class TensorRTEngine:
         self._output_dtypes = {n: _torch_dtype(trt, torch, engine.get_tensor_dtype(n)) for n in self.output_names}
         low, opt, high = (tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(self.input_name, 0))
         self.profile = {"min": low, "opt": opt, "max": high}
-        # Faster R-CNN's graph takes one CHW image: no batch axis, one image per call.
+        # An engine built from a CHW ONNX input (no batch axis) takes one image per call;
+        # detserve's own exports (YOLO, batched Faster R-CNN) are NCHW.
         self._batched = len(high) == 4
         self.max_batch: int = high[0] if self._batched else 1
         self._buffers: dict = {}  # output name -> flat torch tensor, sized for the profile's max
