@@ -43,13 +43,13 @@ test-slow: setup
 
 # PyTriton's own venv for `make bench` (needs the registry once; without it the peer is reported unavailable).
 .cache/bench-pytriton/.installed: $(STAMP)
-	-$(PY) -m benchmarks --setup-peers
+	-$(PY) -m detserve.benchmarks --setup-peers
 	@test -x .cache/bench-pytriton/bin/python && touch $@ || true
 
 bench-setup: .cache/bench-pytriton/.installed
 
 bench: models bench-setup
-	scripts/offline-run $(PY) -m benchmarks --quick
+	scripts/offline-run $(PY) -m detserve.benchmarks --quick
 
 # Regenerate the lock from pyproject.toml's pins (needs the registry).
 lock:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 def adapter_for(folder: str | Path, **configuration):
     """The adapter for an export folder's model family, loaded."""
-    from detserve.manifest import read_manifest
+    from detserve.runtime.manifest import read_manifest
 
     family = read_manifest(folder).family
     if family == "yolo":
-        from adapters.yolo import YoloAdapter as cls
+        from detserve.adapters.yolo import YoloAdapter as cls
     else:
-        from adapters.fasterrcnn import FasterRCNNAdapter as cls
+        from detserve.adapters.fasterrcnn import FasterRCNNAdapter as cls
     return cls.from_export(folder, **configuration)

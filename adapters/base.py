@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from detserve import offline
+from detserve.runtime import offline
 
 offline.apply()
 
 import dtlpy as dl  # noqa: E402
 
-from detserve.images import ImageError, decode  # noqa: E402
-from detserve.manifest import MANIFEST_NAME, ManifestError  # noqa: E402
-from detserve.postprocess import Detections  # noqa: E402
+from detserve.runtime.images import ImageError, decode  # noqa: E402
+from detserve.runtime.manifest import MANIFEST_NAME, ManifestError  # noqa: E402
+from detserve.runtime.postprocess import Detections  # noqa: E402
 
 log = logging.getLogger("detserve.adapters")
 
@@ -130,7 +130,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
     # ---- dtlpy contract -------------------------------------------------
     def load(self, local_path, **kwargs):
         """Build the engine from the export folder in ``local_path`` (or export raw weights found there)."""
-        from detserve.detector import Detector
+        from detserve.runtime.detector import Detector
 
         local_path = Path(local_path)
         folder = find_export(local_path, self._plain_config())
@@ -160,7 +160,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
 
     def _save_export(self, local_path: Path, weights: Path) -> Path:
         """Export ``weights`` into ``local_path/detserve`` (verified) and point the configuration at it."""
-        from export.pipeline import ExportRequest, export_model
+        from detserve.export.pipeline import ExportRequest, export_model
 
         out = local_path / "detserve"
         export_model(

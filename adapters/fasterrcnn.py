@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.base import DetectionAdapter, log
-from adapters.dtlpy_data import read_subset
-from detserve.images import decode
+from detserve.adapters.base import DetectionAdapter, log
+from detserve.adapters.dtlpy_data import read_subset
+from detserve.runtime.images import decode
 
 
 class FasterRCNNAdapter(DetectionAdapter):
@@ -29,8 +29,8 @@ class FasterRCNNAdapter(DetectionAdapter):
 
     def train(self, data_path, output_path, **kwargs):
         """Fine-tune the loaded weights on the dtlpy download (train subset)."""
-        from detserve.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
-        from detserve.training import fit_fasterrcnn
+        from detserve.runtime.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
+        from detserve.training.recipes import fit_fasterrcnn
 
         manifest = self.detector.manifest
         ckpt = read_fasterrcnn_checkpoint(self.detector.folder / manifest.source.file, manifest.arch)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from adapters.base import DetectionAdapter, log
-from adapters.dtlpy_data import SUBSETS, read_subset
+from detserve.adapters.base import DetectionAdapter, log
+from detserve.adapters.dtlpy_data import SUBSETS, read_subset
 
 
 class YoloAdapter(DetectionAdapter):
@@ -47,7 +47,7 @@ class YoloAdapter(DetectionAdapter):
 
     def train(self, data_path, output_path, **kwargs):
         """Fine-tune the loaded model's source weights with Ultralytics on the converted data."""
-        from detserve.sources import load_yolo
+        from detserve.runtime.sources import load_yolo
 
         data_yaml = Path(data_path) / "yolo" / "data.yaml"
         if not data_yaml.is_file():

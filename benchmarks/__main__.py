@@ -1,7 +1,7 @@
-"""``python -m benchmarks [--quick | --full]`` (see benchmarks/README.md)."""
+"""``python -m detserve.benchmarks [--quick | --full]`` (see benchmarks/README.md)."""
 
 import sys
 
-from benchmarks.run import main
+from detserve.benchmarks.run import main
 
 sys.exit(main())

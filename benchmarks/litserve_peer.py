@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import litserve as ls
 
-from benchmarks.peers import PeerConfig, Pipeline
+from detserve.benchmarks.peers import PeerConfig, Pipeline
 
 
 class DetectAPI(ls.LitAPI):

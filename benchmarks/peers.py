@@ -23,7 +23,7 @@ stage) and writes it to a JSON file after every batch, so the load generator
 diffs peers exactly like detserve.
 
 Run as a module to start one peer in the foreground (the benchmark does this in
-a subprocess): ``python -m benchmarks.peers litserve --model DIR --port N --stats-file F``.
+a subprocess): ``python -m detserve.benchmarks.peers litserve --model DIR --port N --stats-file F``.
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ class Pipeline:
     """detserve's stages for one peer worker: prepare -> run_batch -> encode, with the same counters as the Serve replica."""
 
     def __init__(self, config: PeerConfig, stats_file: str | None):
-        from detserve import offline
+        from detserve.runtime import offline
 
         offline.apply()
-        from adapters import adapter_for
-        from detserve.images import Limits
+        from detserve.adapters import adapter_for
+        from detserve.runtime.images import Limits
 
         # Not serve.app.AppArgs: that imports Ray, whose protobuf gencode PyTriton's venv cannot load.
         # The benchmark fills max_pixels/max_body_bytes from AppArgs' defaults (run.peer_config).
@@ -148,7 +148,7 @@ class Pipeline:
         self.counters.flush()
 
     def prepare(self, data: bytes):
-        from serve.batching import prepare
+        from detserve.serve.batching import prepare
 
         job = prepare(self.detector, data, self.params, self.limits)
         self.counters.add("decode", job.decode_s)
@@ -157,7 +157,7 @@ class Pipeline:
 
     def run(self, jobs: list) -> list:
         """Detections (or an exception) per job, in order: one engine call for the whole batch."""
-        from serve.batching import BatchTimings, run_batch
+        from detserve.serve.batching import BatchTimings, run_batch
 
         timings = BatchTimings()
         results = run_batch(self.detector, jobs, timings)
@@ -169,7 +169,7 @@ class Pipeline:
 
     def encode(self, job, det) -> dict:
         """The body detserve answers with (``DetectionServer.encode`` for one image)."""
-        from adapters.base import to_collection
+        from detserve.adapters.base import to_collection
 
         start = time.perf_counter()
         body = {
@@ -461,7 +461,7 @@ def _version(dist: str, python: str | None = None) -> str:
 
 
 def _peer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    from detserve import offline
+    from detserve.runtime import offline
 
     env = dict(os.environ)
     env.update(offline.environment())
@@ -489,7 +489,7 @@ def pytriton_python() -> str | None:
 
 
 def setup_pytriton(venv: Path = PYTRITON_VENV) -> str:
-    """Create PyTriton's own venv (needs the package registry): ``python -m benchmarks --setup-peers``.
+    """Create PyTriton's own venv (needs the package registry): ``python -m detserve.benchmarks --setup-peers``.
 
     nvidia-pytriton 0.7.0 requires numpy<2 and the project runs numpy 2, so it
     cannot share ``.venv``. Its venv holds PyTriton (and pandas 2.3, which
@@ -508,7 +508,7 @@ def start_pytriton(config: PeerConfig, workdir: Path, timeout_s: float = 240.0) 
     python = pytriton_python()
     if python is None:
         raise PeerUnavailable(
-            "PyTriton's venv is missing: run `python -m benchmarks --setup-peers` once with the registry reachable "
+            "PyTriton's venv is missing: run `python -m detserve.benchmarks --setup-peers` once with the registry reachable "
             f"(it installs {' '.join(PYTRITON_PINS)} into {PYTRITON_VENV}; nvidia-pytriton pins numpy<2, so not into .venv), "
             "or point DETSERVE_PYTRITON_PYTHON at an interpreter that has it"
         )
@@ -566,7 +566,7 @@ def _start(
         old.unlink()
     log_file = workdir / f"{name}.log"
     cmd = [
-        *python, "-m", "benchmarks.peers", name,
+        *python, "-m", "detserve.benchmarks.peers", name,
         "--model", config.model, "--port", str(port), "--stats-file", str(stats_file),
         "--threads", str(config.threads), "--max-batch-size", str(config.max_batch_size),
         "--batch-wait-s", str(config.batch_wait_s), "--workers", str(config.workers),
@@ -590,7 +590,7 @@ def _start(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description="Start one peer server in the foreground.")
+    parser = argparse.ArgumentParser(prog="python -m detserve.benchmarks.peers", description="Start one peer server in the foreground.")
     parser.add_argument("peer", choices=("litserve", "pytriton"))
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(ROOT))
     config = PeerConfig(args.model, args.threads, args.max_batch_size, args.batch_wait_s, args.workers, args.max_pixels, args.max_body_bytes)
     if args.peer == "litserve":
-        from benchmarks.litserve_peer import serve
+        from detserve.benchmarks.litserve_peer import serve
 
         serve(config, args.port, args.stats_file)
     else:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from benchmarks.loadgen import percentile
+from detserve.benchmarks.loadgen import percentile
 
 
 def time_calls(fn: Callable[[], object], *, seconds: float, min_iters: int = 3, warmup: int = 1, max_iters: int = 10_000) -> list[float]:
@@ -73,7 +73,7 @@ def engine_rows(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """onnxruntime: ``infer`` on preprocessed batches, and ``detect`` from JPEG bytes, per batch size and thread count."""
-    from detserve.detector import Detector
+    from detserve.runtime.detector import Detector
 
     rows = []
     for t in threads:
@@ -98,10 +98,10 @@ def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3
     """Ultralytics ``YOLO(source.pt).predict``, one image per call, eager PyTorch with one thread."""
     import torch
 
-    from detserve.detector import Detector
-    from detserve.images import decode
-    from detserve.manifest import read_manifest, verify_artifact
-    from export.reference import yolo_predict
+    from detserve.runtime.detector import Detector
+    from detserve.runtime.images import decode
+    from detserve.runtime.manifest import read_manifest, verify_artifact
+    from detserve.export.reference import yolo_predict
 
     manifest = read_manifest(folder)
     if manifest.family != "yolo":
@@ -128,7 +128,7 @@ def torch_backend_rows(
     """detserve's PyTorch backend (one thread) through the same ``detect`` path as the onnxruntime rows."""
     import torch
 
-    from detserve.detector import Detector
+    from detserve.runtime.detector import Detector
 
     torch.set_num_threads(1)
     detector = Detector(folder, backend="torch", device="cpu", threads=1)
@@ -152,7 +152,7 @@ class LoadProbe:
     """
 
     def __init__(self, folder: Path, payload: bytes):
-        from detserve.detector import Detector
+        from detserve.runtime.detector import Detector
 
         self.detector = Detector(folder, backend="onnxruntime", device="cpu", threads=1)
         self.prepared = self.detector.preprocess([self.detector.decode(payload)])
@@ -182,7 +182,7 @@ def jpeg_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
 
     from PIL import Image
 
-    from detserve.synthetic import scenes
+    from detserve.training.synthetic import scenes
 
     out = []
     for scene in scenes(n, seed):

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from benchmarks.loadgen import STAGES
+from detserve.benchmarks.loadgen import STAGES
 
 #: Above this spread of the load probes (max/min - 1) the report warns that ratios are unreliable.
 CALIBRATION_SPREAD = 0.15

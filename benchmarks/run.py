@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --full]``: the whole side-by-side, one server at a time.
+"""``python -m detserve.benchmarks [--quick | --full]``: the whole side-by-side, one server at a time.
 
     raw engine + baseline (no server)
     -> detserve on an in-process Ray (start_ray(2), one replica): over HTTP, then through a handle
@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from detserve import offline
+from detserve.runtime import offline
 
 offline.apply()
 
-from benchmarks import loadgen, peers, raw, report  # noqa: E402
-from benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
-from serve.app import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE  # noqa: E402
+from detserve.benchmarks import loadgen, peers, raw, report  # noqa: E402
+from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
+from detserve.serve.app import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "bench"
@@ -150,14 +150,14 @@ def resolve_model(arg: str | None) -> Path:
     """``--model DIR``; else the default YOLO (``models/yolo-shapes.pt``, exported once); else a random-init yolov8n at 320 px."""
     if arg:
         return Path(arg).resolve()
-    from detserve.defaults import DEFAULT_MODELS
+    from detserve.runtime.defaults import DEFAULT_MODELS
 
     if DEFAULT_MODELS["yolo"].weights.is_file():
-        from export.defaults import ensure_default_models
+        from detserve.export.defaults import ensure_default_models
 
         return ensure_default_models(("yolo",), quiet=True)["yolo"]
     folder = ROOT / ".cache" / "bench-models" / "yolov8n-320-random"
-    from detserve.manifest import ManifestError, read_manifest
+    from detserve.runtime.manifest import ManifestError, read_manifest
 
     try:
         read_manifest(folder)
@@ -165,14 +165,14 @@ def resolve_model(arg: str | None) -> Path:
     except ManifestError:
         pass
     log(f"default weights {DEFAULT_MODELS['yolo'].weights} missing: exporting a random-init yolov8n (320 px) to {folder} (fine for timing)")
-    from export.pipeline import ExportRequest, export_model
+    from detserve.export.pipeline import ExportRequest, export_model
 
     export_model(ExportRequest(model="yolo", weights=Path("yolov8n.yaml"), out=folder, imgsz=320, force=True, quiet=True))
     return folder
 
 
 def model_info(folder: Path) -> dict:
-    from detserve.manifest import read_manifest
+    from detserve.runtime.manifest import read_manifest
 
     m = read_manifest(folder)
     return {"folder": str(folder), "name": m.name, "family": m.family, "imgsz": m.input.imgsz, "batch_max": m.batch.max,
@@ -210,8 +210,8 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown."""
     from ray import serve
 
-    from serve.app import application
-    from serve.run import shutdown, start_ray
+    from detserve.serve.app import application
+    from detserve.serve.run import shutdown, start_ray
 
     port = peers.free_port()
     config = {
@@ -298,7 +298,7 @@ def _wait_http(url: str, timeout_s: float) -> None:
 
 def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, results: dict, workdir: Path, peer_workers: int) -> None:
     """Start one peer, measure it like detserve, stop it (and check that nothing it started is left)."""
-    from serve.app import AppArgs
+    from detserve.serve.app import AppArgs
 
     defaults = AppArgs()
     config = peers.PeerConfig(model=str(folder), threads=1, max_batch_size=DETSERVE_OPTIONS["user_config"]["max_batch_size"],
@@ -373,7 +373,7 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     results["model"] = model_info(folder)
     payloads = raw.jpeg_payloads(profile.payloads)
     results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads),
-                                     "source": "detserve.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"}  # fmt: skip
+                                     "source": "detserve.training.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"}  # fmt: skip
 
     def do_raw() -> None:
         results["raw"] += raw.engine_rows(folder, payloads, batch_sizes=profile.raw_batch_sizes, threads=profile.raw_threads,
@@ -447,7 +447,7 @@ def _sigterm(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m detserve.benchmarks", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
     mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from detserve import offline
+from detserve.runtime import offline
 
 offline.apply()
 
@@ -40,7 +40,7 @@ def _root(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from detserve.progress import console
+    from detserve.runtime.progress import console
 
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -51,9 +51,9 @@ def user_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from detserve.images import ImageError
-        from detserve.manifest import ManifestError
-        from detserve.sources import SourceError
+        from detserve.runtime.images import ImageError
+        from detserve.runtime.manifest import ManifestError
+        from detserve.runtime.sources import SourceError
 
         known: tuple[type[Exception], ...] = (ImageError, ManifestError, SourceError, FileNotFoundError, ValueError)
         try:
@@ -88,7 +88,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export weights to ONNX / TensorRT, check parity with the source model, write manifest.json."""
-    from export.pipeline import ExportError, ExportRequest, export_model, read_labels
+    from detserve.export.pipeline import ExportError, ExportRequest, export_model, read_labels
 
     if model not in ("yolo", "fasterrcnn"):
         _fail(f"--model must be yolo or fasterrcnn, got {model!r}")
@@ -112,7 +112,7 @@ def export(
         )
     except ExportError as exc:
         _fail(str(exc))
-    from detserve.progress import console
+    from detserve.runtime.progress import console
 
     console.print(f"[green]exported[/] {manifest.name} -> {out / manifest.artifact} (manifest: {out / 'manifest.json'})")
 
@@ -123,8 +123,8 @@ def models(
     only: Optional[str] = typer.Option(None, "--only", help="yolo or fasterrcnn (default: both)."),
 ) -> None:
     """Export the default models (trained on generated shapes, shipped in models/) into artifacts/."""
-    from export.defaults import ensure_default_models
-    from detserve.progress import console
+    from detserve.export.defaults import ensure_default_models
+    from detserve.runtime.progress import console
 
     names = (only,) if only else ("yolo", "fasterrcnn")
     for name, folder in ensure_default_models(names).items():
@@ -146,12 +146,12 @@ def predict(
     """Detect objects in images; write Dataloop annotation JSON and a picture with the boxes drawn."""
     import json
 
-    from adapters import adapter_for
-    from adapters.base import to_collection
-    from export.defaults import ensure_default_models
-    from detserve.draw import draw_boxes
-    from detserve.images import ImageError, decode
-    from detserve.progress import console, track
+    from detserve.adapters import adapter_for
+    from detserve.adapters.base import to_collection
+    from detserve.export.defaults import ensure_default_models
+    from detserve.runtime.draw import draw_boxes
+    from detserve.runtime.images import ImageError, decode
+    from detserve.runtime.progress import console, track
 
     folder = model if model is not None else ensure_default_models(("yolo",))["yolo"]
     adapter = adapter_for(folder, device=device, backend=backend)
@@ -186,15 +186,21 @@ def serve(
     app_name: Optional[list[str]] = typer.Option(None, "--app", help="Serve only these applications (default: all)."),
 ) -> None:
     """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
-    from serve.run import main as run_server
+    from detserve.export.defaults import ensure_default_models
+    from detserve.runtime.defaults import DEFAULT_MODELS
+    from detserve.serve.run import load_config, main as run_server
 
+    names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
+    defaults = tuple(n for n in names if n in DEFAULT_MODELS)
+    if defaults:  # export once here, not in every replica
+        ensure_default_models(defaults)
     run_server(config, host, port, app_name)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Benchmarks: raw engine, baseline, detserve, peers, side by side (options: `detserve bench --help`)."""
-    from benchmarks.run import main as run_bench
+    from detserve.benchmarks.run import main as run_bench
 
     raise typer.Exit(run_bench(list(ctx.args)))
 

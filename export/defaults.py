@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detserve.defaults import DEFAULT_MODELS, is_current, sample_image
+from detserve.runtime.defaults import DEFAULT_MODELS, is_current, sample_path
 
 
 def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet: bool = False) -> dict[str, Path]:
     """Export the default models that are missing or stale; return {app: export folder}."""
-    from export.pipeline import ExportRequest, export_model
+    from detserve.export.pipeline import ExportRequest, export_model
 
     folders = {}
     for name in names:
@@ -32,5 +32,18 @@ def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet
                 )
             )
         folders[name] = model.folder
-    sample_image()  # a scene the default models detect, for curl examples
+    write_sample_image()
     return folders
+
+
+def write_sample_image() -> Path:
+    """A generated scene with shapes the default models detect, for curl examples and smoke tests."""
+    path = sample_path()
+    if not path.is_file():
+        from PIL import Image
+
+        from detserve.training.synthetic import scenes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scenes(1, seed=2024)[0].image).save(path, quality=95)
+    return path

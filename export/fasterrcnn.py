@@ -2,11 +2,11 @@
 
 torchvision's own export unrolls the batch at trace time (pytorch/vision#8937)
 and loops over images in Python. detserve exports
-:class:`detserve.batched_rcnn.BatchedFasterRCNN` instead: the same modules and
+:class:`detserve.runtime.batched_rcnn.BatchedFasterRCNN` instead: the same modules and
 weights, every per-image step re-expressed as batched tensor ops, so one graph
 takes ``[N, 3, H, W]`` (N, H, W dynamic) and returns padded per-image
 detections. The runtime does torchvision's normalise/resize/pad on the host
-(``detserve.preprocess.rcnn_resize``, the same torch ops in the same order), so
+(``detserve.runtime.preprocess.rcnn_resize``, the same torch ops in the same order), so
 the graph's input is bit-identical to ``GeneralizedRCNNTransform``'s.
 """
 
@@ -22,13 +22,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from detserve.batched_rcnn import OUTPUT_NAMES, INPUT_NAMES, BatchedFasterRCNN
-from detserve.manifest import BatchSpec, InputSpec, Manifest, OutputSpec, SourceSpec, sha256_file
-from detserve.pods import ExportPlan, Pod
-from detserve.progress import step
-from detserve.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
+from detserve.runtime.batched_rcnn import OUTPUT_NAMES, INPUT_NAMES, BatchedFasterRCNN
+from detserve.runtime.manifest import BatchSpec, InputSpec, Manifest, OutputSpec, SourceSpec, sha256_file
+from detserve.runtime.pods import ExportPlan, Pod
+from detserve.runtime.progress import step
+from detserve.runtime.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
 
-from export.pipeline import ExportError, ExportRequest, onnx_fields
+from detserve.export.pipeline import ExportError, ExportRequest, onnx_fields
 
 #: torchvision's box_score_thresh: boxes below it never leave the graph. A
 #: threshold of 0 makes ONNX NonMaxSuppression take seconds (90k candidates).

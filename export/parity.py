@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from detserve.manifest import Parity
-from detserve.postprocess import DetectParams, Detections
+from detserve.runtime.manifest import Parity
+from detserve.runtime.postprocess import DetectParams, Detections
 
 
 @dataclass
@@ -92,7 +92,7 @@ def measure(
     quiet: bool = False,
 ) -> Parity:
     """Run the artifact (``detect``) and the source (``reference``) on ``images``; the figures for the manifest."""
-    from detserve.progress import console, track
+    from detserve.runtime.progress import console, track
 
     sources, artifacts = [], []
     for image in track(images, f"Checking parity (source vs {what})", quiet=quiet):

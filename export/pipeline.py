@@ -18,10 +18,10 @@ from typing import Literal
 
 import numpy as np
 
-from detserve.manifest import MANIFEST_NAME, Manifest, sha256_file, write_manifest
-from detserve.pods import export_plan, get_pod
-from detserve.progress import step
-from detserve.sources import SourceError
+from detserve.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file, write_manifest
+from detserve.runtime.pods import export_plan, get_pod
+from detserve.runtime.progress import step
+from detserve.runtime.sources import SourceError
 
 Family = Literal["yolo", "fasterrcnn"]
 
@@ -116,7 +116,7 @@ def export_model(req: ExportRequest) -> Manifest:
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     if plan.reason and not req.quiet:
-        from detserve.progress import console
+        from detserve.runtime.progress import console
 
         console.print(f"[yellow]note:[/] {plan.reason}")
     if req.weights is not None and not Path(req.weights).exists() and Path(req.weights).suffix not in (".yaml", ".yml"):
@@ -129,9 +129,9 @@ def export_model(req: ExportRequest) -> Manifest:
     prepare_out_dir(out, req.force)
     try:
         if req.model == "yolo":
-            from export.yolo import export_yolo as family_export
+            from detserve.export.yolo import export_yolo as family_export
         elif req.model == "fasterrcnn":
-            from export.fasterrcnn import export_fasterrcnn as family_export
+            from detserve.export.fasterrcnn import export_fasterrcnn as family_export
         else:
             raise ExportError(f"unknown model family {req.model!r}; choose yolo or fasterrcnn")
         draft = family_export(req, out, pod, plan)
@@ -151,7 +151,7 @@ def export_model(req: ExportRequest) -> Manifest:
     write_manifest(out, manifest)
     manifest = _check_parity(req, out, manifest)
     if plan.format == "tensorrt":
-        from export.tensorrt import build_for_manifest
+        from detserve.export.tensorrt import build_for_manifest
 
         manifest = build_for_manifest(req, out, manifest, plan)
     return manifest
@@ -159,10 +159,10 @@ def export_model(req: ExportRequest) -> Manifest:
 
 def _check_parity(req: ExportRequest, out: Path, manifest: Manifest) -> Manifest:
     """Run source and artifact on the same images; record the figures; fail below threshold."""
-    from detserve.detector import Detector
-    from detserve.engines import load_engine
-    from export.parity import measure
-    from export.reference import parity_images, source_reference
+    from detserve.runtime.detector import Detector
+    from detserve.runtime.engines import load_engine
+    from detserve.export.parity import measure
+    from detserve.export.reference import parity_images, source_reference
 
     conf = req.parity_conf if req.parity_conf is not None else PARITY_CONF
     images = req.parity_images if req.parity_images is not None else parity_images()

@@ -2,7 +2,7 @@
 
 YOLO: Ultralytics' ``predict`` (its letterbox, its NMS). Faster R-CNN:
 torchvision's eval forward, one image at a time. Both return
-:class:`~detserve.postprocess.Detections` with the manifest's class ids.
+:class:`~detserve.runtime.postprocess.Detections` with the manifest's class ids.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from detserve.manifest import Manifest
+from detserve.runtime.manifest import Manifest
 
-from detserve.images import decode
-from detserve.postprocess import Detections
+from detserve.runtime.images import decode
+from detserve.runtime.postprocess import Detections
 
 
 def yolo_predict(model, images: list[np.ndarray], *, imgsz: int, conf: float, iou: float, max_det: int = 300) -> list[Detections]:
@@ -51,7 +51,7 @@ def photos() -> list[np.ndarray]:
 
 def parity_images(n_generated: int = 6, seed: int = 1234) -> list[np.ndarray]:
     """Photos plus generated scenes of varied sizes, for export-time parity checks."""
-    from detserve.synthetic import scenes
+    from detserve.training.synthetic import scenes
 
     return photos() + [s.image for s in scenes(n_generated, seed)]
 
@@ -59,11 +59,11 @@ def parity_images(n_generated: int = 6, seed: int = 1234) -> list[np.ndarray]:
 def source_reference(out: Path, manifest: Manifest, *, conf: float, iou: float) -> Callable[[np.ndarray], Detections]:
     """The source library's own inference on CPU for an export folder: image -> detections."""
     if manifest.family == "yolo":
-        from detserve.sources import load_yolo
+        from detserve.runtime.sources import load_yolo
 
         model = load_yolo(Path(out) / manifest.source.file)
         return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou)[0]
-    from detserve.engines.torch import TorchEngine
+    from detserve.runtime.engines.torch import TorchEngine
 
     model = TorchEngine(Path(out), manifest, device="cpu").model
     return lambda image: fasterrcnn_predict(model, [image], conf=conf)[0]

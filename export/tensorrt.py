@@ -8,11 +8,11 @@ parity-checked ONNX export into an engine, checks the engine's parity against
 the source model on the GPU (:func:`engine_parity`) and rewrites the manifest.
 
 The names, version checks, errors and machine lookups the runtime needs too
-live in :mod:`detserve.trt` (the runtime must never import ``export``); the
+live in :mod:`detserve.runtime.engines.tensorrt` (the runtime must never import ``export``); the
 pure ones are re-exported here. The machine lookups (``current_gpu_sm``,
 ``installed_tensorrt_version``, ``import_tensorrt``, ``gpu_name``,
 ``require_gpu``) are deliberately *not* re-exported: they are called through
-``detserve.trt`` at call time, so that is the one place to replace them.
+``detserve.runtime.engines.tensorrt`` at call time, so that is the one place to replace them.
 
 TensorRT is imported inside the functions that need it: the helpers here
 (shapes, names, version checks) are plain Python and run anywhere.
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from detserve import trt as trt_lookup
-from detserve.engines.tensorrt import EngineMismatch, TensorRTEngine
-from detserve.manifest import BatchSpec, Manifest, ManifestError, Parity, sha256_file, write_manifest
-from detserve.pods import TENSORRT_PIN, ExportPlan
-from detserve.progress import step
-from detserve.trt import (  # noqa: F401  (re-exported: `from export.tensorrt import engine_filename` keeps working)
+from detserve.runtime.engines import tensorrt as trt_lookup
+from detserve.runtime.engines.tensorrt import EngineMismatch, TensorRTEngine
+from detserve.runtime.manifest import BatchSpec, Manifest, ManifestError, Parity, sha256_file, write_manifest
+from detserve.runtime.pods import TENSORRT_PIN, ExportPlan
+from detserve.runtime.progress import step
+from detserve.runtime.engines.tensorrt import (  # noqa: F401  (re-exported: `from export.tensorrt import engine_filename` keeps working)
     INSTALL_HINT,
     PRECISIONS,
     EngineName,
@@ -51,9 +51,9 @@ from detserve.trt import (  # noqa: F401  (re-exported: `from export.tensorrt im
 )
 
 if TYPE_CHECKING:
-    from detserve.engines import Engine
-    from detserve.postprocess import Detections
-    from export.pipeline import ExportRequest
+    from detserve.runtime.engines import Engine
+    from detserve.runtime.postprocess import Detections
+    from detserve.export.pipeline import ExportRequest
 
 #: An axis is either fixed (640) or a (min, opt, max) range for a dynamic axis.
 Axis = int | tuple[int, int, int]
@@ -336,11 +336,11 @@ def engine_parity(
     Raises TensorRTUnavailable, EngineMismatch or ManifestError when the engine
     does not load.
     """
-    from detserve.detector import Detector
-    from detserve.manifest import verify_artifact
-    from export.parity import measure
-    from export.pipeline import PARITY_CONF
-    from export.reference import source_reference
+    from detserve.runtime.detector import Detector
+    from detserve.runtime.manifest import verify_artifact
+    from detserve.export.parity import measure
+    from detserve.export.pipeline import PARITY_CONF
+    from detserve.export.reference import source_reference
 
     out = Path(out)
     conf = req.parity_conf if req.parity_conf is not None else PARITY_CONF
@@ -348,7 +348,7 @@ def engine_parity(
         if req.parity_images is not None:
             images = req.parity_images
         else:
-            from export.reference import parity_images
+            from detserve.export.reference import parity_images
 
             images = parity_images()
     with step("Loading the TensorRT engine and its source", req.quiet):
@@ -375,7 +375,7 @@ def engine_parity(
 
 
 def _print_dim(message: str) -> None:
-    from detserve.progress import console
+    from detserve.runtime.progress import console
 
     console.print(f"  {message}", style="dim", markup=False, highlight=False)
 
@@ -395,8 +395,8 @@ def build_for_manifest(req: ExportRequest, out: Path, manifest: Manifest, plan: 
     which serves with onnxruntime. A failed parity check still writes the
     engine's manifest, with the figures, like the ONNX check does.
     """
-    from detserve.manifest import MANIFEST_NAME
-    from export.pipeline import ExportError  # here: export.pipeline imports this module lazily
+    from detserve.runtime.manifest import MANIFEST_NAME
+    from detserve.export.pipeline import ExportError  # here: export.pipeline imports this module lazily
 
     out = Path(out)
     kept = f"the ONNX export in {out} is complete and serves with onnxruntime"

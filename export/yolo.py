@@ -12,12 +12,12 @@ import io
 import shutil
 from pathlib import Path
 
-from detserve.manifest import BatchSpec, InputSpec, Manifest, OutputSpec, SourceSpec, sha256_file
-from detserve.pods import ExportPlan, Pod
-from detserve.progress import step
-from detserve.sources import load_yolo
+from detserve.runtime.manifest import BatchSpec, InputSpec, Manifest, OutputSpec, SourceSpec, sha256_file
+from detserve.runtime.pods import ExportPlan, Pod
+from detserve.runtime.progress import step
+from detserve.runtime.sources import load_yolo
 
-from export.pipeline import ExportError, ExportRequest, onnx_fields
+from detserve.export.pipeline import ExportError, ExportRequest, onnx_fields
 
 
 def export_yolo(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Manifest:

@@ -7,11 +7,11 @@ Random batches of 4 generated scenes (seed 7), AdamW with a cosine decay from
 machine). models/README.md lists the runs that made the shipped file.
 """
 import sys, time, math
-import detserve.offline; detserve.offline.apply()
+import detserve.runtime.offline; detserve.runtime.offline.apply()
 import numpy as np, torch
 from pathlib import Path
-from detserve import synthetic
-from detserve.training import load_fasterrcnn, save_fasterrcnn, _frcnn_sample
+from detserve.training import synthetic
+from detserve.training.recipes import load_fasterrcnn, save_fasterrcnn, _frcnn_sample
 torch.set_num_threads(1); torch.manual_seed(1)
 src, out, budget = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 ck = torch.load(src, weights_only=True, map_location="cpu")

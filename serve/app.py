@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from detserve import offline
+from detserve.runtime import offline
 
 offline.apply()
 
@@ -33,10 +33,10 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from ray import serve  # noqa: E402
 
-from detserve.images import ImageError, ImageInput, Limits  # noqa: E402
-from detserve.postprocess import DetectParams, Detections  # noqa: E402
-from serve.batching import BatchTimings, Job, prepare, run_batch  # noqa: E402
-from serve.http import ApiError, RequestLimits, error_response, image_error, read_images  # noqa: E402
+from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
+from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
+from detserve.serve.batching import BatchTimings, Job, prepare, run_batch  # noqa: E402
+from detserve.serve.http import ApiError, RequestLimits, error_response, image_error, read_images  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -76,7 +76,7 @@ class UserConfig(BaseModel):
 
 def resolve_model(model: str) -> Path:
     """A default model's name -> its export folder (``detserve models`` exports them); else a path."""
-    from detserve.defaults import DEFAULT_MODELS, default_folder
+    from detserve.runtime.defaults import DEFAULT_MODELS, default_folder
 
     if model in DEFAULT_MODELS:
         return default_folder(model)
@@ -148,7 +148,7 @@ class _Metrics:
 @serve.ingress(api)
 class DetectionServer:
     def __init__(self, args: dict[str, Any] | None = None):
-        from adapters import adapter_for
+        from detserve.adapters import adapter_for
 
         self.args = AppArgs(**(args or {}))
         folder = resolve_model(self.args.model)
@@ -244,7 +244,7 @@ class DetectionServer:
         return await self.batched(job)
 
     def encode(self, jobs: list[Job], detections: list[Detections]) -> dict:
-        from adapters.base import to_collection
+        from detserve.adapters.base import to_collection
 
         name = self.info["name"]
         return {
@@ -307,7 +307,7 @@ def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> 
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for deploy.yaml (``import_path: serve.app:build_app``).
+    """Application builder for deploy.yaml (``import_path: detserve.serve.app:build_app``).
 
     Ray calls builders with exactly one argument, the application's ``args``;
     per-deployment options come from the config file's ``deployments:``.

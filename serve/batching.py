@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from detserve.detector import Detector, Prepared
-from detserve.images import ImageInput, Limits
-from detserve.postprocess import DetectParams, Detections
+from detserve.runtime.detector import Detector, Prepared
+from detserve.runtime.images import ImageInput, Limits
+from detserve.runtime.postprocess import DetectParams, Detections
 
 
 @dataclass

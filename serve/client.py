@@ -1,6 +1,6 @@
 """A small HTTP client for detserve, for users outside Ray.
 
-    from serve.client import Client
+    from detserve.serve.client import Client
 
     with Client("http://127.0.0.1:8000", app="yolo") as client:
         result = client.predict("bus.jpg", conf=0.3)

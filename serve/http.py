@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from detserve.images import ImageError
+from detserve.runtime.images import ImageError
 
 #: ImageError codes -> HTTP status
 IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "unsupported_type": 415}

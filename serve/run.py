@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detserve import offline
+from detserve.runtime import offline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
     from ray import serve
 
-    from serve.app import application
+    from detserve.serve.app import application
 
     config = load_config(config_path)
     http = config.http_options
@@ -69,8 +69,8 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     for app in config.applications:
         if only and app.name not in only:
             continue
-        if app.import_path != "serve.app:build_app":
-            raise ValueError(f"application {app.name}: detserve serve runs serve.app:build_app apps; use `serve run` for {app.import_path}")
+        if app.import_path != "detserve.serve.app:build_app":
+            raise ValueError(f"application {app.name}: detserve serve runs detserve.serve.app:build_app apps; use `serve run` for {app.import_path}")
         options: dict[str, Any] = {}
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
@@ -93,15 +93,8 @@ def shutdown() -> None:
 
 
 def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
-    from detserve.defaults import DEFAULT_MODELS
-    from export.defaults import ensure_default_models
-    from detserve.progress import console
+    from detserve.runtime.progress import console
 
-    config = load_config(config_path)
-    names = [a.args.get("model") for a in config.applications if not only or a.name in only]
-    defaults = tuple(n for n in names if n in DEFAULT_MODELS)
-    if defaults:  # export once here, not in every replica
-        ensure_default_models(defaults)
     with console.status("Starting Ray and Serve on 127.0.0.1..."):
         start_ray()
         # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
@@ -113,9 +106,9 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
         except BaseException:
             shutdown()
             raise
-    from detserve.defaults import sample_image
+    from detserve.runtime.defaults import sample_path
 
-    sample = sample_image()
+    sample = sample_path()
     console.print(f"[green]detserve is serving[/] {', '.join(routes)} on http://{host}:{port}  (API docs: http://{host}:{port}{routes[0]}/docs)")
     console.print("Try:")
     for route in routes:

@@ -8,23 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import detserve.offline
+import detserve.runtime.offline
 
-detserve.offline.apply()
+detserve.runtime.offline.apply()
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
-    from export.reference import photos as _photos
+    from detserve.export.reference import photos as _photos
 
     return _photos()
 
 
 @pytest.fixture(scope="session")
 def scenes():
-    from detserve.synthetic import scenes as _scenes
+    from detserve.training.synthetic import scenes as _scenes
 
     return _scenes(8, seed=4321)
 
@@ -32,7 +32,7 @@ def scenes():
 @pytest.fixture(scope="session")
 def yolo_export(tmp_path_factory) -> Path:
     """The default YOLO weights exported once per session (ONNX, parity checked)."""
-    from export.pipeline import ExportRequest, export_model
+    from detserve.export.pipeline import ExportRequest, export_model
 
     out = tmp_path_factory.mktemp("exports") / "yolo"
     export_model(ExportRequest(model="yolo", weights=ROOT / "models" / "yolo-shapes.pt", out=out, quiet=True))
@@ -41,7 +41,7 @@ def yolo_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fasterrcnn_export(tmp_path_factory) -> Path:
-    from export.pipeline import ExportRequest, export_model
+    from detserve.export.pipeline import ExportRequest, export_model
 
     out = tmp_path_factory.mktemp("exports") / "fasterrcnn"
     export_model(

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from adapters.base import DetectionAdapter
-from adapters.fasterrcnn import FasterRCNNAdapter
-from adapters.yolo import YoloAdapter
-from detserve.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file
-from detserve.postprocess import Detections
-from detserve.synthetic import CLASSES
-from export.reference import fasterrcnn_predict, yolo_predict
+from detserve.adapters.base import DetectionAdapter
+from detserve.adapters.fasterrcnn import FasterRCNNAdapter
+from detserve.adapters.yolo import YoloAdapter
+from detserve.runtime.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file
+from detserve.runtime.postprocess import Detections
+from detserve.training.synthetic import CLASSES
+from detserve.export.reference import fasterrcnn_predict, yolo_predict
 from tests.conftest import ROOT, encode
 
 import dtlpy as dl  # noqa: E402  (after adapters.base, which applies the offline environment)
@@ -244,7 +244,7 @@ def image_files(tmp_path_factory, scenes) -> list[tuple[Path, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def yolo_source(yolo_export):
-    from detserve.sources import load_yolo
+    from detserve.runtime.sources import load_yolo
 
     return load_yolo(ROOT / "models" / "yolo-shapes.pt")
 
@@ -252,7 +252,7 @@ def yolo_source(yolo_export):
 @pytest.fixture(scope="module")
 def fasterrcnn_source(fasterrcnn_export):
     """torchvision's model built from the raw .pth (not from the export)."""
-    from detserve.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
+    from detserve.runtime.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
 
     m = read_manifest(fasterrcnn_export)
     ckpt = read_fasterrcnn_checkpoint(ROOT / "models" / "fasterrcnn-shapes.pth", None)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from benchmarks import loadgen, report
-from benchmarks.loadgen import ClosedLoop, OpenLoop, Window, WindowPlan, diff_stats, is_stable, percentile, require_loopback
+from detserve.benchmarks import loadgen, report
+from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, Window, WindowPlan, diff_stats, is_stable, percentile, require_loopback
 
 # --- a tiny local server ---------------------------------------------------------------
 
@@ -112,7 +112,8 @@ def test_windows_stop_when_stable_and_stats_are_diffed():
             await runner.cleanup()
 
     (point,) = asyncio.run(main())
-    assert point.stable and point.windows_measured == 3 and not point.capped
+    # Stable after the minimum of 3 windows on a quiet machine; a busy one may need one or two more.
+    assert point.stable and 3 <= point.windows_measured < 8 and not point.capped
     s = point.server_stats
     assert s is not None and s["images"] > 0 and set(s["batch_sizes"]) == {1}
     assert s["stage_ms_per_image"]["engine"] == pytest.approx(5.0, rel=1e-6)

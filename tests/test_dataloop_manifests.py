@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-import detserve.offline
+import detserve.runtime.offline
 
-detserve.offline.apply()
+detserve.runtime.offline.apply()
 
 import dtlpy as dl  # noqa: E402
 from dtlpy.ml.base_model_adapter import AdapterDefaults  # noqa: E402
 
-from adapters.base import CONFIG_KEYS, label_map  # noqa: E402
-from detserve.synthetic import CLASSES  # noqa: E402
+from detserve.adapters.base import CONFIG_KEYS, label_map  # noqa: E402
+from detserve.training.synthetic import CLASSES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "adapters" / "apps"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import AppArgs, UserConfig
+from detserve.serve.app import AppArgs, UserConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def test_every_app_is_a_detserve_app_with_valid_args_and_batching(which):
     config = configs()[which]
     assert {a.name for a in config.applications} == {"yolo", "fasterrcnn"}
     for app in config.applications:
-        assert app.import_path == "serve.app:build_app" and app.route_prefix == f"/{app.name}"
+        assert app.import_path == "detserve.serve.app:build_app" and app.route_prefix == f"/{app.name}"
         AppArgs(**app.args)  # extra="forbid": a typo in args fails here, not in a replica
         [deployment] = app.deployments
         user = UserConfig(**deployment.user_config)
@@ -47,7 +47,7 @@ def test_build_app_has_the_signature_rays_config_loader_calls():
     """`serve run deploy.yaml` calls the builder with exactly one argument (Ray refuses other signatures)."""
     import inspect
 
-    from serve.app import build_app
+    from detserve.serve.app import build_app
 
     assert len(inspect.signature(build_app).parameters) == 1
     app = build_app({"model": "yolo"})

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from detserve.detector import Detector
-from detserve.manifest import ManifestError, read_manifest, sha256_file
+from detserve.runtime.detector import Detector
+from detserve.runtime.manifest import ManifestError, read_manifest, sha256_file
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -81,8 +81,8 @@ def test_random_init_yolo11_config_exports(tmp_path):
 
 
 def test_parity_below_threshold_fails_with_a_clear_message(tmp_path, monkeypatch):
-    from export import parity
-    from export.pipeline import ExportError, ExportRequest, export_model
+    from detserve.export import parity
+    from detserve.export.pipeline import ExportError, ExportRequest, export_model
 
     def nothing_matches(sources, artifacts, iou=0.99):
         result = parity.ParityResult(images=len(sources), source_boxes=10, matched=5)

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-import detserve.offline
+import detserve.runtime.offline
 
-detserve.offline.apply()
+detserve.runtime.offline.apply()
 
-from detserve.postprocess import Detections  # noqa: E402
-from detserve.batched_rcnn import INPUT_NAMES, OUTPUT_NAMES, BatchedFasterRCNN, resize_and_batch  # noqa: E402
-from export.fasterrcnn import export_batched  # noqa: E402
-from export.parity import ParityResult, compare  # noqa: E402
+from detserve.runtime.postprocess import Detections  # noqa: E402
+from detserve.runtime.batched_rcnn import INPUT_NAMES, OUTPUT_NAMES, BatchedFasterRCNN, resize_and_batch  # noqa: E402
+from detserve.export.fasterrcnn import export_batched  # noqa: E402
+from detserve.export.parity import ParityResult, compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "models" / "fasterrcnn-shapes.pth"
@@ -91,7 +91,7 @@ def _assert_parity(p: ParityResult, what: str) -> None:
 def trained():
     if not WEIGHTS.is_file():
         pytest.skip(f"{WEIGHTS} is not there yet (made by the training step)")
-    from detserve.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
+    from detserve.runtime.sources import build_fasterrcnn, read_fasterrcnn_checkpoint
 
     ckpt = read_fasterrcnn_checkpoint(WEIGHTS, None)
     return build_fasterrcnn(ckpt.arch, ckpt.num_classes, state_dict=ckpt.state_dict, min_size=ckpt.min_size, max_size=ckpt.max_size)
@@ -119,7 +119,7 @@ def session(onnx_path):
 @pytest.fixture(scope="module")
 def mixed_images() -> list[np.ndarray]:
     """Generated scenes of random sizes (each side 200-480 px)."""
-    from detserve.synthetic import scenes
+    from detserve.training.synthetic import scenes
 
     return [s.image for s in scenes(8, seed=4321)]
 
@@ -127,7 +127,7 @@ def mixed_images() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def same_ratio_images() -> list[np.ndarray]:
     """Scenes of one aspect ratio (3:4) and different original sizes: one padded size, alone or batched."""
-    from detserve.synthetic import make_scene
+    from detserve.training.synthetic import make_scene
 
     sizes = [(240, 320), (300, 400), (360, 480), (270, 360), (330, 440), (240, 320), (300, 400), (360, 480)]
     return [make_scene(np.random.default_rng([77, i]), width=w, height=h).image for i, (h, w) in enumerate(sizes)]
@@ -263,7 +263,7 @@ def test_resnet50_fpn_exports_and_matches(arch, tmp_path):
     """ResNet-50 FPN archs (5 FPN levels, multi-level RoIAlign; v2: conv box head) at a small size."""
     import onnxruntime as ort
 
-    from detserve.sources import build_fasterrcnn
+    from detserve.runtime.sources import build_fasterrcnn
 
     torch.manual_seed(0)
     model = _lively_random_init(build_fasterrcnn(arch, 5, min_size=200, max_size=300))
@@ -285,7 +285,7 @@ def test_mobilenet_large_fpn_exports_and_matches(tmp_path):
     """fasterrcnn_mobilenet_v3_large_fpn (random init) at N = 1 and 3."""
     import onnxruntime as ort
 
-    from detserve.sources import build_fasterrcnn
+    from detserve.runtime.sources import build_fasterrcnn
 
     torch.manual_seed(0)
     model = _lively_random_init(build_fasterrcnn("fasterrcnn_mobilenet_v3_large_fpn", 3, min_size=256, max_size=320))

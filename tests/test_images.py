@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detserve.images import ImageError, Limits, decode
+from detserve.runtime.images import ImageError, Limits, decode
 from tests.conftest import encode
 
 

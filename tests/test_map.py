@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from detserve.detector import Detector
-from detserve.synthetic import scenes as make_scenes
-from detserve.training import EVAL_SEED, evaluate_map
-from export.reference import source_reference
+from detserve.runtime.detector import Detector
+from detserve.training.synthetic import scenes as make_scenes
+from detserve.training.recipes import EVAL_SEED, evaluate_map
+from detserve.export.reference import source_reference
 
 HELD_OUT = 40  # a slice of the held-out set models/README.md reports on (seed EVAL_SEED)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import detserve.trt as trt_lookup
-import export.tensorrt as trt_export
-from detserve.engines.tensorrt import EngineMismatch, TensorRTEngine, check_compatible
-from detserve.manifest import (
+import detserve.runtime.engines.tensorrt as trt_lookup
+import detserve.export.tensorrt as trt_export
+from detserve.runtime.engines.tensorrt import EngineMismatch, TensorRTEngine, check_compatible
+from detserve.runtime.manifest import (
     BatchSpec,
     InputSpec,
     Manifest,
@@ -29,8 +29,8 @@ from detserve.manifest import (
     sha256_file,
     write_manifest,
 )
-from detserve.pods import PODS, TENSORRT_PIN, export_plan, get_pod, sm_from_capability
-from detserve.trt import (
+from detserve.runtime.pods import PODS, TENSORRT_PIN, export_plan, get_pod, sm_from_capability
+from detserve.runtime.engines.tensorrt import (
     GpuMismatch,
     TensorRTUnavailable,
     engine_filename,
@@ -39,8 +39,8 @@ from detserve.trt import (
     trt_major_minor,
     trt_version_matches,
 )
-from export.pipeline import ExportError, ExportRequest
-from export.tensorrt import (
+from detserve.export.pipeline import ExportError, ExportRequest
+from detserve.export.tensorrt import (
     FASTERRCNN_MIN_SIDE,
     BuiltEngine,
     build_engine,
@@ -331,7 +331,7 @@ def t4_engine(tmp_path: Path) -> Path:
 
 
 def _machine(monkeypatch, sm: str | None, trt: str | None) -> None:
-    # One place for the builder and the engine alike: both look these up through detserve.trt.
+    # One place for the builder and the engine alike: both look these up through detserve.runtime.engines.tensorrt.
     monkeypatch.setattr(trt_lookup, "current_gpu_sm", lambda device=0: sm)
     monkeypatch.setattr(trt_lookup, "installed_tensorrt_version", lambda: trt)
     monkeypatch.setattr(trt_lookup, "gpu_name", lambda device=0: "NVIDIA A100-SXM4-40GB")
@@ -377,7 +377,7 @@ def test_engine_without_name_or_expectations_is_refused(monkeypatch, tmp_path):
 
 
 def test_engine_accepts_empty_expectations_and_uses_the_name(monkeypatch, t4_engine):
-    # detserve.engines.load_engine passes "" when the manifest has no gpu_arch.
+    # detserve.runtime.engines.load_engine passes "" when the manifest has no gpu_arch.
     _machine(monkeypatch, "sm_75", "10.14.1.48")
     assert check_compatible(t4_engine, "", "") == ("sm_75", "10.14.1.48")
 
@@ -398,7 +398,7 @@ def test_engine_missing_file(tmp_path):
 
 def test_modules_import_without_tensorrt_or_cuda():
     code = (
-        "import sys, detserve.pods, detserve.trt, export.tensorrt, detserve.engines.tensorrt; "
+        "import sys, detserve.runtime.pods, detserve.runtime.engines.tensorrt, detserve.export.tensorrt; "
         "assert 'tensorrt' not in sys.modules, 'tensorrt imported'; "
         "torch = sys.modules.get('torch'); "
         "assert torch is None or not torch.cuda.is_initialized(), 'CUDA initialised'"
@@ -408,31 +408,7 @@ def test_modules_import_without_tensorrt_or_cuda():
     assert result.returncode == 0, result.stderr
 
 
-# -- the runtime never imports the export stage ----------------------------------
-
-
-def test_runtime_modules_do_not_import_export():
-    # Static: no import of `export` anywhere in the runtime's TensorRT code, lazy ones included.
-    files = [ROOT / "detserve" / "trt.py", *sorted((ROOT / "detserve" / "engines").glob("*.py"))]
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            assert not any(n == "export" or n.startswith("export.") for n in names), f"{path.name} imports {names}"
-
-
-def test_importing_detserve_loads_no_export_module():
-    code = (
-        "import importlib, pkgutil, sys, detserve, detserve.engines; "
-        "mods = [m.name for m in pkgutil.walk_packages(detserve.__path__, 'detserve.') if m.name != 'detserve.__main__']; "
-        "[importlib.import_module(m) for m in mods]; "
-        "bad = sorted(m for m in sys.modules if m == 'export' or m.startswith('export.')); "
-        "assert 'detserve.trt' in sys.modules and not bad, bad"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+# (the runtime never importing the export stage: tests/test_layers.py)
 
 
 def test_export_reexports_the_pure_helpers_only():
@@ -574,7 +550,7 @@ def test_build_for_manifest_fp32_and_a_smaller_max_batch(monkeypatch, onnx_out):
 
 
 def test_fasterrcnn_profile_fits_its_graph_and_the_parity_images():
-    from detserve.batched_rcnn import resize_and_batch
+    from detserve.runtime.batched_rcnn import resize_and_batch
 
     manifest = _onnx_manifest("fasterrcnn")
     chw, batch = manifest_profile(manifest, export_plan("gpu-t4", "tensorrt", None))
@@ -673,8 +649,8 @@ def yolo_tensorrt_export(tmp_path_factory) -> tuple[Path, Manifest, dict]:
     that engine_parity loads is onnxruntime on the ONNX export: everything but
     TensorRT itself (manifest, Detector, reference, parity) runs for real.
     """
-    from detserve.engines.onnx import OnnxEngine
-    from export.pipeline import export_model
+    from detserve.runtime.engines.onnx import OnnxEngine
+    from detserve.export.pipeline import export_model
 
     # Ultralytics' dynamic export: batch, height and width all dynamic.
     seen: dict = {"builder": _FakeBuilder((-1, 3, -1, -1)), "engines": []}
@@ -848,7 +824,7 @@ def test_renamed_engine_for_another_gpu_is_refused(gpu_sm, tmp_path):
 
 
 def test_onnxruntime_tensorrt_provider_settings_cover_rect_letterboxes(tmp_path):
-    from detserve.engines.onnx import providers_for, wants_tensorrt_ep
+    from detserve.runtime.engines.onnx import providers_for, wants_tensorrt_ep
 
     manifest = _onnx_manifest(input=InputSpec(resize="letterbox", imgsz=320, rect=True), precision="fp16", pod="gpu-t4")
     trt, cuda, cpu = providers_for("cuda:0", manifest, tmp_path, trt=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from detserve.postprocess import DetectParams, Detections, filter_detections, unletterbox, yolo_nms
-from detserve.preprocess import letterbox, pack
+from detserve.runtime.postprocess import DetectParams, Detections, filter_detections, unletterbox, yolo_nms
+from detserve.runtime.preprocess import letterbox, pack
 
 
 @pytest.mark.parametrize("shape", [(480, 640), (640, 480), (1080, 810), (37, 500), (500, 37), (320, 320), (100, 50)])

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detserve.detector import Detector
-from detserve.images import decode
-from export.reference import fasterrcnn_predict, yolo_predict
+from detserve.runtime.detector import Detector
+from detserve.runtime.images import decode
+from detserve.export.reference import fasterrcnn_predict, yolo_predict
 
 
 def assert_same(ours, ref, px=0.5, score=1e-3):
@@ -51,7 +51,7 @@ def variants(scenes, photos):
 
 @pytest.fixture(scope="module")
 def yolo_reference(yolo_export):
-    from detserve.sources import load_yolo
+    from detserve.runtime.sources import load_yolo
 
     return load_yolo(yolo_export / "source.pt")
 

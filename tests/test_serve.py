@@ -40,7 +40,7 @@ def metrics_port() -> int:
 def serve_cluster(metrics_port):
     from ray import serve
 
-    from serve.run import shutdown, start_ray
+    from detserve.serve.run import shutdown, start_ray
 
     # Logical CPUs are scheduling accounting only: this session runs several
     # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
@@ -58,7 +58,7 @@ def serve_cluster(metrics_port):
 def yolo_url(serve_cluster, yolo_export):
     from ray import serve
 
-    from serve.app import application
+    from detserve.serve.app import application
 
     options = {"max_ongoing_requests": 32, "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}
     serve.run(application({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
@@ -68,13 +68,13 @@ def yolo_url(serve_cluster, yolo_export):
 
 @pytest.fixture(scope="module")
 def adapter(yolo_export):
-    from adapters import adapter_for
+    from detserve.adapters import adapter_for
 
     return adapter_for(yolo_export)
 
 
 def expected(adapter, image: np.ndarray, **params) -> list[dict]:
-    from adapters.base import to_collection
+    from detserve.adapters.base import to_collection
 
     [det] = adapter.detector.detect([image], adapter.detector.params(**params))
     return to_collection(det, adapter.labels, adapter.detector.manifest.name, None).to_json()["annotations"]
@@ -217,7 +217,7 @@ def slow_url(serve_cluster, yolo_export):
     """A deliberately narrow deployment: one request at a time, one queued, long batch wait."""
     from ray import serve
 
-    from serve.app import application
+    from detserve.serve.app import application
 
     options = {
         "max_ongoing_requests": 1,
@@ -259,7 +259,7 @@ def test_request_timeout_gives_408(slow_url, scenes):
 
 
 def test_python_http_client(yolo_url, adapter, scenes):
-    from serve.client import Client, DetserveError
+    from detserve.serve.client import Client, DetserveError
 
     base, app = yolo_url.rsplit("/", 1)
     with Client(base, app=app) as client:
@@ -278,7 +278,7 @@ def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_c
     import ray
     from ray import serve
 
-    from serve.app import application
+    from detserve.serve.app import application
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}  # fmt: skip
@@ -315,9 +315,9 @@ def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(se
     """Same-size images batch into one call of the one graph; every answer equals that image alone."""
     from ray import serve
 
-    from adapters import adapter_for
-    from detserve.synthetic import make_scene
-    from serve.app import application
+    from detserve.adapters import adapter_for
+    from detserve.training.synthetic import make_scene
+    from detserve.serve.app import application
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}}  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detserve.manifest import Manifest, verify_artifact
+from detserve.runtime.manifest import Manifest, verify_artifact
 
 
 def session_options(threads: int):
@@ -31,7 +31,7 @@ def wants_tensorrt_ep(manifest: Manifest, device: str) -> bool:
         return False
     import onnxruntime as ort
 
-    from detserve.pods import PODS
+    from detserve.runtime.pods import PODS
 
     pod = PODS.get(manifest.pod)
     return bool(pod and pod.tensorrt_supported) and "TensorrtExecutionProvider" in ort.get_available_providers()

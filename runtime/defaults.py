@@ -1,7 +1,7 @@
 """The default models: weights the project trains itself on generated shapes (``models/``).
 
 They make ``make serve``, ``detserve predict`` and the tests work offline with
-real detections. ``export.defaults.ensure_default_models`` exports them into
+real detections. ``detserve.export.defaults.ensure_default_models`` exports them into
 ``artifacts/`` once (verified like any export); this module only knows where
 they are.
 """
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from detserve.manifest import ManifestError, read_manifest, sha256_file
+from detserve.runtime.manifest import ManifestError, read_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -62,14 +62,6 @@ def default_folder(name: str) -> Path:
     return model.folder
 
 
-def sample_image() -> Path:
-    """A generated scene with shapes the default models detect (for curl examples and smoke tests)."""
-    path = artifacts_dir() / "sample.jpg"
-    if not path.is_file():
-        from PIL import Image
-
-        from detserve.synthetic import scenes
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scenes(1, seed=2024)[0].image).save(path, quality=95)
-    return path
+def sample_path() -> Path:
+    """Where ``detserve models`` writes a scene the default models detect (curl examples, smoke tests)."""
+    return artifacts_dir() / "sample.jpg"

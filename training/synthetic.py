@@ -143,7 +143,7 @@ def coco_ground_truth(scenes: list[Scene]) -> dict:
             )
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     return {
-        "info": {"description": "detserve.synthetic scenes"},
+        "info": {"description": "detserve.training.synthetic scenes"},
         "licenses": [],
         "images": images,
         "annotations": annotations,

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from detserve import images as imagelib
-from detserve.engines import Engine, load_engine
-from detserve.manifest import Manifest, read_manifest
-from detserve.postprocess import DetectParams, Detections, clip, filter_detections, unletterbox, yolo_nms
-from detserve.preprocess import Geometry, prepare
+from detserve.runtime import images as imagelib
+from detserve.runtime.engines import Engine, load_engine
+from detserve.runtime.manifest import Manifest, read_manifest
+from detserve.runtime.postprocess import DetectParams, Detections, clip, filter_detections, unletterbox, yolo_nms
+from detserve.runtime.preprocess import Geometry, prepare
 
 
 @dataclass

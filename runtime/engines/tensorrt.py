@@ -1,30 +1,190 @@
-"""TensorRT engine: a serialized engine run with one execution context.
+"""TensorRT: everything the runtime and the export stage share, and the engine itself.
+
+Who owns what:
+
+- this module (runtime): the engine-file naming scheme (GPU architecture and
+  TensorRT version are in the name), version comparison, the lookups of what
+  this machine has (installed TensorRT, the GPU's sm), the errors, and
+  :class:`TensorRTEngine`, which loads and runs a serialized engine;
+- ``detserve.export.tensorrt`` (export): building engines from ONNX and
+  checking their parity. It imports this module; this module never imports it.
 
 Device memory is torch CUDA tensors and the work goes on a ``torch.cuda.Stream``
-(no pycuda). TensorRT and CUDA are only touched when an engine is created, so
-this module imports on machines without either.
+(no pycuda). TensorRT and CUDA are only touched inside the lookup functions
+and when an engine is created, so this module imports on machines without
+either. The lookups are module-level functions, called through the module at
+call time, so a test replaces them in one place
+(``monkeypatch.setattr(tensorrt_module, "current_gpu_sm", ...)``) for the
+builder and the engine alike.
 
 An engine only loads on the GPU architecture and TensorRT version it was built
 with. Deserializing a mismatched engine fails with an opaque log line or, worse,
 crashes, so the constructor compares both first and refuses with the fix.
-
-The names, version checks and machine lookups come from :mod:`detserve.trt`
-(shared with the export stage's builder), looked up through that module at call
-time so that tests replace them in one place.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from detserve import trt as trt_lookup
-from detserve.pods import TENSORRT_PIN, pods_for_sm
-from detserve.trt import TensorRTUnavailable, parse_engine_filename, trt_major_minor, trt_version_matches
+from detserve.runtime.pods import TENSORRT_PIN, pods_for_sm, sm_from_capability
 
 __all__ = ["EngineMismatch", "TensorRTEngine", "TensorRTUnavailable"]
+
+PRECISIONS = ("fp32", "fp16")
+
+#: What to run to get TensorRT; quoted by every "TensorRT is not installed" message.
+INSTALL_HINT = (
+    f"Install it with `pip install 'detserve[gpu]'` (pins {TENSORRT_PIN}) on a machine that reaches "
+    "NVIDIA's package index (pypi.nvidia.com): the registry's tensorrt packages only download the real "
+    "wheels from there."
+)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT, or a CUDA GPU for it, is not there; the message says what to do."""
+
+
+class TensorRTBuildError(RuntimeError):
+    """The ONNX model did not parse or the builder failed."""
+
+
+class GpuMismatch(TensorRTBuildError):
+    """This GPU is not the architecture the engine is meant for."""
+
+
+@dataclass(frozen=True)
+class EngineName:
+    stem: str
+    sm: str
+    trt: str  # "10.14": engines do not move across TensorRT versions
+    precision: str
+
+
+# -- names and versions (pure) -----------------------------------------------
+
+
+def trt_major_minor(version: str) -> str:
+    """``"10.14.1.48.post1"`` -> ``"10.14"``."""
+    match = re.match(r"^(\d+)\.(\d+)", version.strip())
+    if not match:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return f"{match[1]}.{match[2]}"
+
+
+def _numeric_parts(version: str) -> list[str]:
+    match = re.match(r"^\d+(?:\.\d+)*", version.strip())
+    if not match:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return match[0].split(".")
+
+
+def trt_version_matches(built: str, installed: str) -> bool:
+    """Compare as many numeric parts as ``built`` names: "10.14" (the file name) or "10.14.1.48"."""
+    want = _numeric_parts(built)[:4]
+    return _numeric_parts(installed)[: len(want)] == want
+
+
+def _check_sm(sm: str) -> None:
+    if not re.fullmatch(r"sm_\d{2,3}", sm):
+        raise ValueError(f"not a GPU architecture: {sm!r} (expected e.g. 'sm_75')")
+
+
+def engine_filename(stem: str, sm: str, trt_version: str, precision: str) -> str:
+    """``model.sm_75.trt10.14.fp16.engine``: everything the engine is tied to, in its name."""
+    _check_sm(sm)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not stem or "/" in stem:
+        raise ValueError(f"bad engine stem {stem!r}")
+    return f"{stem}.{sm}.trt{trt_major_minor(trt_version)}.{precision}.engine"
+
+
+_ENGINE_NAME = re.compile(r"^(?P<stem>.+)\.(?P<sm>sm_\d{2,3})\.trt(?P<trt>\d+\.\d+)\.(?P<precision>fp32|fp16)\.engine$")
+
+
+def parse_engine_filename(name: str | Path) -> EngineName:
+    match = _ENGINE_NAME.match(Path(name).name)
+    if not match:
+        raise ValueError(
+            f"{Path(name).name!r} is not a detserve engine name "
+            "(<stem>.<sm_XX>.trt<major.minor>.<fp32|fp16>.engine, e.g. yolo11n.sm_75.trt10.14.fp16.engine)"
+        )
+    return EngineName(**match.groupdict())
+
+
+def timing_cache_filename(sm: str, trt_version: str) -> str:
+    """Timing caches, like engines, hold per-GPU, per-version measurements."""
+    _check_sm(sm)
+    return f"timing.{sm}.trt{trt_major_minor(trt_version)}.cache"
+
+
+# -- environment lookups (module-level so tests can replace them) ------------
+
+
+def installed_tensorrt_version() -> str | None:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None
+    return str(trt.__version__)
+
+
+def current_gpu_sm(device: int = 0) -> str | None:
+    """The sm of CUDA device ``device``, or None without a usable CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or device >= torch.cuda.device_count():
+        return None
+    return sm_from_capability(torch.cuda.get_device_capability(device))
+
+
+def gpu_name(device: int = 0) -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    except Exception:  # only used in messages
+        return "this GPU"
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailable(
+            f"TensorRT is not installed ({exc}). {INSTALL_HINT} Meanwhile the "
+            "exported ONNX model serves with onnxruntime (`--format onnx`, backend onnxruntime)."
+        ) from None
+    return trt
+
+
+def require_gpu(expected_sm: str | None, device: int = 0) -> str:
+    """The sm of the GPU that will build; refuses when it is not the target pod's."""
+    sm = current_gpu_sm(device)
+    if sm is None:
+        raise TensorRTUnavailable(
+            "building a TensorRT engine needs a CUDA GPU, and none is visible "
+            "(torch.cuda.is_available() is False). Build inside the target GPU pod, "
+            "or export --format onnx here."
+        )
+    if expected_sm and sm != expected_sm:
+        pods = pods_for_sm(expected_sm)
+        where = f"inside the {' or '.join(pods)} pod" if pods else "there"
+        raise GpuMismatch(
+            f"this machine's GPU ({gpu_name(device)}) is {sm}, but the engine is for {expected_sm}"
+            f"{' (' + ', '.join(pods) + ')' if pods else ''}: an engine built here would not load there. "
+            f"Build on a {expected_sm} GPU: run the export {where}, or on a machine with the same GPU type."
+        )
+    return sm
+
+# -- the engine ---------------------------------------------------------------
 
 
 class EngineMismatch(ValueError):
@@ -56,14 +216,14 @@ def _built_for(path: Path, expected_sm: str | None, expected_trt: str | None) ->
 def check_compatible(path: Path, expected_sm: str | None, expected_trt: str | None, device: int = 0) -> tuple[str, str]:
     """Refuse an engine this machine cannot load; returns (sm, installed TensorRT version)."""
     built_sm, built_trt = _built_for(path, expected_sm, expected_trt)
-    installed = trt_lookup.installed_tensorrt_version()
+    installed = installed_tensorrt_version()
     if installed is None:
         raise TensorRTUnavailable(
             f"{path.name} is a TensorRT engine, and TensorRT is not installed. Install {TENSORRT_PIN} "
             "(`pip install 'detserve[gpu]'`, from a machine that reaches NVIDIA's package index), "
             "or serve the ONNX export with onnxruntime."
         )
-    sm = trt_lookup.current_gpu_sm(device)
+    sm = current_gpu_sm(device)
     if sm is None:
         raise TensorRTUnavailable(f"{path.name} is a TensorRT engine and needs a CUDA GPU; none is visible")
     if sm != built_sm:
@@ -75,7 +235,7 @@ def check_compatible(path: Path, expected_sm: str | None, expected_trt: str | No
             else "`detserve export --format tensorrt` run on this GPU type"
         )
         raise EngineMismatch(
-            f"{path.name} was built for {built_sm} ({built_pods}), but this GPU ({trt_lookup.gpu_name(device)}) is {sm}: "
+            f"{path.name} was built for {built_sm} ({built_pods}), but this GPU ({gpu_name(device)}) is {sm}: "
             f"TensorRT engines only load on the GPU architecture they were built on. Build one for this GPU "
             f"({how}), or serve the ONNX export with onnxruntime."
         )

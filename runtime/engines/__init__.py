@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from detserve.manifest import Manifest, ManifestError, read_manifest
+from detserve.runtime.manifest import Manifest, ManifestError, read_manifest
 
 log = logging.getLogger("detserve")
 
@@ -100,17 +100,17 @@ def load_engine(
     manifest = manifest or read_manifest(folder)
     backend, device, why = resolve(manifest, backend, device)
     if backend == "onnxruntime":
-        from detserve.engines.onnx import OnnxEngine, wants_tensorrt_ep
+        from detserve.runtime.engines.onnx import OnnxEngine, wants_tensorrt_ep
 
         trt = wants_tensorrt_ep(manifest, device)
         engine: Engine = OnnxEngine(folder, manifest, device=device, threads=threads, trt=trt)
     elif backend == "torch":
-        from detserve.engines.torch import TorchEngine
+        from detserve.runtime.engines.torch import TorchEngine
 
         engine = TorchEngine(folder, manifest, device=device, threads=threads)
     else:
-        from detserve.engines.tensorrt import TensorRTEngine
-        from detserve.manifest import verify_artifact
+        from detserve.runtime.engines.tensorrt import TensorRTEngine
+        from detserve.runtime.manifest import verify_artifact
 
         path = verify_artifact(folder, manifest)
         engine = TensorRTEngine(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from detserve.manifest import InputSpec
+from detserve.runtime.manifest import InputSpec
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def prepare(image: np.ndarray, spec: InputSpec) -> tuple[tuple[np.ndarray, ...],
         boxed, geometry = letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride)
         return (pack([boxed], spec.scale, dtype),), geometry
     # rcnn: torchvision's transform; the graph scales boxes back to the original itself.
-    from detserve.batched_rcnn import resize_and_batch
+    from detserve.runtime.batched_rcnn import resize_and_batch
 
     assert spec.min_size and spec.max_size and spec.mean and spec.std
     inputs = resize_and_batch([image], spec.min_size, spec.max_size, spec.stride, image_mean=spec.mean, image_std=spec.std)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detserve.manifest import Manifest, verify_artifact
-from detserve.sources import build_fasterrcnn, load_yolo, read_fasterrcnn_checkpoint
+from detserve.runtime.manifest import Manifest, verify_artifact
+from detserve.runtime.sources import build_fasterrcnn, load_yolo, read_fasterrcnn_checkpoint
 
 
 class TorchEngine:
@@ -28,7 +28,7 @@ class TorchEngine:
         if manifest.family == "yolo":
             self.model = load_yolo(path).model.fuse().float().eval().to(device)
         else:
-            from detserve.batched_rcnn import BatchedFasterRCNN
+            from detserve.runtime.batched_rcnn import BatchedFasterRCNN
 
             ckpt = read_fasterrcnn_checkpoint(path, manifest.arch)
             # torchvision's own model: the reference (``.model``) ...

@@ -4,7 +4,7 @@
     python -m detserve.training fasterrcnn --out models/fasterrcnn-shapes.pth
     python -m detserve.training evaluate models/yolo-shapes.pt
 
-Both recipes train from scratch on ``detserve.synthetic`` scenes, offline, on
+Both recipes train from scratch on ``detserve.training.synthetic`` scenes, offline, on
 CPU; the defaults reproduce the files in ``models/`` (see models/README.md).
 This module depends on no other detserve module except ``offline`` and
 ``synthetic``, so it can check any engine: ``evaluate_map`` takes a plain
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from detserve import offline, synthetic
-from detserve.synthetic import CLASSES, Scene
+from detserve.runtime import offline
+from detserve.training import synthetic
+from detserve.training.synthetic import CLASSES, Scene
 
 #: ``predict_fn(list of HxWx3 uint8 RGB arrays) -> [(boxes xyxy (N,4), scores (N,), class index (N,)), ...]``
 PredictFn = Callable[[list[np.ndarray]], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
@@ -147,7 +148,7 @@ def yolo_predict_fn(weights: Path, *, imgsz: int = 320, conf: float = 0.001, thr
 
 def build_fasterrcnn(arch: str, *, min_size: int, max_size: int, **kwargs):
     """An untrained torchvision detector with background + CLASSES outputs."""
-    from detserve.sources import build_fasterrcnn as build
+    from detserve.runtime.sources import build_fasterrcnn as build
 
     return build(arch, len(CLASSES) + 1, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -319,7 +320,7 @@ def save_fasterrcnn(model, path: Path, arch: str, min_size: int, max_size: int) 
 
 def load_fasterrcnn(path: Path):
     """A checkpoint written by :func:`save_fasterrcnn`, as an fp32 model in eval mode."""
-    from detserve.sources import build_fasterrcnn as build, read_fasterrcnn_checkpoint
+    from detserve.runtime.sources import build_fasterrcnn as build, read_fasterrcnn_checkpoint
 
     ckpt = read_fasterrcnn_checkpoint(Path(path), None)  # weights_only; fp16 tensors back to fp32
     return build(ckpt.arch, ckpt.num_classes, state_dict=ckpt.state_dict, min_size=ckpt.min_size, max_size=ckpt.max_size)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torchvision
 
-from detserve.preprocess import Geometry
+from detserve.runtime.preprocess import Geometry
 
 MAX_WH = 7680  # Ultralytics' per-class offset; any box is smaller than this
 MAX_NMS = 30000  # candidates per image kept for NMS, as Ultralytics

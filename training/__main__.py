@@ -1,0 +1,3 @@
+from detserve.training.recipes import _cli
+
+_cli()
