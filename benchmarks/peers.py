@@ -150,17 +150,17 @@ class Pipeline:
     def prepare(self, data: bytes):
         from detserve.serve.batching import prepare
 
-        job = prepare(self.detector, data, self.params, self.limits)
-        self.counters.add("decode", job.decode_s)
-        job.enqueued_at = time.perf_counter()
-        return job
+        item = prepare(self.detector, data, self.limits)
+        self.counters.add("decode", item.decode_s)
+        item.queued_at = time.perf_counter()
+        return item
 
     def run(self, jobs: list) -> list:
         """Detections (or an exception) per job, in order: one engine call for the whole batch."""
         from detserve.serve.batching import BatchTimings, run_batch
 
         timings = BatchTimings()
-        results = run_batch(self.detector, jobs, timings)
+        results = run_batch(self.detector, jobs, [self.params] * len(jobs), timings)
         self.counters.batch(timings.size)
         self.counters.add("engine", timings.engine_s)
         self.counters.add("postprocess", timings.postprocess_s)

@@ -74,6 +74,7 @@ def engine_rows(
 ) -> list[dict]:
     """onnxruntime: ``infer`` on preprocessed batches, and ``detect`` from JPEG bytes, per batch size and thread count."""
     from detserve.runtime.detector import Detector
+    from detserve.runtime.preprocess import pack_inputs
 
     rows = []
     for t in threads:
@@ -84,8 +85,8 @@ def engine_rows(
         for b in batch_sizes:
             batch_images = [images[i % len(images)] for i in range(b)]
             batch_bytes = [payloads[i % len(payloads)] for i in range(b)]
-            prepared = detector.preprocess(batch_images)
-            r = _measured("infer", detector.engine.name, t, b, lambda: detector.infer(prepared), seconds)
+            inputs = pack_inputs([detector.prepare(im) for im in batch_images], detector.manifest.input)
+            r = _measured("infer", detector.engine.name, t, b, lambda: detector.engine.run(*inputs), seconds)
             rows.append(r)
             log(f"  raw infer  threads={t} batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
             r = _measured("detect", detector.engine.name, t, b, lambda: detector.detect(batch_bytes, params), seconds)
@@ -153,13 +154,15 @@ class LoadProbe:
 
     def __init__(self, folder: Path, payload: bytes):
         from detserve.runtime.detector import Detector
+        from detserve.runtime.preprocess import pack_inputs
 
         self.detector = Detector(folder, backend="onnxruntime", device="cpu", threads=1)
-        self.prepared = self.detector.preprocess([self.detector.decode(payload)])
-        self.detector.infer(self.prepared)
+        prepared = [self.detector.prepare(self.detector.decode(payload))]
+        self.inputs = pack_inputs(prepared, self.detector.manifest.input)
+        self.detector.engine.run(*self.inputs)
 
     def ms_per_image(self, seconds: float = 1.0) -> float:
-        times = time_calls(lambda: self.detector.infer(self.prepared), seconds=seconds, min_iters=5, warmup=1)
+        times = time_calls(lambda: self.detector.engine.run(*self.inputs), seconds=seconds, min_iters=5, warmup=1)
         return round(1000 * percentile(times, 50), 2)
 
 

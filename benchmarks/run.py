@@ -218,9 +218,8 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
         "args": {"model": str(folder), "threads": 1},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
-        "settings": f"1 replica, 1 engine thread + 2 decode threads, @serve.batch(max_batch_size={DEFAULT_MAX_BATCH_SIZE}, "
-        f"batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}) behind the engine-idle gate, "
-        "max_ongoing_requests=32; raw image/jpeg body",
+        "settings": f"1 replica, 1 engine lane + 2 decode threads, the scheduler's measured batch policy (cap "
+        f"{DEFAULT_MAX_BATCH_SIZE}, batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}), admission by deadline; raw image/jpeg body",
     }
     began = time.monotonic()
     start_ray(2)

@@ -67,16 +67,43 @@ def pack(images: list[np.ndarray], scale: float, dtype: np.dtype = np.float32) -
     return out
 
 
-def prepare(image: np.ndarray, spec: InputSpec) -> tuple[tuple[np.ndarray, ...], Geometry]:
-    """One image's engine inputs, as a batch of one (the first is the image tensor), and its geometry."""
-    dtype = np.float16 if spec.dtype == "float16" else np.float32
+@dataclass
+class PreparedImage:
+    """One image ready to be packed into a batch: everything per-image is done, nothing batch-wide yet.
+
+    ``pixels`` is the letterboxed HxWx3 uint8 image (YOLO: 1 byte a value, so a
+    queue of them stays small; the float conversion happens in ``pack``) or the
+    normalised, resized, stride-padded ``1x3xHxW`` float tensor (Faster R-CNN);
+    ``extra`` the further graph inputs of a batch of one (Faster R-CNN's resized
+    and original sizes). Images with the same ``key`` can share an engine call.
+    """
+
+    pixels: np.ndarray
+    geometry: Geometry
+    extra: tuple[np.ndarray, ...] = ()
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return self.pixels.shape
+
+
+def prepare(image: np.ndarray, spec: InputSpec) -> PreparedImage:
+    """Resize one decoded RGB image per the input contract, alone (never against its batch neighbours)."""
     if spec.resize == "letterbox":
         assert spec.imgsz is not None
         boxed, geometry = letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride)
-        return (pack([boxed], spec.scale, dtype),), geometry
+        return PreparedImage(boxed, geometry)
     # rcnn: torchvision's transform; the graph scales boxes back to the original itself.
     from detserve.runtime.batched_rcnn import resize_and_batch
 
     assert spec.min_size and spec.max_size and spec.mean and spec.std
-    inputs = resize_and_batch([image], spec.min_size, spec.max_size, spec.stride, image_mean=spec.mean, image_std=spec.std)
-    return inputs, Geometry(image.shape[0], image.shape[1])
+    batch, sizes, originals = resize_and_batch([image], spec.min_size, spec.max_size, spec.stride, image_mean=spec.mean, image_std=spec.std)
+    return PreparedImage(batch, Geometry(image.shape[0], image.shape[1]), (sizes, originals))
+
+
+def pack_inputs(images: list[PreparedImage], spec: InputSpec) -> tuple[np.ndarray, ...]:
+    """The engine inputs for same-key images: the one place a batch is packed."""
+    if spec.resize == "letterbox":
+        dtype = np.float16 if spec.dtype == "float16" else np.float32
+        return (pack([p.pixels for p in images], spec.scale, dtype),)
+    return tuple(np.concatenate(parts) for parts in zip(*((p.pixels, *p.extra) for p in images)))

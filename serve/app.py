@@ -18,11 +18,12 @@ for a CPU pod and are overridden per application there.
 import asyncio
 import collections
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from detserve.runtime import offline
 
@@ -35,17 +36,15 @@ from ray import serve  # noqa: E402
 
 from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
 from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
-from detserve.serve.batching import BatchTimings, Job, prepare, run_batch  # noqa: E402
+from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
+from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header  # noqa: E402
 from detserve.serve.http import ApiError, RequestLimits, error_response, image_error, read_images  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
-# CPU pod defaults, chosen from measurement (README, "Tuned defaults"): on CPU
-# a bigger batch does not lower the cost per image, so batches stay small; no
-# batch wait, because the engine-idle gate already gathers what arrives while
-# a batch runs (a 5 ms wait cost 12 % of throughput at concurrency 1 and
-# formed no bigger batches); max_ongoing_requests must be >= max_batch_size
-# or Ray silently caps every batch at it.
+# The batch size is a cap: the replica measures the engine's cost per image at
+# each size up to it (warm-up, then every batch) and runs the cheapest
+# (serve/scheduler.py). No batch wait on CPU: lanes take whatever is ready.
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_S = 0.0
 
@@ -58,8 +57,11 @@ class AppArgs(BaseModel):
     model: str = Field("yolo", description="export folder, or the name of a default model (yolo, fasterrcnn)")
     backend: str = "auto"
     device: str = "auto"
-    threads: int = Field(1, ge=1, description="engine intra-op threads per replica")
-    decode_threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1, description="intra-op threads per engine call")
+    lanes: int | None = Field(None, ge=1, description="engine calls at once; default: the CPUs Ray gives the replica (at least 1)")
+    decode_threads: int | None = Field(None, ge=1, description="decode/prepare threads; default: lanes + 1")
+    request_timeout_s: float = Field(30.0, gt=0, description="the deadline of a request without its own; keep it at http_options.request_timeout_s")
+    max_queued_images: int = Field(1024, ge=1, description="admitted images not yet answered, per replica (memory bound)")
     max_body_bytes: int = 50 * 1024 * 1024
     max_images: int = 64
     max_pixels: int = 40_000_000
@@ -70,8 +72,38 @@ class UserConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, description="a cap: the measured cost curve picks the size")
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0)
+    batch_policy: Literal["measured", "fixed"] = Field(
+        "measured", description="measured: the cheapest size per image up to the cap; fixed: always aim for max_batch_size"
+    )
+
+
+#: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
+DEADLINE_HEADER = "x-request-timeout-seconds"
+#: The replica answers this much before the proxy's own timeout would fire.
+PROXY_MARGIN_S = 0.5
+
+
+def replica_cpus() -> int:
+    """The CPUs Ray gives this replica (``ray_actor_options.num_cpus``), at least 1."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # outside a Ray worker
+        cpus = 1.0
+    return max(1, int(cpus))
+
+
+def header_timeout(request: Request) -> float | None:
+    """The client's deadline from the ``x-request-timeout-seconds`` header, if it gave a usable one."""
+    value = request.headers.get(DEADLINE_HEADER)
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and math.isfinite(seconds) else None
 
 
 def resolve_model(model: str) -> Path:
@@ -128,21 +160,22 @@ class _Metrics:
 
 @serve.deployment(
     name="DetectionServer",
-    max_ongoing_requests=32,
-    max_queued_requests=128,
-    # Beyond the queue: a fast 503 that tells the client when to retry.
+    # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
+    # Ray's own queue in front of it only ever sees overflow beyond this.
+    max_ongoing_requests=512,
+    max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     health_check_period_s=10,
     health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=10,
+    graceful_shutdown_timeout_s=30,
     ray_actor_options={"num_cpus": 1},
     autoscaling_config={
         "min_replicas": 1,
         "initial_replicas": 1,
         "max_replicas": 2,
-        "target_ongoing_requests": 16,
-        "upscale_delay_s": 10,
-        "downscale_delay_s": 120,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
     },
 )
 @serve.ingress(api)
@@ -156,48 +189,50 @@ class DetectionServer:
         self.detector = self.adapter.detector
         self.limits = Limits(max_pixels=self.args.max_pixels, max_bytes=self.args.max_body_bytes)
         self.request_limits = RequestLimits(self.args.max_body_bytes, self.args.max_images)
-        # Decode threads and one engine thread: the engine never waits on the
-        # event loop, and the event loop never runs an engine.
-        self.decode_pool = ThreadPoolExecutor(self.args.decode_threads, thread_name_prefix="decode")
-        self.engine_pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        lanes = self.args.lanes or replica_cpus()
+        # Cores accounted for: ``lanes`` engine calls at once (one intra-op thread
+        # each by default) plus decode threads that fill the gaps between them.
+        self.decode_pool = ThreadPoolExecutor(self.args.decode_threads or lanes + 1, thread_name_prefix="decode")
+        self.engine_pool = ThreadPoolExecutor(lanes, thread_name_prefix="engine")
         self.metrics = _Metrics()
-        # Set while the engine is free. Ray's @serve.batch seals a batch as soon
-        # as its first request arrives and only then waits for the previous
-        # batch to finish (max_concurrent_batches), so under load it forms
-        # batches of one that queue behind the engine. Holding new jobs here
-        # while a batch runs and releasing them together when it ends lets the
-        # batch queue take everything that arrived meanwhile (as Triton does).
-        self.engine_idle = asyncio.Event()
-        self.engine_idle.set()
-        # Batch sizes actually formed, for /stats (tests and benchmarks read it).
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
-        # Seconds spent per stage, summed over all images/batches (for /stats).
         self.stage_seconds: collections.Counter[str] = collections.Counter()
         self.detector.warmup()
         self.info = self.detector.describe()
-        log.info("detserve replica ready: %s", self.info)
+        self.scheduler = Scheduler(self._run_batch, Settings(lanes=lanes), executor=self.engine_pool)
+        self._measure_cost_curve()
+        log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
+
+    def _measure_cost_curve(self) -> None:
+        """Time the engine at each batch size up to the cap, on an image of the model's full input size."""
+        import numpy as np
+
+        spec = self.detector.manifest.input
+        side = spec.imgsz or spec.min_size or 320
+        sample = self.detector.prepare(np.full((side, side, 3), 114, np.uint8))
+        params = self.detector.params()
+        cap = min(self.scheduler.settings.max_batch_size, self.detector.engine.max_batch)
+        self.scheduler.curve = measure_curve(lambda n: self.detector.run([sample] * n, params), probe_sizes(cap))
 
     def reconfigure(self, user_config: dict) -> None:
         config = UserConfig(**(user_config or {}))
-        self.batched.set_max_batch_size(config.max_batch_size)
-        self.batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        settings = self.scheduler.settings
+        cap = min(config.max_batch_size, self.detector.engine.max_batch)
+        remeasure = cap > max(self.scheduler.curve.seconds, default=0)
+        settings.max_batch_size = cap
+        settings.batch_wait_s = config.batch_wait_timeout_s
+        settings.policy = config.batch_policy
+        if remeasure:
+            self._measure_cost_curve()
 
     async def check_health(self) -> None:
         """Healthy when the engine still answers a tiny image."""
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(loop.run_in_executor(self.engine_pool, self.detector.warmup), timeout=20)
 
-    # ---- the batch -----------------------------------------------------
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def batched(self, jobs: list[Job]) -> list[Detections | Exception]:
-        loop = asyncio.get_running_loop()
+    # ---- the batch (engine thread) --------------------------------------
+    def _run_batch(self, items: list[Item], params: list[DetectParams]) -> list[Detections | Exception]:
         timings = BatchTimings()
-        self.engine_idle.clear()
-        try:
-            results = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, jobs, timings)
-        finally:
-            self.engine_idle.set()
-        self.batch_sizes[timings.size] += 1
+        results = run_batch(self.detector, items, params, timings)
         self.stage_seconds["engine"] += timings.engine_s
         self.stage_seconds["postprocess"] += timings.postprocess_s
         self.stage_seconds["queue_wait"] += sum(timings.queue_s)
@@ -210,40 +245,78 @@ class DetectionServer:
         return results
 
     # ---- the request path ----------------------------------------------
-    async def detect(self, images: list[ImageInput], params: DetectParams) -> dict:
-        """decode -> preprocess (threads) -> batch (engine) -> postprocess -> annotations."""
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(loop.run_in_executor(self.decode_pool, prepare, self.detector, image, params, self.limits) for image in images),
-            return_exceptions=True,
-        )
-        for i, job in enumerate(prepared):
-            if isinstance(job, ImageError):
-                self.metrics.errors.inc(tags={"kind": job.code})
-                raise image_error(job, i if len(images) > 1 else None)
-            if isinstance(job, BaseException):
-                raise job
-        for job in prepared:
-            self.metrics.decode.observe(job.decode_s)
-            self.stage_seconds["decode"] += job.decode_s
-            job.enqueued_at = time.perf_counter()
-        detections = await asyncio.gather(*(self.submit(job) for job in prepared))
+    def deadline(self, timeout_s: float | None) -> float:
+        """The clock time this request must be answered by: its own timeout, or the server's."""
+        budget = self.args.request_timeout_s
+        if timeout_s is not None and 0 < timeout_s < budget:
+            budget = timeout_s
+        return time.monotonic() + max(0.0, budget - PROXY_MARGIN_S)
+
+    async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float) -> dict:
+        """admit -> decode + prepare (threads) -> fair batches (engine) -> postprocess -> annotations."""
+        try:
+            ticket = self.scheduler.admit(len(images), deadline, params)
+        except Overloaded as exc:
+            self.metrics.errors.inc(tags={"kind": "overloaded"})
+            if exc.hopeless:
+                raise ApiError(422, "deadline_too_short", f"{exc.reason}: give a longer {DEADLINE_HEADER}, or fewer images") from None
+            raise ApiError(
+                503, "overloaded",
+                f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
+                "(the Retry-After header), or send fewer images per request",
+                headers={"Retry-After": retry_after_header(exc.retry_after_s)},
+            ) from None  # fmt: skip
+        reason = None
+        try:
+            # The whole answer, decode included, is bounded by the deadline (monotonic = the loop's clock).
+            async with asyncio.timeout_at(deadline):
+                items = await self._prepare_all(ticket, images)
+                detections = await self.scheduler.wait(ticket)
+        except TimeoutError:
+            reason = "deadline"
+            self.metrics.errors.inc(tags={"kind": "deadline"})
+            raise ApiError(
+                408, "deadline_exceeded",
+                f"the request was not answered within its deadline ({len(images)} images, "
+                f"{self.scheduler.outstanding} queued); retry, or give a longer {DEADLINE_HEADER} header",
+            ) from None  # fmt: skip
+        except asyncio.CancelledError:
+            reason = "cancelled"  # the client went away: what has not run is dropped
+            raise
+        finally:
+            self.scheduler.release(ticket, reason)
         for det in detections:
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
                 raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
-        body = await loop.run_in_executor(self.decode_pool, self.encode, prepared, detections)  # off the event loop
+        body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.encode, items, detections)  # off the loop
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 
-    async def submit(self, job: Job) -> Detections | Exception:
-        """Into the batch queue once the engine is free (see ``engine_idle``)."""
-        await self.engine_idle.wait()
-        return await self.batched(job)
+    async def _prepare_all(self, ticket, images: list[ImageInput]) -> list[Item]:
+        """Decode and prepare one image at a time per request, each joining the queue as it is ready.
 
-    def encode(self, jobs: list[Job], detections: list[Detections]) -> dict:
+        One at a time, so a request of 64 large photos holds one decode thread,
+        not all of them, and a small request behind it still decodes at once.
+        """
+        loop = asyncio.get_running_loop()
+        items: list[Item] = []
+        for i, image in enumerate(images):
+            try:
+                item = await loop.run_in_executor(self.decode_pool, prepare, self.detector, image, self.limits)
+            except ImageError as exc:
+                self.metrics.errors.inc(tags={"kind": exc.code})
+                raise image_error(exc, i if len(images) > 1 else None) from None
+            self.metrics.decode.observe(item.decode_s)
+            self.stage_seconds["decode"] += item.decode_s
+            item.queued_at = time.perf_counter()
+            items.append(item)
+            self.scheduler.add(ticket, i, item)
+        return items
+
+    def encode(self, items: list[Item], detections: list[Detections]) -> dict:
         from detserve.adapters.base import to_collection
 
         name = self.info["name"]
@@ -251,25 +324,31 @@ class DetectionServer:
             "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
             "results": [
                 {
-                    "width": job.width,
-                    "height": job.height,
+                    "width": item.width,
+                    "height": item.height,
                     "annotations": to_collection(det, self.adapter.labels, name, None).to_json()["annotations"],
                 }
-                for job, det in zip(jobs, detections)
+                for item, det in zip(items, detections)
             ],
         }
 
     # ---- Python handle API ---------------------------------------------
     async def predict(
-        self, images: ImageInput | list[ImageInput], conf: float | None = None, iou: float | None = None, max_det: int | None = None
+        self,
+        images: ImageInput | list[ImageInput],
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        timeout_s: float | None = None,
     ) -> dict:
         """``handle.predict.remote(image_or_list)``: bytes, PIL images or HxWx3 uint8 arrays; same result as HTTP.
 
-        Bad input raises ``ValueError`` with the same message the HTTP API gives.
+        Bad input raises ``ValueError`` with the same message the HTTP API gives;
+        an overloaded server raises ``ValueError("overloaded: ...")`` at once.
         """
         batch = images if isinstance(images, list) else [images]
         try:
-            return await self.detect(batch, self.detector.params(conf=conf, iou=iou, max_det=max_det))
+            return await self.detect(batch, self.detector.params(conf=conf, iou=iou, max_det=max_det), self.deadline(timeout_s))
         except ApiError as exc:
             raise ValueError(f"{exc.code}: {exc.message}") from None
 
@@ -283,15 +362,16 @@ class DetectionServer:
         max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
     ) -> dict:
         images = await read_images(request, self.request_limits)
-        return await self.detect(images, self.detector.params(conf=conf, iou=iou, max_det=max_det))
+        return await self.detect(images, self.detector.params(conf=conf, iou=iou, max_det=max_det), self.deadline(header_timeout(request)))
 
-    @api.get("/stats", summary="Batch sizes this replica has formed")
+    @api.get("/stats", summary="Batch sizes this replica has formed, its queue and its measured cost curve")
     async def stats(self) -> dict:
-        sizes = dict(sorted(self.batch_sizes.items()))
+        sizes = dict(sorted(self.scheduler.batch_sizes.items()))
         images = sum(k * v for k, v in sizes.items())
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
                 "mean_batch_size": images / max(1, sum(sizes.values())),
-                "stage_seconds": dict(self.stage_seconds)}  # fmt: skip
+                "stage_seconds": dict(self.stage_seconds),
+                "scheduler": self.scheduler.stats()}  # fmt: skip
 
     @api.get("/info", summary="The model this application serves")
     async def http_info(self) -> dict:

@@ -1,10 +1,11 @@
-"""The batch logic of the server, as plain functions (``@serve.batch`` only runs inside a replica).
+"""The server's per-image and per-batch work, as plain functions (the scheduler and tests call them directly).
 
-A request's images are decoded and preprocessed one by one, in threads, as they
-arrive (``prepare``); the batcher then hands a list of such jobs to
-``run_batch``, which makes one engine call for all of them and post-processes
-each job with its own settings. A job whose image breaks the engine fails
-alone: the batch is retried image by image to find it.
+An image is decoded and prepared once, in a worker thread, as its request
+arrives (``prepare``); the scheduler (``serve.scheduler``) later hands a batch
+of such images, from any requests, to ``run_batch``, which packs and runs them
+(``Detector.run``) and post-processes each with its own request's settings.
+An image that breaks the engine fails alone: the batch is retried image by
+image to find it.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from detserve.runtime.detector import Detector, Prepared
+from detserve.runtime.detector import Detector, StageTimes
 from detserve.runtime.images import ImageInput, Limits
 from detserve.runtime.postprocess import DetectParams, Detections
+from detserve.runtime.preprocess import PreparedImage
 
 
 @dataclass
-class Job:
+class Item:
     """One image on its way through the server."""
 
-    prepared: Prepared
-    params: DetectParams
+    prepared: PreparedImage
     width: int
     height: int
     decode_s: float = 0.0
-    enqueued_at: float = field(default_factory=time.perf_counter)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -37,40 +38,33 @@ class BatchTimings:
     queue_s: list[float] = field(default_factory=list)
 
 
-def prepare(detector: Detector, data: ImageInput, params: DetectParams, limits: Limits) -> Job:
-    """Decode and preprocess one image (runs in a worker thread, overlapped with inference)."""
+def prepare(detector: Detector, data: ImageInput, limits: Limits) -> Item:
+    """Decode and prepare one image (runs in a worker thread, overlapped with inference)."""
     start = time.perf_counter()
     image = detector.decode(data, limits)
-    prepared = detector.preprocess([image])
-    return Job(prepared, params, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start)
+    prepared = detector.prepare(image)
+    return Item(prepared, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start)
 
 
-def run_batch(detector: Detector, jobs: list[Job], timings: BatchTimings | None = None) -> list[Detections | Exception]:
-    """Detections for each job, in order; an image that breaks the engine gets its exception instead."""
+def run_batch(
+    detector: Detector, items: list[Item], params: list[DetectParams], timings: BatchTimings | None = None
+) -> list[Detections | Exception]:
+    """Detections for each item, in order; an image that breaks the engine gets its exception instead."""
     timings = timings if timings is not None else BatchTimings()
     now = time.perf_counter()
-    timings.size = len(jobs)
-    timings.queue_s = [now - job.enqueued_at for job in jobs]
+    timings.size = len(items)
+    timings.queue_s = [now - item.queued_at for item in items]
+    times = StageTimes()
     try:
-        return _run(detector, jobs, timings)
+        results: list[Detections | Exception] = list(detector.run([i.prepared for i in items], params, times))
     except Exception as exc:
-        if len(jobs) == 1:
+        if len(items) == 1:
             return [exc]
-    results: list[Detections | Exception] = []
-    for job in jobs:  # find the one that fails; the others still get their boxes
-        try:
-            results.extend(_run(detector, [job], BatchTimings()))
-        except Exception as exc:
-            results.append(exc)
+        results = []
+        for item, p in zip(items, params):  # find the one that fails; the others still get their boxes
+            try:
+                results.extend(detector.run([item.prepared], [p], times))
+            except Exception as exc:
+                results.append(exc)
+    timings.engine_s, timings.postprocess_s = times.engine_s, times.postprocess_s
     return results
-
-
-def _run(detector: Detector, jobs: list[Job], timings: BatchTimings) -> list[Detections | Exception]:
-    start = time.perf_counter()
-    prepared = detector.join([job.prepared for job in jobs])
-    outputs = detector.infer(prepared)
-    mid = time.perf_counter()
-    results = detector.postprocess(outputs, prepared, [job.params for job in jobs])
-    timings.engine_s = mid - start
-    timings.postprocess_s = time.perf_counter() - mid
-    return list(results)

@@ -27,6 +27,32 @@ def load_config(path: Path):
     return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
+def placement_problems(config, cpus: float) -> list[str]:
+    """What in ``config`` Ray could never place on ``cpus`` CPUs: every app at its max_replicas must fit together.
+
+    Autoscaling asks for replicas up to ``max_replicas``; one that cannot be
+    placed waits forever (and the load it was meant for waits with it), so
+    this is a configuration error, reported before anything starts.
+    """
+    problems, total = [], 0.0
+    for app in config.applications:
+        for d in app.deployments:
+            options = d.model_dump(exclude_unset=True)
+            actor = options.get("ray_actor_options") or {}
+            per_replica = float(actor.get("num_cpus", 1.0))
+            auto = options.get("autoscaling_config") or {}
+            replicas = int(auto.get("max_replicas", options.get("num_replicas", 1) or 1))
+            if per_replica > cpus:
+                problems.append(f"{app.name}: one replica asks for {per_replica:g} CPUs; this Ray has {cpus:g}")
+            total += per_replica * replicas
+    if total > cpus + 1e-9:
+        problems.append(
+            f"at max_replicas the applications ask for {total:g} CPUs and this Ray has {cpus:g}: "
+            "lower max_replicas or ray_actor_options.num_cpus in the config (fractions are fine)"
+        )
+    return problems
+
+
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """A private, loopback-only Ray for this process.
 
@@ -58,7 +84,12 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
 
     from detserve.serve.app import application
 
+    import ray
+
     config = load_config(config_path)
+    problems = placement_problems(config, float(ray.cluster_resources().get("CPU", 0)))
+    if problems:
+        raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
     http = config.http_options
     serve.start(
         http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},

@@ -29,9 +29,11 @@ def test_every_app_is_a_detserve_app_with_valid_args_and_batching(which):
         AppArgs(**app.args)  # extra="forbid": a typo in args fails here, not in a replica
         [deployment] = app.deployments
         user = UserConfig(**deployment.user_config)
-        # Ray caps a batch at max_ongoing_requests: it must leave room for a full batch.
-        assert deployment.max_ongoing_requests >= user.max_batch_size
+        # Requests must reach the replica to be admitted by deadline: far more may be in flight than one batch.
+        assert deployment.max_ongoing_requests >= 16 * user.max_batch_size
         assert deployment.max_queued_requests > 0
+        # The replica's deadline is the proxy's timeout, so its JSON 408/503 always comes first.
+        assert AppArgs(**app.args).request_timeout_s == config.http_options.request_timeout_s
         assert app.runtime_env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
@@ -52,3 +54,14 @@ def test_build_app_has_the_signature_rays_config_loader_calls():
     assert len(inspect.signature(build_app).parameters) == 1
     app = build_app({"model": "yolo"})
     assert type(app).__name__ == "Application"
+
+
+def test_every_replica_autoscaling_asks_for_can_be_placed_on_two_cores():
+    from detserve.serve.run import placement_problems
+
+    deploy, _ = configs()
+    assert placement_problems(deploy, cpus=2) == []
+    assert max(a.deployments[0].autoscaling_config["max_replicas"] for a in deploy.applications) >= 2
+    # ... and the check does find a config that cannot be placed
+    problems = placement_problems(deploy, cpus=1)
+    assert problems and "max_replicas" in problems[-1]

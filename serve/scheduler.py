@@ -1,0 +1,317 @@
+"""The replica's scheduler: admission by deadline, fair batches of images, a batch size from measured cost.
+
+Plain asyncio, no Ray, so tests drive it directly with a fake engine.
+
+- **Admission.** A request is admitted only when the scheduler predicts that
+  every admitted image, this request's included, is answered before the
+  earliest deadline among them: ``now + outstanding_images / images_per_s``.
+  The rate comes from what the replica measures (seconds per batch at each
+  batch size, and its engine lanes). Otherwise :class:`Overloaded` at once,
+  with the time until enough work drains (the ``Retry-After``). Because
+  batches are shared round-robin (below), no admitted request finishes later
+  than the whole queue drains, so the check holds for every request, not only
+  the newest.
+- **Fairness.** Batches are made of images, not requests: each batch takes one
+  ready image from each request in turn, so a 64-image request cannot starve a
+  one-image request that arrives behind it. A request's images may run in
+  several batches; its results come back whole and in input order.
+- **Deadlines.** The caller bounds a request by its deadline and then
+  releases it (``release(ticket, "deadline")``): its images that have not
+  started are dropped, not run for nobody. A cancelled request (client gone)
+  is dropped the same way.
+- **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
+  measured at warm-up and updated by every batch. The batch size is the one
+  with the lowest cost per image (within 5 %, the smallest, for latency), up
+  to the configured cap: small batches on a CPU at 640 px, where activations
+  outgrow the cache, large ones on a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A size within this share of the cheapest cost per image counts as as cheap (the smallest such wins).
+COST_TOLERANCE = 0.05
+
+
+class Overloaded(Exception):
+    """The request would not be answered in time: answer 503 now, with ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float, predicted_s: float, budget_s: float, reason: str, hopeless: bool = False):
+        super().__init__(reason)
+        self.retry_after_s, self.predicted_s, self.budget_s, self.reason = retry_after_s, predicted_s, budget_s, reason
+        #: even an idle replica could not answer within this deadline: retrying will not help
+        self.hopeless = hopeless
+
+
+@dataclass
+class CostCurve:
+    """Seconds per engine batch, by batch size (EWMA of what was measured)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    alpha: float = 0.2
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.seconds.get(size)
+        self.seconds[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def per_image(self, size: int) -> float | None:
+        """Seconds per image at ``size``: measured, else the nearest measured size's."""
+        if not self.seconds:
+            return None
+        nearest = min(self.seconds, key=lambda s: (abs(s - size), s))
+        return self.seconds[nearest] / nearest
+
+    def best_batch(self, cap: int) -> int:
+        """The batch size with the lowest cost per image, up to ``cap`` (ties within 5 %: the smallest)."""
+        sizes = sorted(s for s in self.seconds if s <= cap)
+        if not sizes:
+            return 1 if not self.seconds else min(cap, max(1, min(self.seconds)))
+        cheapest = min(self.seconds[s] / s for s in sizes)
+        return next(s for s in sizes if self.seconds[s] / s <= cheapest * (1 + COST_TOLERANCE))
+
+    def snapshot(self) -> dict[str, float]:
+        return {str(s): round(1000 * self.seconds[s] / s, 3) for s in sorted(self.seconds)}
+
+
+def probe_sizes(cap: int) -> list[int]:
+    """Batch sizes measured at warm-up: 1, 2, 4, ... up to ``cap`` (and ``cap`` itself)."""
+    sizes, s = [], 1
+    while s < cap:
+        sizes.append(s)
+        s *= 2
+    return sizes + [cap]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request inside the scheduler."""
+
+    n: int
+    deadline: float
+    params: Any = None
+    items: list[Any] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    ready: collections.deque = field(default_factory=collections.deque)  # prepared, not yet in a batch
+    started: int = 0  # images handed to a batch
+    done: int = 0
+    closed: bool = False  # finished, failed, timed out or cancelled: nothing more runs for it
+    future: asyncio.Future | None = None
+
+
+@dataclass
+class Settings:
+    max_batch_size: int = 8  # a cap; the cost curve picks the size
+    batch_wait_s: float = 0.0  # wait this long for a batch to fill when fewer images than the target are ready
+    max_queued_images: int = 1024  # memory bound: admitted images not yet answered, exactly
+    lanes: int = 1  # engine calls that may run at once (threads in the engine pool)
+    policy: str = "measured"  # "measured": the cheapest size per image up to the cap; "fixed": always aim for the cap
+    margin_s: float = 0.05  # answer this much before the deadline (encode + HTTP hop)
+
+
+class Scheduler:
+    """Admission, fair batching and the batch policy for one replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any], list[Any]], list[Any]],
+        settings: Settings,
+        *,
+        executor=None,
+        curve: CostCurve | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.run_batch = run_batch  # (items, params per item) -> result per item (an Exception for a failed item)
+        self.settings = settings
+        self.executor = executor
+        self.curve = curve or CostCurve()
+        self.clock = clock
+        self.outstanding = 0  # images admitted and not yet answered (decoding, queued or running)
+        self.tickets: set[Ticket] = set()
+        self.active: collections.deque[Ticket] = collections.deque()  # tickets with ready images, round-robin
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
+        self._wake: asyncio.Event | None = None
+        self._lanes: list[asyncio.Task] = []
+
+    # ---- prediction ------------------------------------------------------
+    def target_batch(self) -> int:
+        if self.settings.policy == "fixed":
+            return self.settings.max_batch_size
+        return self.curve.best_batch(self.settings.max_batch_size)
+
+    def images_per_s(self) -> float | None:
+        size = self.target_batch()
+        per_image = self.curve.per_image(size)
+        return None if not per_image else self.settings.lanes / per_image
+
+    def predicted_drain_s(self, extra_images: int = 0) -> float:
+        """Seconds until every admitted image (and ``extra_images`` more) is answered, at the measured rate."""
+        rate = self.images_per_s()
+        if rate is None:
+            return 0.0
+        return (self.outstanding + extra_images) / rate
+
+    # ---- admission -------------------------------------------------------
+    def admit(self, n_images: int, deadline: float, params: Any = None) -> Ticket:
+        """Reserve room for a request of ``n_images`` due by ``deadline`` (clock time), or raise :class:`Overloaded`."""
+        now = self.clock()
+        s = self.settings
+        if self.outstanding + n_images > s.max_queued_images:
+            rate = self.images_per_s() or 1.0
+            excess = self.outstanding + n_images - s.max_queued_images
+            self.counts["shed"] += 1
+            raise Overloaded(excess / rate, self.predicted_drain_s(n_images), deadline - now,
+                             f"{self.outstanding} images are queued; the limit is {s.max_queued_images}")  # fmt: skip
+        alone = self.predicted_drain_s(n_images) - self.predicted_drain_s() + s.margin_s
+        if now + alone > deadline:
+            self.counts["shed"] += 1
+            raise Overloaded(0.0, alone, deadline - now,
+                             f"{n_images} images take about {alone:.2f} s here even with nothing queued, "
+                             f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
+        finish = now + self.predicted_drain_s(n_images) + s.margin_s
+        earliest = min([deadline, *(t.deadline for t in self.tickets)])
+        if finish > earliest:
+            self.counts["shed"] += 1
+            raise Overloaded(finish - earliest, finish - now, deadline - now,
+                             f"the {self.outstanding} images queued ahead would take {finish - now:.1f} s, "
+                             f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
+        ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images)
+        self.outstanding += n_images
+        self.tickets.add(ticket)
+        self.counts["admitted"] += 1
+        return ticket
+
+    def add(self, ticket: Ticket, index: int, item: Any) -> None:
+        """Image ``index`` of ``ticket`` is prepared: it may join the next batch."""
+        if ticket.closed:
+            return
+        ticket.items[index] = item
+        ticket.ready.append(index)
+        if ticket not in self.active:
+            self.active.append(ticket)
+        self._ensure_lanes()
+        assert self._wake is not None
+        self._wake.set()
+
+    async def wait(self, ticket: Ticket) -> list[Any]:
+        """The results of every image of ``ticket``, in input order (the caller bounds it by the deadline)."""
+        if ticket.future is None:
+            ticket.future = asyncio.get_running_loop().create_future()
+            if ticket.done == ticket.n:
+                ticket.future.set_result(ticket.results)
+        return await asyncio.shield(ticket.future)
+
+    def release(self, ticket: Ticket, reason: str | None = None) -> None:
+        """The request is over: answered, failed, or (``reason``) "deadline" or "cancelled". Drop what has not started."""
+        if ticket.closed:
+            return
+        ticket.closed = True
+        if reason:
+            self.counts[reason] += 1
+        # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
+        self.outstanding -= ticket.n - ticket.started
+        ticket.ready.clear()
+        self.tickets.discard(ticket)
+        if ticket in self.active:
+            self.active.remove(ticket)
+        if ticket.future is not None and not ticket.future.done():
+            ticket.future.cancel()
+
+    # ---- batching --------------------------------------------------------
+    def take_batch(self, size: int) -> list[tuple[Ticket, int]]:
+        """Up to ``size`` ready images, one from each request in turn (round-robin)."""
+        batch: list[tuple[Ticket, int]] = []
+        while len(batch) < size and self.active:
+            ticket = self.active.popleft()
+            batch.append((ticket, ticket.ready.popleft()))
+            ticket.started += 1
+            if ticket.ready:
+                self.active.append(ticket)  # back of the line: the next request goes first
+        return batch
+
+    def ready_images(self) -> int:
+        return sum(len(t.ready) for t in self.active)
+
+    def _ensure_lanes(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._lanes = [task for task in self._lanes if not task.done()]
+        while len(self._lanes) < self.settings.lanes:
+            self._lanes.append(asyncio.get_running_loop().create_task(self._lane()))
+
+    async def _lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            while not self.active:
+                self._wake.clear()
+                await self._wake.wait()
+            target = self.target_batch()
+            if self.settings.batch_wait_s > 0 and self.ready_images() < target:
+                await asyncio.sleep(self.settings.batch_wait_s)  # let a GPU batch fill
+            batch = self.take_batch(target)
+            if not batch:
+                continue
+            items = [t.items[i] for t, i in batch]
+            params = [t.params for t, _ in batch]
+            start = self.clock()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, items, params)
+            except Exception as exc:  # run_batch isolates failures per item; this is a bug guard
+                results = [exc] * len(batch)
+            self.curve.observe(len(batch), self.clock() - start)
+            self.batch_sizes[len(batch)] += 1
+            for (ticket, index), result in zip(batch, results):
+                self._finish(ticket, index, result)
+
+    def _finish(self, ticket: Ticket, index: int, result: Any) -> None:
+        self.outstanding -= 1  # every image handed to a batch is counted out here, once
+        ticket.results[index] = result
+        ticket.done += 1
+        if ticket.closed or ticket.done < ticket.n:
+            return
+        if ticket.future is None:
+            ticket.future = asyncio.get_running_loop().create_future()
+        if not ticket.future.done():
+            ticket.future.set_result(ticket.results)
+
+    # ---- what /stats shows -------------------------------------------------
+    def stats(self) -> dict:
+        rate = self.images_per_s()
+        return {
+            "outstanding_images": self.outstanding,
+            "ready_images": self.ready_images(),
+            "requests": len(self.tickets),
+            "target_batch_size": self.target_batch(),
+            "max_batch_size": self.settings.max_batch_size,
+            "lanes": self.settings.lanes,
+            "ms_per_image_by_batch": self.curve.snapshot(),
+            "images_per_s": None if rate is None else round(rate, 2),
+            "predicted_drain_s": round(self.predicted_drain_s(), 3),
+            "counts": dict(self.counts),
+        }
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` takes whole seconds: round up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def measure_curve(run: Callable[[int], None], sizes: Sequence[int], repeats: int = 2, clock: Callable[[], float] = time.perf_counter) -> CostCurve:
+    """Time ``run(size)`` (one engine batch of ``size`` images) for each size; the fastest of ``repeats``."""
+    curve = CostCurve()
+    for size in sizes:
+        best = math.inf
+        for _ in range(repeats):
+            start = clock()
+            run(size)
+            best = min(best, clock() - start)
+        curve.observe(size, best)
+    return curve

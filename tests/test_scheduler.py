@@ -1,0 +1,163 @@
+"""The replica's scheduler without Ray: batch policy, admission by deadline, fairness, dropping what nobody waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header
+
+
+def curve_of(per_image_ms: dict[int, float]) -> CostCurve:
+    return CostCurve({size: size * ms / 1000 for size, ms in per_image_ms.items()})
+
+
+def test_batch_policy_follows_the_measured_cost_per_image():
+    # CPU at 640 px: activations outgrow the cache, so a bigger batch costs more per image.
+    assert curve_of({1: 56, 2: 60, 4: 70, 8: 80}).best_batch(8) == 1
+    # GPU: a bigger batch costs less per image.
+    assert curve_of({1: 5, 2: 3, 4: 1.5, 8: 0.8, 16: 0.5}).best_batch(16) == 16
+    assert curve_of({1: 5, 2: 3, 4: 1.5, 8: 0.8, 16: 0.5}).best_batch(8) == 8  # the cap is a cap
+    # Flat within 5 %: the smallest, for latency.
+    assert curve_of({1: 20.0, 2: 19.5, 4: 19.2, 8: 19.9}).best_batch(8) == 1
+    assert curve_of({1: 20.0, 2: 15.0, 4: 14.8, 8: 14.5}).best_batch(8) == 2
+    assert probe_sizes(8) == [1, 2, 4, 8] and probe_sizes(6) == [1, 2, 4, 6] and probe_sizes(1) == [1]
+
+
+def test_measure_curve_times_each_size_and_every_batch_updates_it():
+    calls = []
+    curve = measure_curve(lambda n: calls.append(n) or time.sleep(0.002 * n), [1, 2, 4], repeats=2)
+    assert calls == [1, 1, 2, 2, 4, 4]
+    assert set(curve.seconds) == {1, 2, 4}
+    assert 0.002 <= curve.per_image(4) < 0.02
+    before = curve.seconds[4]
+    curve.observe(4, before * 11)  # EWMA: one slow batch moves it, does not replace it
+    assert before < curve.seconds[4] < before * 11
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_admission_by_predicted_drain_time_with_a_computed_retry_after():
+    clock = FakeClock()
+    # 100 ms per image, one lane: 10 images/s.
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0), curve=curve_of({1: 100}), clock=clock)
+    deadline = clock.now + 3.0
+    tickets = [sched.admit(1, deadline) for _ in range(30)]  # 30 images drain in exactly 3.0 s
+    assert sched.outstanding == 30 and sched.predicted_drain_s() == pytest.approx(3.0)
+    with pytest.raises(Overloaded) as err:
+        sched.admit(5, clock.now + 10.0)  # its own deadline is far, but it would make the earliest one late
+    assert err.value.retry_after_s == pytest.approx(0.5) and not err.value.hopeless
+    assert retry_after_header(err.value.retry_after_s) == "1" and retry_after_header(2.01) == "3"
+    for t in tickets[:10]:
+        sched.release(t)  # one second of work gone: room again
+    assert sched.admit(5, clock.now + 10.0).n == 5
+    # A deadline nothing could meet is told apart: retrying will not help.
+    with pytest.raises(Overloaded) as err:
+        sched.admit(20, clock.now + 1.0)
+    assert err.value.hopeless
+    assert sched.counts["admitted"] == 31 and sched.counts["shed"] == 2
+
+
+def test_the_queue_bound_holds_exactly():
+    sched = Scheduler(lambda items, params: items, Settings(max_queued_images=10), curve=curve_of({1: 1}))
+    far = time.monotonic() + 3600
+    sched.admit(7, far)
+    sched.admit(3, far)
+    assert sched.outstanding == 10
+    with pytest.raises(Overloaded, match="limit is 10"):
+        sched.admit(1, far)
+
+
+class Engine:
+    """A fake engine: ``ms`` per image, records which (request, index) ran in which batch."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+        self.batches: list[list[tuple[str, int]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, items, params):
+        time.sleep(self.ms / 1000 * len(items))
+        with self.lock:
+            self.batches.append(list(items))
+        return [f"{name}:{i}" for name, i in items]
+
+
+async def submit(sched: Scheduler, name: str, n: int, deadline_s: float = 60.0) -> tuple[list, float]:
+    start = time.monotonic()
+    ticket = sched.admit(n, time.monotonic() + deadline_s)
+    try:
+        for i in range(n):
+            sched.add(ticket, i, (name, i))
+        results = await sched.wait(ticket)
+    finally:
+        sched.release(ticket)
+    return results, time.monotonic() - start
+
+
+def test_a_small_request_is_not_starved_by_a_large_one_and_results_stay_in_order():
+    engine = Engine(ms=20)
+    batch_s = 2 * engine.ms / 1000  # batches of 2
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            sched = Scheduler(engine, Settings(max_batch_size=2, lanes=1), executor=pool, curve=curve_of({2: 20}))
+            big = asyncio.create_task(submit(sched, "big", 64))
+            await asyncio.sleep(3 * batch_s)  # the big request is well under way
+            small_results, small_s = await submit(sched, "small", 1)
+            big_results, big_s = await big
+            return small_results, small_s, big_results, big_s, sched
+
+    small_results, small_s, big_results, big_s, sched = asyncio.run(main())
+    assert small_results == ["small:0"]
+    assert big_results == [f"big:{i}" for i in range(64)]  # whole and in input order, over many batches
+    # idle latency is one batch; it may wait for the batch in flight: within two batch times (+ scheduling slack)
+    assert small_s < 2 * batch_s + 0.05, small_s
+    assert small_s < big_s / 5
+    shared = [b for b in engine.batches if ("small", 0) in b]
+    assert len(shared) == 1 and len(shared[0]) == 2  # the small image rode in a batch beside a big one
+    assert sched.outstanding == 0 and not sched.tickets
+
+
+def test_images_of_a_released_request_are_dropped_not_run():
+    engine = Engine(ms=30)
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            sched = Scheduler(engine, Settings(max_batch_size=1, lanes=1), executor=pool, curve=curve_of({1: 30}))
+            ticket = sched.admit(20, time.monotonic() + 60)
+            for i in range(20):
+                sched.add(ticket, i, ("gone", i))
+            await asyncio.sleep(0.1)  # a few images run
+            sched.release(ticket, "cancelled")  # the client went away
+            await asyncio.sleep(0.2)
+            return sched
+
+    sched = asyncio.run(main())
+    ran = sum(len(b) for b in engine.batches)
+    assert 1 <= ran <= 6, ran  # the rest of the 20 never ran
+    assert sched.outstanding == 0 and sched.counts["cancelled"] == 1
+
+
+def test_lanes_run_batches_at_once():
+    engine = Engine(ms=50)
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:
+            sched = Scheduler(engine, Settings(max_batch_size=1, lanes=2), executor=pool, curve=curve_of({1: 50}))
+            start = time.monotonic()
+            await asyncio.gather(*(submit(sched, f"r{i}", 1) for i in range(8)))
+            return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 8 * 0.05 * 0.8, elapsed  # two lanes: about half the serial time
