@@ -9,11 +9,18 @@
 
 Errors from the server raise :class:`DetserveError` with its ``status``, ``code``
 and ``message``, which say what to change.
+
+A busy server answers 503 at once with the time it expects to have room
+(``Retry-After``). ``Client(retries=5)`` waits that long (with jitter, so a
+burst of clients does not come back together) and tries again, up to that
+many times; without it (the default) the 503 is raised at once.
 """
 
 from __future__ import annotations
 
 import io
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +59,38 @@ def _to_bytes(image: Any) -> tuple[bytes, str]:
     raise TypeError(f"cannot send {type(image).__name__}: pass a path, bytes, a PIL image or an RGB array")
 
 
+def retry_wait_s(retry_after: str | None, max_wait_s: float = 30.0, jitter: float = 0.5, rng=random) -> float:
+    """Seconds to wait before retrying a 503: its ``Retry-After`` (seconds; 1 when absent or unreadable), capped, jittered."""
+    try:
+        base = float(retry_after) if retry_after is not None else 1.0
+    except ValueError:  # an HTTP date, or junk: the server said "later", not when
+        base = 1.0
+    base = min(max(base, 0.0), max_wait_s)
+    return base * (1.0 + jitter * rng.random())
+
+
 class Client:
     """Talks to one application (``app``) of a detserve server."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", app: str = "yolo", timeout: float = 60.0):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        app: str = "yolo",
+        timeout: float = 60.0,
+        *,
+        retries: int = 0,
+        max_wait_s: float = 30.0,
+        jitter: float = 0.5,
+    ):
+        """``retries``: how many times a 503 is retried after its ``Retry-After`` (0: never).
+
+        Each wait is ``Retry-After`` (capped at ``max_wait_s``) times a random
+        factor in ``[1, 1 + jitter]``.
+        """
         self.url = f"{base_url.rstrip('/')}/{app.strip('/')}"
         self._http = httpx.Client(timeout=timeout)
+        self.retries, self.max_wait_s, self.jitter = retries, max_wait_s, jitter
+        self.retried = 0  # 503s retried so far, for callers that want to know
 
     def predict(self, *images: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Prediction:
         """Boxes for one or more images (paths, bytes, PIL images or RGB arrays), in order."""
@@ -65,12 +98,17 @@ class Client:
             raise ValueError("give at least one image")
         params = {k: v for k, v in {"conf": conf, "iou": iou, "max_det": max_det}.items() if v is not None}
         encoded = [_to_bytes(image) for image in images]
-        if len(encoded) == 1:
-            data, ctype = encoded[0]
-            response = self._http.post(f"{self.url}/predict", params=params, content=data, headers={"content-type": ctype})
-        else:
-            files = [("file", (f"{i}", data, ctype)) for i, (data, ctype) in enumerate(encoded)]
-            response = self._http.post(f"{self.url}/predict", params=params, files=files)
+        for attempt in range(self.retries + 1):
+            if len(encoded) == 1:
+                data, ctype = encoded[0]
+                response = self._http.post(f"{self.url}/predict", params=params, content=data, headers={"content-type": ctype})
+            else:
+                files = [("file", (f"{i}", data, ctype)) for i, (data, ctype) in enumerate(encoded)]
+                response = self._http.post(f"{self.url}/predict", params=params, files=files)
+            if response.status_code != 503 or attempt == self.retries:
+                break
+            self.retried += 1
+            time.sleep(retry_wait_s(response.headers.get("retry-after"), self.max_wait_s, self.jitter))
         body = self._check(response)
         return Prediction(body["model"], body["results"])
 

@@ -264,6 +264,29 @@ def test_overload_is_refused_at_once_by_predicted_deadline_with_a_computed_retry
     assert httpx.post(f"{slow_url}/predict", content=data, headers={"content-type": "image/png"}, timeout=60).status_code == 200
 
 
+def test_a_burst_with_the_retrying_client_all_ends_in_200(slow_url, scenes):
+    """Far more requests at once than fit one deadline: 503s come at once, and clients that honour Retry-After all succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detserve.serve.client import Client
+
+    base, app = slow_url.rsplit("/", 1)
+    data = encode(scenes[0].image)
+    n = 96
+
+    def one(i: int) -> int:
+        with Client(base, app=app, retries=8, timeout=60) as client:
+            client._http.headers["x-request-timeout-seconds"] = "2"  # a tight deadline, so the burst must shed
+            client.predict(data)
+            return client.retried
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        retried = list(pool.map(one, range(n)))  # raises if any request did not end in 200
+    assert time.perf_counter() - started < 60
+    assert sum(retried) > 0  # some were shed and came back
+
+
 def test_a_deadline_nothing_can_meet_is_refused_with_422(slow_url, scenes):
     files = [("f", (f"{i}.png", encode(scenes[0].image), "image/png")) for i in range(32)]
     r = httpx.post(f"{slow_url}/predict", files=files, headers={"x-request-timeout-seconds": "0.6"}, timeout=60)

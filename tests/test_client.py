@@ -1,0 +1,61 @@
+"""The HTTP client's opt-in retry: it honours Retry-After (with jitter), bounded, and gives up with the 503."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from detserve.serve.client import Client, DetserveError, retry_wait_s
+
+OK = {"model": {"name": "m"}, "results": [{"width": 1, "height": 1, "annotations": []}]}
+
+
+def test_retry_wait_follows_retry_after_capped_and_jittered():
+    rng = random.Random(0)
+    waits = [retry_wait_s("2", jitter=0.5, rng=rng) for _ in range(50)]
+    assert all(2.0 <= w <= 3.0 for w in waits) and len({round(w, 6) for w in waits}) > 40  # spread, not in lockstep
+    assert retry_wait_s("100", max_wait_s=5, jitter=0) == 5.0
+    assert retry_wait_s(None, jitter=0) == 1.0 and retry_wait_s("Wed, 21 Oct 2026 07:28:00 GMT", jitter=0) == 1.0
+
+
+def client_answering(statuses: list[int], monkeypatch, retries: int) -> tuple[Client, list]:
+    seen, sleeps = [], []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = statuses[min(len(seen), len(statuses) - 1)]
+        seen.append(status)
+        if status == 503:
+            return httpx.Response(503, headers={"retry-after": "2"}, json={"error": {"code": "overloaded", "message": "busy"}})
+        return httpx.Response(200, json=OK)
+
+    monkeypatch.setattr("detserve.serve.client.time.sleep", sleeps.append)
+    client = Client("http://127.0.0.1:1", retries=retries, jitter=0.0)
+    client._http = httpx.Client(transport=httpx.MockTransport(handler))
+    return client, sleeps
+
+
+def test_a_503_is_retried_after_its_retry_after_until_it_succeeds(monkeypatch):
+    client, sleeps = client_answering([503, 503, 200], monkeypatch, retries=5)
+    assert client.predict(b"img").results[0]["annotations"] == []
+    assert sleeps == [2.0, 2.0] and client.retried == 2
+
+
+def test_retries_are_bounded_and_off_by_default(monkeypatch):
+    client, sleeps = client_answering([503], monkeypatch, retries=3)
+    with pytest.raises(DetserveError) as err:
+        client.predict(b"img")
+    assert err.value.status == 503 and err.value.code == "overloaded" and len(sleeps) == 3
+    client, sleeps = client_answering([503], monkeypatch, retries=0)
+    with pytest.raises(DetserveError):
+        client.predict(b"img")
+    assert sleeps == []
+
+
+def test_other_errors_are_not_retried(monkeypatch):
+    client, sleeps = client_answering([400], monkeypatch, retries=5)
+    client._http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(400, json={"error": {"code": "not_an_image", "message": "x"}})))
+    with pytest.raises(DetserveError, match="not_an_image"):
+        client.predict(b"img")
+    assert sleeps == []
