@@ -229,7 +229,8 @@ class DetectionAdapter(dl.BaseModelAdapter):
         local_path = Path(local_path)
         local_path.mkdir(parents=True, exist_ok=True)
         target = local_path / f"weights{Path(weights).suffix}"
-        shutil.copyfile(weights, target)
+        if Path(weights).resolve() != target.resolve():  # train_model saves into train's own output folder
+            shutil.copyfile(weights, target)
         self._save_export(local_path, target)
 
     def evaluate(self, model: dl.Model, dataset: dl.Dataset, filters: dl.Filters | None = None) -> dl.Model:
