@@ -358,3 +358,50 @@ def test_metrics_equal_pycocotools_on_noisy_predictions(dataset_scenes):
 def test_no_predictions_score_zero():
     m = coco_metrics([_boxes((0, 0, 10, 10, "circle"))], [_boxes()], ["circle"], conf_thres=0.5)
     assert (m.map50_95, m.map50, m.precision, m.recall, m.predictions) == (0.0, 0.0, 0.0, 0.0, 0)
+
+
+# --- the same from the command line ------------------------------------------------------------------
+
+
+def test_cli_evaluate_scores_the_folder_prepare_data_downloads(platform, yolo_export, dataset_scenes, tmp_path):
+    from typer.testing import CliRunner
+
+    from detserve.cli import app
+
+    adapter = YoloAdapter()
+    adapter.load_from_model(model_entity=model_with_export(platform, "yolo", yolo_export))
+    _, data_path, _ = adapter.prepare_data(dataset=platform.dataset, root_path=str(tmp_path / "prep"))
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(app, ["evaluate", str(data_path), "--model", str(yolo_export), "--out", str(out),
+                                      "--conf", "0.05", "--backend", "onnxruntime", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "mAP50-95" in result.output and "AP50-95 circle" in result.output
+    report = json.loads(out.read_text())
+    assert report["subset"] == "validation" and report["images"] == N_VAL
+
+    val_scenes = dataset_scenes[N_TRAIN:]
+    detector = Detector(yolo_export, backend="onnxruntime", device="cpu")
+    predicted = []
+    for image_id, det in enumerate(detector.detect([s.image for s in val_scenes], detector.params(conf=0.05)), start=1):
+        for (x0, y0, x1, y1), score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.class_ids.tolist()):
+            predicted.append({"image_id": image_id, "category_id": int(cls) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    truth = [ImageBoxes(s.boxes.astype(np.float64), [CLASSES[c] for c in s.classes]) for s in val_scenes]
+    ref = reference_stats(truth, predicted, list(CLASSES))
+    for name, value in zip(STAT_NAMES, ref):
+        assert abs(report["stats"][name] - value) <= 1e-6, name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--subset", "test"], "has no subset 'test'"),
+    ([], "has no <subset>/items folder"),
+])  # fmt: skip
+def test_cli_evaluate_user_errors_are_one_red_line(args, message, tmp_path, yolo_export):
+    from typer.testing import CliRunner
+
+    from detserve.cli import app
+
+    if args:
+        (tmp_path / "train" / "items").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--model", str(yolo_export), *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
