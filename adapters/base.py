@@ -22,7 +22,22 @@ Configuration keys (``model.configuration``), all optional:
 ``id_to_label_map``  {class id: name}; authoritative when given
 ``artifact``         sub-folder of the model's artifacts holding the export
 ``weights_filename`` raw weights (.pt / .pth) to export on load instead
+``threads``          CPU threads of the engine
+``arch``             Faster R-CNN architecture when exporting raw weights
+``epochs``           training epochs (``train_model``)
+``train_batch_size`` training batch size
+``train_device``     training device (YOLO: cpu | 0 | cuda:0)
 ===================  =====================================================
+
+dtlpy's own keys (``include_background``, ``upload_annotations``, ...,
+``predict_embed_subset_limit``, ``predict_embed_timeout``) must be present too:
+dtlpy writes a missing key back to the platform. Both ``dataloop.json``
+manifests declare every key with its default (tests/test_dataloop_manifests.py).
+
+``evaluate`` (called by dtlpy's ``evaluate_model`` after it has predicted the
+filtered items) scores this model's boxes against the ground truth on the same
+items with COCO metrics (``detserve.training.metrics``) and publishes them with
+``model.metrics.create`` as ``dl.PlotSample``s.
 """
 
 from __future__ import annotations
@@ -48,7 +63,13 @@ log = logging.getLogger("detserve.adapters")
 CONFIG_KEYS = (
     "conf_thres", "iou_thres", "max_det", "imgsz", "batch_size", "device", "backend",
     "half", "labels", "id_to_label_map", "artifact", "weights_filename",
+    "threads", "arch", "epochs", "train_batch_size", "train_device",
 )  # fmt: skip
+
+#: The figures ``evaluate`` publishes as model metrics (``dl.PlotSample(figure, legend=dataset name, x=0, y)``).
+METRIC_FIGURES = ("mAP50-95", "mAP50", "mAP75", "precision", "recall")
+#: Per-label AP50-95: one sample per label (legend = the label).
+PER_LABEL_FIGURE = "AP50-95 per label"
 
 
 def label_map(manifest_labels: dict[int, str], configuration: dict) -> dict[int, str]:
@@ -76,6 +97,18 @@ def to_collection(det: Detections, labels: dict[int, str], model_name: str, mode
     return collection
 
 
+def metric_samples(metrics, legend: str) -> list[dl.PlotSample]:
+    """``DetectionMetrics`` as the samples dtlpy's ``model.metrics.create`` takes."""
+    values = {**metrics.stats, "precision": metrics.precision, "recall": metrics.recall}
+    samples = [dl.PlotSample(figure=name, legend=legend, x=0, y=float(values[name])) for name in METRIC_FIGURES]
+    samples += [
+        dl.PlotSample(figure=PER_LABEL_FIGURE, legend=label, x=0, y=float(ap))
+        for label, ap in metrics.per_label_ap.items()
+        if ap is not None
+    ]
+    return samples
+
+
 def find_export(local_path: Path, configuration: dict) -> Path | None:
     """The export folder inside a model's artifacts, if there is one."""
     artifact = configuration.get("artifact")
@@ -87,6 +120,13 @@ def find_export(local_path: Path, configuration: dict) -> Path | None:
     return None
 
 
+def _image_boxes(boxes, labels, scores=None, *, item: dict):
+    from detserve.training.metrics import ImageBoxes
+
+    system = (item.get("metadata") or {}).get("system") or {}
+    return ImageBoxes(boxes, labels, scores, int(system.get("width") or 0), int(system.get("height") or 0))
+
+
 class DetectionAdapter(dl.BaseModelAdapter):
     """Shared by YoloAdapter and FasterRCNNAdapter; subclasses set ``family``."""
 
@@ -96,6 +136,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
         self.detector = None
         self.labels: dict[int, str] = {}
         self.trained_weights: Path | None = None  # set by train()
+        self.last_metrics = None  # set by evaluate()
         # Used when there is no model entity (Ray Serve, the CLI, tests).
         self.local_configuration = dict(configuration or {})
         # dtlpy warns about model_info names on every construction; not news to our users.
@@ -188,8 +229,50 @@ class DetectionAdapter(dl.BaseModelAdapter):
         local_path = Path(local_path)
         local_path.mkdir(parents=True, exist_ok=True)
         target = local_path / f"weights{Path(weights).suffix}"
-        shutil.copyfile(weights, target)
+        if Path(weights).resolve() != target.resolve():  # train_model saves into train's own output folder
+            shutil.copyfile(weights, target)
         self._save_export(local_path, target)
+
+    def evaluate(self, model: dl.Model, dataset: dl.Dataset, filters: dl.Filters | None = None) -> dl.Model:
+        """COCO metrics of ``model``'s boxes on the filtered items, published with ``model.metrics.create``.
+
+        dtlpy's ``evaluate_model`` has already predicted these items (their
+        boxes carry ``metadata.user.model.name``); the ground truth is every
+        other box on them. The figures are kept on ``self.last_metrics``.
+        """
+        import json
+        import tempfile
+
+        from detserve.adapters.dtlpy_data import box_annotations
+
+        if self.detector is None:
+            raise RuntimeError("the adapter has no model: call load_from_model(model) first")
+        with tempfile.TemporaryDirectory(prefix="detserve-evaluate-") as tmp:
+            # The same export dtlpymetrics reads, without its platform-only scoring.
+            folder = dataset.download_annotations(local_path=tmp, filters=filters, annotation_options=[], overwrite=True)
+            items = [json.loads(path.read_text()) for path in sorted(Path(folder, "json").rglob("*.json"))]
+        items.sort(key=lambda item: item["id"])
+        truth, predicted = [], []
+        for item in items:
+            annotations = item.get("annotations") or []
+            truth.append(_image_boxes(*box_annotations(annotations)[:2], item=item))
+            predicted.append(_image_boxes(*box_annotations(annotations, model_name=model.name), item=item))
+        self.last_metrics = self.score(truth, predicted)
+        log.info("evaluated %s on %d items of %s: mAP50-95 %.4f, mAP50 %.4f", model.name, len(items), dataset.name,
+                 self.last_metrics.map50_95, self.last_metrics.map50)  # fmt: skip
+        model.metrics.create(samples=metric_samples(self.last_metrics, legend=dataset.name), dataset_id=dataset.id)
+        return model
+
+    def score(self, truth, predicted):
+        """``training.metrics.coco_metrics`` over the model's labels, precision/recall at the configured ``conf_thres``."""
+        from detserve.training.metrics import coco_metrics
+
+        names = [self.labels[i] for i in sorted(self.labels)]
+        unknown = sorted({label for image in truth for label in image.labels} - set(names))
+        if unknown:
+            log.warning("ground-truth labels %s are not the model's; they are left out of the metrics", unknown)
+        conf = self.detector.params(conf=self._config("conf_thres")).conf
+        return coco_metrics(truth, predicted, names, conf_thres=conf)
 
     def prepare_item_func(self, item: dl.Item):
         """The item as an RGB array with EXIF applied, or None (logged) when it cannot be read."""

@@ -27,6 +27,10 @@ class FasterRCNNAdapter(DetectionAdapter):
         if conf is not None and float(conf) < floor:
             log.warning("conf_thres %.3f is below the graph's box_score_thresh %.3f: boxes under it never leave the graph", float(conf), floor)
 
+    def convert_from_dtlpy(self, data_path, **kwargs):
+        """Nothing to convert: ``train`` reads dtlpy's layout (``<subset>/items`` + ``<subset>/json``) itself."""
+        return Path(data_path)
+
     def train(self, data_path, output_path, **kwargs):
         """Fine-tune the loaded weights on the dtlpy download (train subset)."""
         from detserve.runtime.sources import build_fasterrcnn, read_fasterrcnn_checkpoint

@@ -1,4 +1,4 @@
-"""``detserve``: export, predict, serve, bench. One command line for the whole product.
+"""``detserve``: export, predict, evaluate, serve, bench. One command line for the whole product.
 
 Every user error ends in one red line and exit code 2, never a traceback
 (``DETSERVE_DEBUG=1`` shows the traceback for bug reports).
@@ -175,6 +175,77 @@ def predict(
         console.print(f"[bold red]error:[/] {line}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data: Path = typer.Argument(..., help="A folder in Dataloop's layout (<subset>/items + <subset>/json, as prepare_data downloads it), or one subset's folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Export folder (manifest + artifact); default: the default YOLO model."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Subset to score (default: validation, or the only one)."),
+    out: Path = typer.Option(Path("metrics.json"), "--out", help="Where to write the metrics as JSON."),
+    conf: Optional[float] = typer.Option(None, "--conf", help="Score threshold of the boxes scored, and of precision/recall (default: the model's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, tensorrt or torch."),
+) -> None:
+    """COCO mAP50, mAP50-95, per-label AP and precision/recall of a model on labelled data: check it before publishing."""
+    import json
+
+    from rich.table import Table
+
+    from detserve.adapters import adapter_for
+    from detserve.adapters.dtlpy_data import read_subset
+    from detserve.export.defaults import ensure_default_models
+    from detserve.runtime.images import decode
+    from detserve.runtime.progress import console, track
+    from detserve.training.metrics import ImageBoxes
+
+    data_path, name = _dataloop_subset(data, subset)
+    samples = read_subset(data_path, name, min_side=0.0)
+    if not samples:
+        raise ValueError(f"no images under {data_path / name / 'items'}")
+    folder = model if model is not None else ensure_default_models(("yolo",))["yolo"]
+    adapter = adapter_for(folder, device=device, backend=backend, **({"conf_thres": conf} if conf is not None else {}))
+    params = adapter.detector.params(conf=conf)
+    truth, predicted = [], []
+    for sample in track(samples, f"Evaluating {name}"):
+        image = decode(sample.image_path)
+        [det] = adapter.detector.detect([image], params)
+        truth.append(ImageBoxes(sample.boxes, sample.labels, None, image.shape[1], image.shape[0]))
+        predicted.append(ImageBoxes(det.boxes, [adapter.labels.get(int(c), str(c)) for c in det.class_ids], det.scores))
+    metrics = adapter.score(truth, predicted)
+
+    table = Table(title=f"{adapter.detector.manifest.name} on {data_path / name} ({metrics.images} images, {metrics.objects} objects)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("mAP50-95", "mAP50", "mAP75"):
+        table.add_row(key, f"{metrics.stats[key]:.4f}")
+    table.add_row(f"precision @ conf {metrics.conf_thres:g}", f"{metrics.precision:.4f}")
+    table.add_row(f"recall @ conf {metrics.conf_thres:g}", f"{metrics.recall:.4f}")
+    for label, ap in metrics.per_label_ap.items():
+        table.add_row(f"AP50-95 {label}", "no ground truth" if ap is None else f"{ap:.4f}")
+    console.print(table)
+    report = {"model": str(folder), "data": str(data_path), "subset": name, **metrics.to_json()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"[green]wrote[/] {out}")
+
+
+def _dataloop_subset(data: Path, subset: Optional[str]) -> tuple[Path, str]:
+    """(data_path, subset name) for a Dataloop-layout folder or one subset's folder."""
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data} is not a folder; give the folder dtlpy's prepare_data wrote (<subset>/items + <subset>/json)")
+    if (data / "items").is_dir():
+        return data.parent, data.name
+    found = sorted(p.name for p in data.iterdir() if (p / "items").is_dir())
+    if subset is None:
+        subset = "validation" if "validation" in found else found[0] if len(found) == 1 else None
+        if subset is None:
+            raise ValueError(f"{data} has subsets {found or 'none'}; choose one with --subset" if found
+                             else f"{data} has no <subset>/items folder (Dataloop's layout: <subset>/items + <subset>/json)")  # fmt: skip
+    if subset not in found:
+        raise ValueError(f"{data} has no subset {subset!r} (found: {', '.join(found) or 'none'})")
+    return data, subset
 
 
 @app.command()

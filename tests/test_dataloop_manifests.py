@@ -47,10 +47,44 @@ TARGETS = {
 
 FUNCTIONS = {"predict_items", "predict_dataset", "train_model", "evaluate_model"}
 
-#: what dtlpy's BaseModelAdapter reads from model.configuration (derived from dtlpy itself)
-DTLPY_KEYS = {f.name for f in dataclasses.fields(AdapterDefaults)} | {"include_background", "batch_size"}
-#: detserve's keys: adapters/base.py's documented ones plus those the adapters read for threads and training
-DETSERVE_KEYS = set(CONFIG_KEYS) | {"threads", "arch", "epochs", "train_batch_size", "train_device"}
+
+def configuration_reads(source: str) -> set[str]:
+    """Keys read from a configuration in ``source``: ``x._config("k")``, ``x.configuration.get("k")``,
+    ``x.adapter_defaults.get("k")``, ``x._plain_config().get("k")``, ``configuration.get("k")``."""
+    keys = set()
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
+            continue
+        first = node.args[0]
+        if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+            continue
+        func, owner = node.func, node.func.value
+        owner_name = owner.attr if isinstance(owner, ast.Attribute) else owner.id if isinstance(owner, ast.Name) else None
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Attribute):
+            owner_name = owner.func.attr
+        if func.attr == "_config" or (func.attr == "get" and owner_name in ("configuration", "adapter_defaults", "_plain_config")):
+            keys.add(first.value)
+    return keys
+
+
+def _dtlpy_keys() -> set[str]:
+    import inspect
+
+    from dtlpy.ml import base_model_adapter
+
+    read = {f.name for f in dataclasses.fields(AdapterDefaults)} | configuration_reads(inspect.getsource(base_model_adapter))
+    # Only embed_* (not an app function here) reads embeddings_size; column is for db_row items, from the plain dict.
+    return read - {"embeddings_size", "column"}
+
+
+def _detserve_keys() -> set[str]:
+    return set().union(*(configuration_reads(path.read_text()) for path in (ROOT / "adapters").glob("*.py")))
+
+
+#: what dtlpy's BaseModelAdapter reads from model.configuration (derived from dtlpy's source)
+DTLPY_KEYS = _dtlpy_keys()
+#: what the detserve adapters read (derived from adapters/*.py)
+DETSERVE_KEYS = _detserve_keys()
 
 DEFAULTS = {
     "yolo": {"conf_thres": 0.25, "iou_thres": 0.45, "max_det": 300},
@@ -235,6 +269,16 @@ def test_pod_types_against_dtlpy_instance_catalog():
 
 
 # -- models: configuration, labels, types -----------------------------------------------------
+
+
+def test_the_key_lists_are_derived_from_the_code():
+    """The parse finds what the adapters and dtlpy read, so a new key in the code fails the manifest test."""
+    assert {"conf_thres", "iou_thres", "max_det", "epochs", "train_device", "threads", "weights_filename"} <= DETSERVE_KEYS
+    assert DETSERVE_KEYS <= set(CONFIG_KEYS), f"adapters/base.py's CONFIG_KEYS lacks {DETSERVE_KEYS - set(CONFIG_KEYS)}"
+    for key in CONFIG_KEYS:
+        assert f"``{key}``" in importlib.import_module("detserve.adapters.base").__doc__, f"{key} is not documented"
+    assert {"batch_size", "predict_embed_subset_limit", "predict_embed_timeout", "include_background",
+            "root_path", "data_path", "output_path", "include_model_annotations"} <= DTLPY_KEYS  # fmt: skip
 
 
 def test_every_model_configuration_has_all_keys(app):

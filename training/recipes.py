@@ -13,8 +13,6 @@ This module depends on no other detserve module except ``offline`` and
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import shutil
 import tempfile
@@ -346,34 +344,23 @@ def fasterrcnn_predict_fn(checkpoint: Path, *, threads: int = 2) -> PredictFn:
 
 
 def evaluate_map(predict_fn: PredictFn, scenes: list[Scene], *, batch_size: int = 8) -> dict:
-    """COCO mAP of ``predict_fn`` on ``scenes``: ``{"map50_95": ..., "map50": ...}``."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    """COCO mAP of ``predict_fn`` on ``scenes``: ``{"map50_95": ..., "map50": ...}`` (``training.metrics``)."""
+    from detserve.training.metrics import ImageBoxes, coco_metrics
 
-    detections = []
-    for image_id, (boxes, scores, classes) in enumerate(_predict_all(predict_fn, scenes, batch_size), start=1):
-        for (x0, y0, x1, y1), score, cls in zip(
-            np.asarray(boxes, dtype=np.float64).tolist(), np.asarray(scores).tolist(), np.asarray(classes).tolist()
-        ):
-            detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(cls) + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": float(score),
-                }
-            )
-    if not detections:
-        return {"map50_95": 0.0, "map50": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        gt = COCO()
-        gt.dataset = synthetic.coco_ground_truth(scenes)
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {"map50_95": float(evaluator.stats[0]), "map50": float(evaluator.stats[1])}
+    truth = [_scene_boxes(scene) for scene in scenes]
+    predicted = [
+        ImageBoxes(np.asarray(boxes, np.float64).reshape(-1, 4), [CLASSES[int(c)] for c in np.asarray(classes)], np.asarray(scores, np.float64))
+        for boxes, scores, classes in _predict_all(predict_fn, scenes, batch_size)
+    ]
+    result = coco_metrics(truth, predicted, CLASSES)
+    return {"map50_95": result.map50_95, "map50": result.map50}
+
+
+def _scene_boxes(scene: Scene):
+    from detserve.training.metrics import ImageBoxes
+
+    h, w = scene.image.shape[:2]
+    return ImageBoxes(scene.boxes.astype(np.float64), [CLASSES[int(c)] for c in scene.classes], None, w, h)
 
 
 def confident_match(

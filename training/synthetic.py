@@ -123,34 +123,6 @@ def yolo_labels(scene: Scene) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def coco_ground_truth(scenes: list[Scene]) -> dict:
-    """COCO-format ground truth; image ``i`` has id ``i + 1``, category id = class index + 1."""
-    images, annotations = [], []
-    for i, scene in enumerate(scenes):
-        h, w = scene.image.shape[:2]
-        images.append({"id": i + 1, "width": int(w), "height": int(h), "file_name": f"{i:06d}.png"})
-        for (x0, y0, x1, y1), cls in zip(scene.boxes.tolist(), scene.classes.tolist()):
-            bw, bh = x1 - x0, y1 - y0
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": int(cls) + 1,
-                    "bbox": [x0, y0, bw, bh],
-                    "area": bw * bh,
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-    return {
-        "info": {"description": "detserve.training.synthetic scenes"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
-
-
 # --- drawing -----------------------------------------------------------------
 
 
