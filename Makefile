@@ -7,31 +7,42 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.detserve-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHONUNBUFFERED := 1
+# A pipe must fail when pip fails, not only when the filter does.
+.SHELLFLAGS := -o pipefail -c
+# pip's own progress without its noise: a pip config that names missing local mirror folders
+# prints "WARNING: Location '...' is ignored" once per package (about 190 lines), and a re-run
+# lists every "Requirement already satisfied". Errors and everything else still show.
+PIP_QUIET_NOISE := 2>&1 | { grep --line-buffered -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
 .PHONY: setup serve test test-slow bench bench-setup models lock clean help
 
 help:
-	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000"
+	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000 (SERVE_ARGS='--port 8001')"
 	@echo "make test    - set up and run the test suite offline"
 	@echo "make test-slow - the slow tests too (training, full parity sweeps)"
 	@echo "make bench   - quick benchmark (see benchmarks/README.md)"
 
 # Pinned, locked install. Re-runs only when the lock or pyproject changes.
 $(STAMP): requirements.lock pyproject.toml
+	@echo "==> [setup] installing the locked dependencies into $(VENV) (a cold install takes about 90 s)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@$(PY) -m pip install -q --upgrade pip==25.3 $(PIP_QUIET_NOISE)
+	@$(PY) -m pip install -r requirements.lock $(PIP_QUIET_NOISE)
+	@echo "==> [setup] installing detserve itself (editable)"
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(PIP_QUIET_NOISE)
 	@touch $@
 
 setup: $(STAMP)
 
 # Default models: export the shipped weights (models/) into artifacts/, verified.
 models: setup
-	$(PY) -m detserve models
+	@echo "==> [models] exporting the default models into artifacts/ (once; checked against the weights after that)"
+	@$(PY) -m detserve models
 
 serve: models
-	$(PY) -m detserve serve
+	@echo "==> [serve] starting Ray and Serve on 127.0.0.1 (first replica start: about 20-40 s)"
+	@$(PY) -m detserve serve $(SERVE_ARGS)
 
 # The suite runs in a network namespace with only loopback up, so nothing
 # can leave the machine even by accident (scripts/offline-run says how).

@@ -445,8 +445,9 @@ def _sigterm(*_: object) -> None:
     raise KeyboardInterrupt  # run the finally blocks: peers stopped, Ray shut down
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detserve.benchmarks", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.ArgumentParser:
+    """The benchmark's options; ``detserve bench --help`` prints this parser's help."""
+    parser = argparse.ArgumentParser(prog=prog, description="Raw engine, the baseline, detserve and peer servers, side by side, one at a time (benchmarks/README.md).")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
     mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")
@@ -457,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer (detserve runs 1 replica)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmarks") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.setup_peers:
         log(f"PyTriton venv ready: {peers.setup_pytriton()}")
         return 0

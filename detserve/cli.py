@@ -24,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich panels type every flag as "<bool>" (--force <bool>), which
+    # reads as if the flag took a value; click's own layout shows flags bare.
+    rich_markup_mode=None,
 )
 
 
@@ -134,7 +137,7 @@ def models(
 @app.command()
 @user_errors
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Export folder (manifest + artifact); default: the default YOLO model."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for <stem>.json (Dataloop annotations) and <stem>.png."),
     conf: Optional[float] = typer.Option(None, "--conf", help="Score threshold (default: the model's)."),
@@ -157,7 +160,7 @@ def predict(
     adapter = adapter_for(folder, device=device, backend=backend)
     params = adapter.detector.params(conf=conf, iou=iou, max_det=max_det)
     out.mkdir(parents=True, exist_ok=True)
-    total, failed = 0, []
+    total, failed, empty = 0, [], []
     for path in track(images, "Predicting"):
         try:
             image = decode(path)
@@ -169,11 +172,84 @@ def predict(
         (out / f"{path.stem}.json").write_text(json.dumps(collection.to_json()["annotations"], indent=1))
         draw_boxes(image, det, adapter.labels).save(out / f"{path.stem}.png")
         total += len(det)
+        if not len(det):
+            empty.append(path.name)
     done = len(images) - len(failed)
+    labels = label_names(adapter.labels)
     console.print(f"[green]{total} boxes[/] in {done} image(s) with {adapter.detector.describe()['backend']}; wrote {out}/")
+    if empty:
+        console.print(f"[yellow]nothing found[/] in {', '.join(empty)} at conf >= {params.conf:g}. {_knows(adapter.detector.manifest.name, labels, folder)}")
     for line in failed:
         console.print(f"[bold red]error:[/] {line}")
     if failed:
+        raise typer.Exit(1)
+
+
+def label_names(labels: dict[int, str]) -> str:
+    """The class names in id order, as one line: "circle, square, triangle, star"."""
+    return ", ".join(labels[k] for k in sorted(labels))
+
+
+def _knows(name: str, labels: str, folder: Path) -> str:
+    from detserve.runtime.defaults import DEFAULT_MODELS
+
+    line = f"Model {name} looks only for: {labels}."
+    if any(Path(folder).resolve() == d.folder.resolve() for d in DEFAULT_MODELS.values()):
+        line += (" The default models are trained on generated shapes only (models/README.md);"
+                 " export your own weights with `detserve export` and pass --model.")  # fmt: skip
+    return line
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Option("yolo", "--model", help="Export folder, or a default model name (yolo, fasterrcnn)."),
+) -> None:
+    """What a model is and which classes it detects (from its manifest.json)."""
+    from detserve.runtime.defaults import DEFAULT_MODELS
+    from detserve.runtime.manifest import read_manifest
+
+    if model in DEFAULT_MODELS and not Path(model).is_dir():
+        from detserve.export.defaults import ensure_default_models
+
+        folder = ensure_default_models((model,))[model]
+    else:
+        folder = Path(model)
+    m = read_manifest(folder)
+    size = m.input.imgsz or m.input.min_size
+    typer.echo(f"model:   {m.name} ({m.family}, {m.arch})")
+    typer.echo(f"folder:  {folder}")
+    typer.echo(f"artifact: {m.artifact} ({m.format}, {m.precision}, pod {m.pod}), input {size} px, batch {m.batch.min}..{m.batch.max}")
+    typer.echo(f"classes ({len(m.labels)}): {label_names(m.labels)}")
+    typer.echo(f"defaults: {', '.join(f'{k}={v:g}' for k, v in m.defaults.items())}")
+
+
+@app.command()
+@user_errors
+def status(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="The server's base URL."),
+) -> None:
+    """The running server's applications, their models, classes and batches (Ray's `serve status` needs the dashboard)."""
+    from detserve.serve.client import ServerUnreachable, server_status
+
+    try:
+        apps = server_status(url)
+    except ServerUnreachable as exc:
+        _fail(str(exc), 1)
+    if not apps:
+        typer.echo(f"{url}: Serve answers but runs no application yet (still starting?)")
+        raise typer.Exit(1)
+    unhealthy = 0
+    for app_status in apps:
+        if app_status.error:
+            unhealthy += 1
+            typer.echo(f"{app_status.route:<14} {app_status.name}: NOT READY ({app_status.error})")
+            continue
+        i, s = app_status.info, app_status.stats
+        typer.echo(f"{app_status.route:<14} {app_status.name}: ok  model {i['name']} on {i['backend']}/{i['device']}, "
+                   f"classes: {label_names({int(k): v for k, v in i['labels'].items()})}")  # fmt: skip
+        typer.echo(f"{'':<14} {s['images']} images in {s['batches']} batches (mean batch {s['mean_batch_size']:.1f}, one replica's count)")
+    if unhealthy:
         raise typer.Exit(1)
 
 
@@ -253,7 +329,7 @@ def _dataloop_subset(data: Path, subset: Optional[str]) -> tuple[Path, str]:
 def serve(
     config: Path = typer.Option(Path(__file__).resolve().parent.parent / "deploy.yaml", "--config", help="Serve config file."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="HTTP port."),
     app_name: Optional[list[str]] = typer.Option(None, "--app", help="Serve only these applications (default: all)."),
 ) -> None:
     """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
@@ -268,12 +344,13 @@ def serve(
     run_server(config, host, port, app_name)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
-    """Benchmarks: raw engine, baseline, detserve, peers, side by side (options: `detserve bench --help`)."""
+    """Benchmarks: raw engine, baseline, detserve, peers, side by side (see --help)."""
     from detserve.benchmarks.run import main as run_bench
 
-    raise typer.Exit(run_bench(list(ctx.args)))
+    # The benchmark runner owns its options (argparse); --help prints them.
+    raise typer.Exit(run_bench(list(ctx.args), prog="detserve bench"))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -134,3 +134,39 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ServerUnreachable(Exception):
+    """No Serve proxy answered at the URL."""
+
+
+@dataclass
+class AppStatus:
+    route: str  # "/yolo"
+    name: str  # the Serve application
+    info: dict[str, Any]  # GET <route>/info: model, backend, device, labels
+    stats: dict[str, Any]  # GET <route>/stats: batches of the replica that answered
+    error: str = ""  # why the application did not answer; "" when it did
+
+
+def server_status(base_url: str = "http://127.0.0.1:8000", timeout: float = 5.0) -> list[AppStatus]:
+    """Every application of a running server, read over HTTP (Serve's ``/-/routes``, then each app's /info and /stats).
+
+    Ray's own ``serve status`` talks to the dashboard, which ``detserve serve`` leaves off.
+    """
+    base = base_url.rstrip("/")
+    with httpx.Client(timeout=timeout) as http:
+        try:
+            routes = http.get(f"{base}/-/routes")
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(f"no detserve server answers at {base} ({type(exc).__name__}); start one with `make serve` or `detserve serve`") from exc
+        if routes.status_code != 200:
+            raise ServerUnreachable(f"{base}/-/routes answered {routes.status_code}: is this a Ray Serve proxy?")
+        apps = []
+        for route, name in sorted(routes.json().items()):
+            try:
+                info, stats = Client._check(http.get(f"{base}{route}/info")), Client._check(http.get(f"{base}{route}/stats"))
+                apps.append(AppStatus(route, name, info, stats))
+            except (httpx.HTTPError, DetserveError, ValueError) as exc:
+                apps.append(AppStatus(route, name, {}, {}, error=str(exc) or type(exc).__name__))
+        return apps

@@ -8,6 +8,7 @@ replica starts, a curl line that works as printed, and a clean shutdown.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -78,9 +79,26 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
     )
 
 
+def log_level() -> str:
+    """Ray's and Serve's log level under ``detserve serve``: WARNING unless ``DETSERVE_LOG_LEVEL`` asks (INFO, DEBUG)."""
+    return os.environ.get("DETSERVE_LOG_LEVEL", "WARNING").upper()
+
+
+class _OwnServeNotice(logging.Filter):
+    """Drops Serve's "Connecting to existing Serve app... New http_options will not be applied".
+
+    ``serve.start`` sets the HTTP options, then ``serve.run_many`` connects to that same
+    Serve and logs the notice, which reads as if the options were lost. They were not.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "New http_options" not in record.getMessage()
+
+
 def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> list[str]:
     """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
     from ray import serve
+    from ray.serve.schema import LoggingConfig
 
     from detserve.serve.app import application
 
@@ -91,12 +109,16 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
     http = config.http_options
+    logging_config = LoggingConfig(**{**config.logging_config.model_dump(), "log_level": log_level()})
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(log_level())
+    serve_logger.addFilter(_OwnServeNotice())
     serve.start(
         http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},
         proxy_location="HeadOnly",
-        logging_config=config.logging_config,
+        logging_config=logging_config,
     )
-    routes = []
+    targets = []
     for app in config.applications:
         if only and app.name not in only:
             continue
@@ -105,12 +127,32 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
         options: dict[str, Any] = {}
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
-        serve.run(
-            application(app.args, options), name=app.name, route_prefix=app.route_prefix,
-            logging_config=config.logging_config, blocking=False,
-        )  # fmt: skip
-        routes.append(app.route_prefix)
-    return routes
+        targets.append(serve.RunTarget(application(app.args, options), name=app.name, route_prefix=app.route_prefix, logging_config=logging_config))
+    if not targets:
+        raise ValueError(f"no application of {config_path} matches --app {' '.join(only or [])}: choose from {', '.join(a.name for a in config.applications)}")
+    serve.run_many(targets)  # one call: the apps start side by side, Serve is connected to once
+    return [t.route_prefix for t in targets]
+
+
+def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path) -> list[str]:
+    """The lines printed once the server is ready: URLs, a curl per app that works as printed, docs, metrics."""
+    import shlex
+
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached on loopback
+    base = f"http://{reach}:{port}"
+    lines = [f"detserve is serving {', '.join(routes)} on {base}", "", "Try:"]
+    for route in routes:
+        lines.append(f"  curl -s -X POST '{base}{route}/predict?conf=0.25' -H 'Content-Type: image/jpeg' --data-binary @{shlex.quote(str(sample))}")
+    lines += [""]
+    for route in routes:
+        lines.append(f"  API docs   {base}{route}/docs      model and classes: {base}{route}/info")
+    lines += [
+        f"  metrics    http://127.0.0.1:{metrics_port}/metrics  (detserve_*, ray_serve_*)",
+        f"  status     detserve status --url {base}",
+        "",
+        "Ctrl-C stops the server and Ray. More logs: DETSERVE_LOG_LEVEL=INFO.",
+    ]
+    return lines
 
 
 def shutdown() -> None:
@@ -124,28 +166,26 @@ def shutdown() -> None:
 
 
 def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
-    from detserve.runtime.progress import console
-
-    with console.status("Starting Ray and Serve on 127.0.0.1..."):
-        start_ray()
-        # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
-        # process started in the background by a shell inherits it ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        try:
-            routes = deploy(config_path, host, port, only)
-        except BaseException:
-            shutdown()
-            raise
     from detserve.runtime.defaults import sample_path
+    from detserve.runtime.progress import console, step
 
-    sample = sample_path()
-    console.print(f"[green]detserve is serving[/] {', '.join(routes)} on http://{host}:{port}  (API docs: http://{host}:{port}{routes[0]}/docs)")
-    console.print("Try:")
-    for route in routes:
-        console.print(f"  curl -s -X POST 'http://{host}:{port}{route}/predict?conf=0.25' -H 'Content-Type: image/jpeg' --data-binary @{sample}")
-    console.print(f"Prometheus metrics (detserve_*, ray_serve_*): http://127.0.0.1:{os.environ.get('DETSERVE_METRICS_PORT', '8080')}/metrics")
-    console.print("Ctrl-C stops the server and Ray.")
+    with step("Starting Ray on 127.0.0.1"):
+        start_ray()
+    # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
+    # process started in the background by a shell inherits it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with step("Starting Serve and the applications (a replica loads its model)"):
+            routes = deploy(config_path, host, port, only)
+    except BaseException:
+        shutdown()
+        raise
+    metrics_port = int(os.environ.get("DETSERVE_METRICS_PORT", "8080"))
+    console.rule("[bold green]ready[/]")
+    for line in banner(routes, host, port, metrics_port, sample_path()):
+        console.print(line, markup=False, highlight=False)
+    console.rule()
     try:
         while True:
             time.sleep(1)

@@ -413,3 +413,38 @@ def test_metrics_reach_rays_prometheus_endpoint(yolo_url, metrics_port, scenes):
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
     assert 'kind="not_an_image"' in text
+
+
+def test_the_ready_banners_curl_line_works_as_printed(yolo_url, scenes, tmp_path):
+    """The curl that `detserve serve` prints, run by a shell exactly as printed, gets boxes back."""
+    import json
+    import shlex
+    import subprocess
+    from urllib.parse import urlsplit
+
+    from detserve.serve.run import banner
+
+    sample = tmp_path / "a sample.jpg"  # a space: the path must be quoted in the printed line
+    sample.write_bytes(encode(scenes[0].image, "JPEG", quality=95))
+    url = urlsplit(yolo_url)
+    lines = banner(["/yolo"], "0.0.0.0", url.port, 8080, sample)
+    [curl] = [line.strip() for line in lines if line.strip().startswith("curl ")]
+    assert shlex.split(curl)[-1] == f"@{sample}"
+    done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["model"]["name"] and len(body["results"][0]["annotations"]) > 0
+    assert any(line.strip().startswith("API docs") and f"{url.port}/yolo/docs" in line for line in lines)
+    assert any("http://127.0.0.1:8080/metrics" in line for line in lines)
+
+
+def test_detserve_status_names_each_app_and_its_classes(yolo_url):
+    from typer.testing import CliRunner
+
+    from detserve.cli import app
+
+    base = yolo_url.rsplit("/yolo", 1)[0]
+    result = CliRunner().invoke(app, ["status", "--url", base])
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("/yolo")]
+    assert "ok" in line and "circle, square, triangle, star" in line
