@@ -191,3 +191,53 @@ def test_aoti_cpu_package_builds_and_matches_the_source(a100_export, tmp_path):
     assert "aoti" not in {p.step for p in new.pending}
     engine = load_engine(out)
     assert engine.name == "torch-aoti-cpu"
+
+
+# -- benchmarks/gpu_check.py: what the GPU machine will run ----------------------------
+
+#: What the GPU machine lacks: the check must not import any of it.
+ABSENT_ON_GPU_MACHINE = ("ultralytics", "ray", "dtlpy", "pydantic", "rich", "typer", "onnxruntime")
+
+_RUN_WITHOUT = """
+import runpy, sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # `import name` now fails, as where it is not installed
+# No editable install there either: gpu_check maps the checkout's folders itself.
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+sys.argv = ["gpu_check.py"] + sys.argv[2:]
+runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+"""
+
+
+def _gpu_check(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", _RUN_WITHOUT, ",".join(ABSENT_ON_GPU_MACHINE), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_gpu_check_without_cuda_exits_cleanly_saying_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _gpu_check("--model", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU visible" in result.stdout and "nothing was measured" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_cpu_smoke_runs_every_section_without_the_missing_packages(a100_export, tmp_path):
+    out, _ = a100_export
+    result = _gpu_check("--model", str(out), "--out", str(tmp_path / "out"), "--cpu-smoke", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [r["batch"] for r in report["engine_only"]] == [1, 2] and all(r["eager_ips"] > 0 for r in report["engine_only"])
+    assert {(r["set"], r["decode"]) for r in report["end_to_end"]} == {
+        (s, d) for s in ("640x480", "810x1080") for d in ("cpu-16-threads", "gpu-nvjpeg")
+    }
+    parity = report["parity"]["fp32"]
+    assert parity["matched"] == parity["reference_boxes"]
+    assert report["fasterrcnn"] and (tmp_path / "out" / "gpu_check.md").read_text().startswith("# GPU check")
