@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 # lists every "Requirement already satisfied". Errors and everything else still show.
 PIP_QUIET_NOISE := 2>&1 | { grep --line-buffered -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: setup serve test test-slow bench bench-setup models lock clean help
+.PHONY: setup serve test test-slow bench bench-setup models lock clean help gpu-check
 
 help:
 	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000 (SERVE_ARGS='--port 8001')"
@@ -71,3 +71,12 @@ lock:
 
 clean:
 	rm -rf artifacts .cache .pytest_cache
+
+# Issue 13: the GPU check. Exports the default YOLO for a GPU pod (square letterbox,
+# model.pt2) here, then runs benchmarks/gpu_check.py, which needs only torch,
+# torchvision, numpy, pillow and opencv (no Ultralytics/Ray): on a machine
+# without CUDA it says so and exits 0. Copy artifacts/gpu-check/ with the
+# checkout to the GPU machine and run the last line there.
+gpu-check: setup
+	test -f artifacts/gpu-check/yolo/manifest.json || $(PY) -m detserve export --model yolo --weights models/yolo-shapes.pt --pod gpu-a100 --out artifacts/gpu-check/yolo --force
+	$(PY) benchmarks/gpu_check.py --model artifacts/gpu-check/yolo --out artifacts/gpu-check/report

@@ -82,7 +82,7 @@ def export(
     arch: Optional[str] = typer.Option(None, "--arch", help="Faster R-CNN architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (or JSON list/map); no background."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="YOLO: square input size. Faster R-CNN: the transform's min_size."),
-    format: str = typer.Option("onnx", "--format", help="onnx or tensorrt."),
+    format: str = typer.Option("onnx", "--format", help="onnx, tensorrt, or aoti (the compiled PyTorch engine, built inside a GPU pod)."),
     pod: str = typer.Option("regular", "--pod", help="Target Dataloop pod: regular, gpu-t4, gpu-v100, gpu-a100."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (default: the pod's)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch per engine call (default: the pod's)."),

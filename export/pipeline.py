@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from detserve.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file, write_manifest
+from detserve.runtime.manifest import MANIFEST_NAME, Manifest, PendingBuild, sha256_file, write_manifest
 from detserve.runtime.pods import export_plan, get_pod
 from detserve.runtime.progress import step
 from detserve.runtime.sources import SourceError
@@ -45,7 +45,7 @@ class ExportRequest:
     arch: str | None = None
     labels: list[str] | None = None
     imgsz: int | None = None
-    format: Literal["onnx", "tensorrt"] = "onnx"
+    format: Literal["onnx", "tensorrt", "aoti"] = "onnx"
     pod: str = "regular"
     precision: Literal["fp32", "fp16"] | None = None  # None: the pod's preference
     max_batch: int | None = None
@@ -150,10 +150,61 @@ def export_model(req: ExportRequest) -> Manifest:
     )
     write_manifest(out, manifest)
     manifest = _check_parity(req, out, manifest)
+    if pod.kind == "gpu":
+        manifest = _record_pending(req, out, manifest, plan)
     if plan.format == "tensorrt":
         from detserve.export.tensorrt import build_for_manifest
 
         manifest = build_for_manifest(req, out, manifest, plan)
+    elif plan.format == "aoti":
+        from detserve.export.compiled import build_for_manifest as build_compiled
+
+        manifest = build_compiled(req, out, manifest, plan)
+    return manifest
+
+
+def gpu_only_steps(req: ExportRequest, manifest: Manifest, plan) -> list[PendingBuild]:
+    """The GPU-only builds this export leaves for the pod (TensorRT engine, compiled package), each with why."""
+    from detserve.runtime.engines import tensorrt as trt_lookup
+
+    pod = plan.pod
+    sm_here = trt_lookup.current_gpu_sm()
+    if sm_here is None:
+        machine = "no CUDA GPU is visible on this machine"
+    elif sm_here != pod.sm:
+        machine = f"this machine's GPU is {sm_here}, the {pod.name} pod's is {pod.sm}"
+    else:
+        machine = ""
+    args = f"--model {manifest.family} --pod {pod.name} --out <folder>"
+    steps = []
+    if plan.format != "tensorrt":
+        if not pod.tensorrt_supported:
+            reason = f"the pinned TensorRT cannot target this pod's GPU: {pod.note}"
+        else:
+            why = [w for w in (machine, "TensorRT is not installed here" if trt_lookup.installed_tensorrt_version() is None else "") if w]
+            reason = (
+                f"a TensorRT engine only loads on the GPU architecture ({pod.sm}) and TensorRT version that built it, so it "
+                f"is built on the pod's GPU; here {' and '.join(why) if why else '--format onnx was asked for'}"
+            )
+        steps.append(PendingBuild(step="tensorrt", reason=reason, command=f"detserve export {args} --format tensorrt (inside the pod)"))
+    if plan.format != "aoti" and manifest.program is not None:
+        reason = (
+            f"an AOTInductor package is compiled for one GPU architecture ({pod.sm}) and one torch version, on that GPU; "
+            f"here {machine or '--format aoti was not asked for'}"
+        )
+        steps.append(PendingBuild(step="aoti", reason=reason, command=f"detserve export {args} --format aoti (inside the pod)"))
+    return steps
+
+
+def _record_pending(req: ExportRequest, out: Path, manifest: Manifest, plan) -> Manifest:
+    pending = gpu_only_steps(req, manifest, plan)
+    manifest = manifest.model_copy(update={"pending": pending})
+    write_manifest(out, manifest)
+    if pending and not req.quiet:
+        from detserve.runtime.progress import console
+
+        for item in pending:
+            console.print(f"[yellow]left for the pod:[/] {item.step}: {item.reason}. Run: {item.command}")
     return manifest
 
 

@@ -19,11 +19,21 @@ from detserve.runtime.images import decode
 from detserve.runtime.postprocess import Detections
 
 
-def yolo_predict(model, images: list[np.ndarray], *, imgsz: int, conf: float, iou: float, max_det: int = 300) -> list[Detections]:
-    """Ultralytics ``YOLO.predict`` on RGB arrays (it takes numpy as BGR, so flip)."""
+def yolo_predict(
+    model, images: list[np.ndarray], *, imgsz: int, conf: float, iou: float, max_det: int = 300, rect: bool = True
+) -> list[Detections]:
+    """Ultralytics ``YOLO.predict`` on RGB arrays (it takes numpy as BGR, so flip).
+
+    ``rect=True`` is predict's own default (each image letterboxed to its minimal
+    stride rectangle); ``rect=False`` makes Ultralytics' predictor letterbox to the
+    full square (``LetterBox(auto=False)``), as it does for ONNX/TensorRT models:
+    the reference for GPU-pod exports.
+    """
     out = []
     for image in images:
-        result = model.predict(image[..., ::-1].copy(), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, verbose=False, device="cpu")[0]
+        result = model.predict(
+            image[..., ::-1].copy(), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, rect=rect, verbose=False, device="cpu"
+        )[0]
         b = result.boxes
         out.append(Detections(b.xyxy.numpy().astype(np.float32), b.conf.numpy().astype(np.float32), b.cls.numpy().astype(np.int64)))
     return out
@@ -62,7 +72,8 @@ def source_reference(out: Path, manifest: Manifest, *, conf: float, iou: float) 
         from detserve.runtime.sources import load_yolo
 
         model = load_yolo(Path(out) / manifest.source.file)
-        return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou)[0]
+        rect = manifest.input.rect
+        return lambda image: yolo_predict(model, [image], imgsz=manifest.input.imgsz, conf=conf, iou=iou, rect=rect)[0]
     from detserve.runtime.engines.torch import TorchEngine
 
     model = TorchEngine(Path(out), manifest, device="cpu").model

@@ -54,16 +54,28 @@ def export_yolo(req: ExportRequest, out: Path, pod: Pod, plan: ExportPlan) -> Ma
             )
         artifact = out / "model.onnx"
         Path(written).rename(artifact)
+    # GPU pods: the full imgsz square, so images of any size share one fixed-shape
+    # batch (as Ultralytics does for ONNX/TensorRT models); parity is then measured
+    # against Ultralytics' predict with rect=False, the same square input.
+    square = pod.kind == "gpu"
+    program = None
+    if square:
+        from detserve.export.program import export_program
+
+        with step("Exporting the torch program (model.pt2, for the compiled engine and the GPU check)", req.quiet):
+            program = export_program(model, out, imgsz=imgsz, max_batch=max_batch)
+        model = load_yolo(source)  # fuse() above changed the module in place
     return Manifest(
         name=req.name or f"{weights.stem}-yolo",
         family="yolo",
         arch=str((model.model.yaml or {}).get("yaml_file", weights.name)),
         labels={int(k): str(v) for k, v in names.items()},
         **onnx_fields(req, pod, plan, artifact),
-        # rect: each image letterboxed to its own stride-multiple rectangle, as
-        # YOLO.predict does, so boxes match Ultralytics exactly; the graph's
+        # rect (CPU pods): each image letterboxed to its own stride-multiple rectangle,
+        # as YOLO.predict does, so boxes match Ultralytics exactly; the graph's
         # height and width are dynamic, and the runtime batches same-shape images.
-        input=InputSpec(resize="letterbox", imgsz=imgsz, stride=stride, pad_value=114, rect=True),
+        input=InputSpec(resize="letterbox", imgsz=imgsz, stride=stride, pad_value=114, rect=not square),
+        program=program,
         output=OutputSpec(kind="yolo_raw", names=["output0"]),
         batch=BatchSpec(min=1, opt=pod.opt_batch, max=max_batch, dynamic=True, note="one graph for any batch size up to max"),
         source=SourceSpec(file=source.name, sha256=sha256_file(source), kind=kind),

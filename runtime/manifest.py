@@ -18,7 +18,8 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
 Family = Literal["yolo", "fasterrcnn"]
-Format = Literal["onnx", "tensorrt"]
+# "aoti": a torch AOTInductor package (runtime/engines/compiled.py), built on the target GPU
+Format = Literal["onnx", "tensorrt", "aoti"]
 Precision = Literal["fp32", "fp16"]
 
 
@@ -96,6 +97,28 @@ class SourceSpec(_Model):
     kind: Literal["ultralytics", "torchvision_state_dict", "torchvision_random_init"]
 
 
+class ProgramFile(_Model):
+    """The model as a ``torch.export`` program (``.pt2``): loads with plain torch, no Ultralytics.
+
+    What the compiled engine is built from on the pod, and what
+    ``benchmarks/gpu_check.py`` runs where Ultralytics is not installed.
+    """
+
+    file: str
+    sha256: str
+    torch_version: str  # the torch that exported it
+    dynamic_batch_max: int  # the largest batch the program's dynamic axis allows
+    max_abs_diff: float  # largest raw-output difference vs the source model at export time
+
+
+class PendingBuild(_Model):
+    """A build step the export left for the target pod (it needs that pod's GPU), and why."""
+
+    step: Literal["tensorrt", "aoti"]
+    reason: str
+    command: str  # what to run inside the pod
+
+
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -110,12 +133,15 @@ class Manifest(_Model):
     pod: str = "regular"
     gpu_arch: str | None = None  # "sm_75", for TensorRT engines
     tensorrt_version: str | None = None
+    torch_version: str | None = None  # for "aoti" packages: the torch that built (and alone loads) it
     input: InputSpec
     output: OutputSpec
     batch: BatchSpec
     source: SourceSpec
     defaults: dict[str, float] = Field(default_factory=lambda: {"conf": 0.25, "iou": 0.45, "max_det": 300})
     parity: Parity | None = None
+    program: ProgramFile | None = None
+    pending: list[PendingBuild] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
 

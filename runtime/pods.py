@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 PodKind = Literal["cpu", "gpu"]
-Backend = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
-Format = Literal["onnx", "tensorrt"]
+Backend = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-compiled"]
+# "aoti": the compiled PyTorch engine (AOTInductor package), for GPUs without TensorRT
+Format = Literal["onnx", "tensorrt", "aoti"]
 Precision = Literal["fp32", "fp16"]
 
-FORMATS: tuple[Format, ...] = ("onnx", "tensorrt")
+FORMATS: tuple[Format, ...] = ("onnx", "tensorrt", "aoti")
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
 
 #: The TensorRT release the `gpu` extra pins (pyproject.toml); engines built by
@@ -164,12 +165,19 @@ def export_plan(pod_name: str, requested_format: str | None = None, requested_pr
             format=fmt,
             backend=backend,
             precision=precision,
-            gpu_arch=pod.sm if fmt == "tensorrt" else None,
+            gpu_arch=pod.sm if fmt in ("tensorrt", "aoti") else None,
             opt_batch=pod.opt_batch,
             max_batch=pod.max_batch,
             reason=reason,
         )
 
+    if requested_format == "aoti":
+        if pod.kind == "cpu":
+            raise ValueError(
+                f"the compiled engine (--format aoti) is for GPU pods, and pod {pod.name!r} is a CPU pod; "
+                f"use `--format onnx --pod {pod.name}`"
+            )
+        return plan("aoti", "torch-compiled", precision)
     if pod.kind == "cpu":
         if requested_format == "tensorrt":
             gpu_pods = ", ".join(p.name for p in PODS.values() if p.tensorrt_supported)

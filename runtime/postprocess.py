@@ -56,17 +56,48 @@ class Detections:
 
 def yolo_nms(raw: np.ndarray, params: DetectParams) -> list[Detections]:
     """Decode and NMS a YOLO batch ``[N, 4 + nc, A]``; boxes stay in model-input pixels."""
-    pred = torch.from_numpy(np.ascontiguousarray(raw)).float().transpose(1, 2)  # [N, A, 4 + nc]
+    pred = torch.from_numpy(np.ascontiguousarray(raw))
+    n_images = pred.shape[0]
+    kept = yolo_nms_tensors(pred, params)
+    out = [Detections() for _ in range(n_images)]
+    if kept.images.numel() == 0:
+        return out
+    boxes_np, scores_np, cls_np = kept.boxes.numpy(), kept.scores.numpy(), kept.class_ids.numpy()
+    images_np = kept.images.numpy()
+    for i in np.unique(images_np):
+        sel = images_np == i
+        out[i] = Detections(boxes_np[sel], scores_np[sel], cls_np[sel])
+    return out
+
+
+@dataclass
+class KeptBoxes:
+    """The boxes NMS kept for a whole batch, as tensors on the batch's device, grouped by image in score order."""
+
+    images: torch.Tensor  # [K] int64: the image each box belongs to
+    boxes: torch.Tensor  # [K, 4] float32 xyxy, model-input pixels
+    scores: torch.Tensor  # [K] float32
+    class_ids: torch.Tensor  # [K] int64
+
+
+def yolo_nms_tensors(raw: torch.Tensor, params: DetectParams) -> KeptBoxes:
+    """``yolo_nms`` on a tensor ``[N, 4 + nc, A]`` on any device; the results stay there.
+
+    The one YOLO NMS: the numpy path (:func:`yolo_nms`) and the device path
+    (``detserve.runtime.device``) both call it, so their boxes cannot drift apart.
+    """
+    device = raw.device
+    pred = raw.float().transpose(1, 2)  # [N, A, 4 + nc]
     n_images, _, width = pred.shape
     nc = width - 4
     scores, cls = pred[..., 4:].max(dim=-1)  # best class per anchor
     keep = scores > params.conf
     if params.classes is not None:
-        keep &= torch.isin(cls, torch.tensor(params.classes, dtype=cls.dtype))
+        keep &= torch.isin(cls, torch.tensor(params.classes, dtype=cls.dtype, device=device))
     image_idx, anchor_idx = keep.nonzero(as_tuple=True)
-    out = [Detections() for _ in range(n_images)]
     if image_idx.numel() == 0:
-        return out
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return KeptBoxes(empty, torch.zeros((0, 4), device=device), torch.zeros(0, device=device), empty)
     scores = scores[image_idx, anchor_idx]
     cls = cls[image_idx, anchor_idx]
     xywh = pred[image_idx, anchor_idx, :4]
@@ -83,15 +114,9 @@ def yolo_nms(raw: np.ndarray, params: DetectParams) -> list[Detections]:
     kept, kept_images = kept[order], kept_images[order]
     counts = torch.bincount(kept_images, minlength=n_images)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(kept)) - starts[kept_images]
+    rank = torch.arange(len(kept), device=device) - starts[kept_images]
     kept = kept[rank < params.max_det]
-    kept_images = image_idx[kept]
-    boxes_np, scores_np, cls_np = boxes[kept].numpy(), scores[kept].numpy(), cls[kept].numpy().astype(np.int64)
-    images_np = kept_images.numpy()
-    for i in np.unique(images_np):
-        sel = images_np == i
-        out[i] = Detections(boxes_np[sel], scores_np[sel], cls_np[sel])
-    return out
+    return KeptBoxes(image_idx[kept], boxes[kept], scores[kept], cls[kept].to(torch.int64))
 
 
 def _cap_per_image(image_idx: torch.Tensor, scores: torch.Tensor, cap: int) -> torch.Tensor:
@@ -99,7 +124,7 @@ def _cap_per_image(image_idx: torch.Tensor, scores: torch.Tensor, cap: int) -> t
     order = order[torch.sort(image_idx[order], stable=True).indices]
     counts = torch.bincount(image_idx[order])
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order)) - starts[image_idx[order]]
+    rank = torch.arange(len(order), device=order.device) - starts[image_idx[order]]
     return order[rank < cap]
 
 

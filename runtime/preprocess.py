@@ -10,11 +10,13 @@ it is later batched with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from detserve.runtime.manifest import InputSpec
+if TYPE_CHECKING:  # only for the annotation: the GPU check imports this module without pydantic
+    from detserve.runtime.manifest import InputSpec
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ def letterbox(
     padding split with Ultralytics' ``round(d - 0.1)`` rule, INTER_LINEAR.
     """
     h, w = image.shape[:2]
+    new_w, new_h, top, bottom, left, right = letterbox_layout(h, w, size, rect, stride)
+    if (w, h) != (new_w, new_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
+    # scale_boxes recomputes the gain per axis from the rounded sides.
+    return out, Geometry(h, w, new_w / w, new_h / h, left, top)
+
+
+def letterbox_layout(h: int, w: int, size: int, rect: bool = False, stride: int = 32) -> tuple[int, int, int, int, int, int]:
+    """``(new_w, new_h, top, bottom, left, right)``: the letterbox arithmetic alone, shared by the device path."""
     r = min(size / h, size / w)
     new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
     dw, dh = size - new_w, size - new_h
@@ -50,11 +62,7 @@ def letterbox(
     dw, dh = dw / 2, dh / 2
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
-    if (w, h) != (new_w, new_h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(pad_value,) * 3)
-    # scale_boxes recomputes the gain per axis from the rounded sides.
-    return out, Geometry(h, w, new_w / w, new_h / h, left, top)
+    return new_w, new_h, top, bottom, left, right
 
 
 def pack(images: list[np.ndarray], scale: float, dtype: np.dtype = np.float32) -> np.ndarray:

@@ -675,8 +675,9 @@ def test_export_model_tensorrt_end_to_end_with_a_fake_builder(yolo_tensorrt_expo
     assert (manifest.format, manifest.artifact, manifest.artifact_sha256) == ("tensorrt", engine.name, sha256_file(engine))
     assert (manifest.gpu_arch, manifest.tensorrt_version, manifest.precision, manifest.pod) == ("sm_75", "10.14.1.48", "fp16", "gpu-t4")
     assert (manifest.batch.min, manifest.batch.opt, manifest.batch.max) == (1, PODS["gpu-t4"].opt_batch, PODS["gpu-t4"].max_batch)
-    # rect letterbox (as YOLO.predict): one side imgsz, the other a stride multiple up to it.
-    assert seen["builder"].calls[0]["chw"] == (3, (32, 128, 128), (32, 128, 128))
+    # GPU pods export the square letterbox (issue 13): a fixed imgsz x imgsz input.
+    assert manifest.input.rect is False
+    assert seen["builder"].calls[0]["chw"] == (3, 128, 128)
     ((path, kwargs),) = seen["engines"]
     assert path == engine and kwargs["expected_sm"] == "sm_75" and kwargs["expected_trt"] == "10.14.1.48"
     parity = manifest.parity

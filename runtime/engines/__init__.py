@@ -23,8 +23,8 @@ from detserve.runtime.manifest import Manifest, ManifestError, read_manifest
 
 log = logging.getLogger("detserve")
 
-Backend = Literal["auto", "onnxruntime", "tensorrt", "torch"]
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+Backend = Literal["auto", "onnxruntime", "tensorrt", "torch", "compiled"]
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "compiled")
 
 
 class Engine(Protocol):
@@ -62,6 +62,15 @@ def resolve(manifest: Manifest, backend: str = "auto", device: str = "auto") -> 
         raise ManifestError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not cuda_available():
         raise ManifestError(f"device {device!r} was asked for, but no CUDA GPU is visible; use --device cpu")
+    if manifest.format == "aoti":  # issue 13: the compiled PyTorch engine, keyed like TensorRT engines
+        if backend not in ("auto", "compiled"):
+            raise ManifestError(f"{manifest.artifact} is a compiled torch package; only backend 'compiled' runs it")
+        target = "cuda:0" if manifest.gpu_arch else "cpu"
+        if device not in ("auto", target) and not (target == "cuda:0" and device.startswith("cuda")):
+            raise ManifestError(f"{manifest.artifact} was compiled for {manifest.gpu_arch or 'cpu'}; it cannot run on {device}")
+        return "compiled", target if device == "auto" else device, "the artifact is a compiled torch package"
+    if backend == "compiled":
+        raise ManifestError("backend 'compiled' needs a package built on this GPU: `detserve export --format aoti --pod gpu-a100 ...`")
     if manifest.format == "tensorrt":
         if backend not in ("auto", "tensorrt"):
             raise ManifestError(
@@ -108,6 +117,14 @@ def load_engine(
         from detserve.runtime.engines.torch import TorchEngine
 
         engine = TorchEngine(folder, manifest, device=device, threads=threads)
+    elif backend == "compiled":
+        from detserve.runtime.engines.compiled import CompiledEngine
+        from detserve.runtime.manifest import verify_artifact
+
+        engine = CompiledEngine(
+            verify_artifact(folder, manifest), expected_target=manifest.gpu_arch, expected_torch=manifest.torch_version,
+            device=device, max_batch=manifest.batch.max,
+        )  # fmt: skip
     else:
         from detserve.runtime.engines.tensorrt import TensorRTEngine
         from detserve.runtime.manifest import verify_artifact
