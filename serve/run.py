@@ -105,7 +105,8 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     import ray
 
     config = load_config(config_path)
-    problems = placement_problems(config, float(ray.cluster_resources().get("CPU", 0)))
+    chosen = config.model_copy(update={"applications": [a for a in config.applications if not only or a.name in only]})
+    problems = placement_problems(chosen, float(ray.cluster_resources().get("CPU", 0)))
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
     http = config.http_options
