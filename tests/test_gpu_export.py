@@ -52,11 +52,13 @@ def test_gpu_pod_export_without_a_gpu_verifies_the_square_onnx(a100_export):
     assert (m.format, m.pod, m.input.rect, m.input.imgsz) == ("onnx", "gpu-a100", False, 320)
     assert m.parity is not None and m.parity.passed and m.parity.source_boxes > 0 and m.parity.matched_share >= 0.99
     # The ONNX graph takes any image as the same square: differently sized images share one engine call.
-    from detserve.runtime.detector import Detector
+    from detserve.runtime.detector import Detector, engine_calls
+    from detserve.runtime.preprocess import pack_inputs
 
     detector = Detector(out, backend="onnxruntime", device="cpu")
-    prepared = detector.preprocess([np.zeros((480, 640, 3), np.uint8), np.zeros((1080, 810, 3), np.uint8), np.zeros((50, 500, 3), np.uint8)])
-    assert len(prepared.tensors) == 1 and prepared.tensors[0][0].shape == (3, 3, 320, 320)
+    prepared = [detector.prepare(np.zeros(shape, np.uint8)) for shape in ((480, 640, 3), (1080, 810, 3), (50, 500, 3))]
+    assert engine_calls(prepared, detector.engine.max_batch) == [[0, 1, 2]]
+    assert pack_inputs(prepared, detector.manifest.input)[0].shape == (3, 3, 320, 320)
 
 
 def test_gpu_pod_export_reference_is_ultralytics_square_predict(a100_export, scenes):
