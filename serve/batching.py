@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from detserve.runtime.detector import Detector, Prepared
-from detserve.runtime.images import ImageInput, Limits
+from detserve.runtime.images import ImageInput, Limits, frame_count
 from detserve.runtime.postprocess import DetectParams, Detections
 
 
@@ -26,6 +26,7 @@ class Job:
     width: int
     height: int
     decode_s: float = 0.0
+    frames: int = 1  # of the file; the boxes are the first frame's
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -42,7 +43,8 @@ def prepare(detector: Detector, data: ImageInput, params: DetectParams, limits: 
     start = time.perf_counter()
     image = detector.decode(data, limits)
     prepared = detector.preprocess([image])
-    return Job(prepared, params, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start)
+    return Job(prepared, params, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start,
+               frames=frame_count(data))  # fmt: skip
 
 
 def run_batch(detector: Detector, jobs: list[Job], timings: BatchTimings | None = None) -> list[Detections | Exception]:

@@ -61,3 +61,32 @@ def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def local_client(yolo_export):
+    """The real FastAPI app of a replica around the real server class, in this process: no Ray.
+
+    ``DetectionServer`` is Serve's deployment; ``func_or_class.__mro__[1]`` is the
+    plain class under Serve's ingress wrapper. ``@serve.batch`` needs a replica,
+    so here each job runs alone (``submit``); decode, limits, errors and encoding
+    are the deployment's own. Small limits so the limit tests stay fast.
+    """
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from detserve.serve.app import DetectionServer
+    from detserve.serve.batching import run_batch
+    from detserve.serve.http import build_api
+
+    class InProcessServer(DetectionServer.func_or_class.__mro__[1]):
+        async def submit(self, job):
+            loop = asyncio.get_running_loop()
+            [det] = await loop.run_in_executor(self.engine_pool, run_batch, self.detector, [job])
+            return det
+
+    server = InProcessServer({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
+    with TestClient(build_api(server), raise_server_exceptions=False) as client:
+        client.server = server
+        yield client
