@@ -122,7 +122,8 @@ USAGE = (
 
 async def read_images(request: Request, limits: RequestLimits) -> list[bytes]:
     """The images in a request body, as bytes, in order; the limits hold while the bytes arrive."""
-    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    # Starlette decodes headers as latin-1, so this round trip is exact for real requests.
+    content_type, options = parse_options_header(request.headers.get("content-type", "").encode("latin-1", "replace"))
     content_type = content_type.decode("latin-1").strip().lower()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:

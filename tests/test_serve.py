@@ -245,6 +245,8 @@ def test_overload_gets_fast_503_not_an_unbounded_queue(slow_url, scenes):
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    # Ray's own backpressure reply, in the JSON contract by serve/proxy_errors.py
+    assert all(r.json()["error"]["code"] == "overloaded" for r in responses if r.status_code == 503)
     r = httpx.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200
 
@@ -255,6 +257,7 @@ def test_request_timeout_gives_408(slow_url, scenes):
         f"{slow_url}/predict", content=big, headers={"content-type": "image/png", "x-request-timeout-seconds": "0.001"}, timeout=60
     )
     assert r.status_code == 408, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["error"]["code"] == "timeout", r.text
     assert httpx.post(f"{slow_url}/predict", content=big, headers={"content-type": "image/png"}, timeout=60).status_code == 200
 
 
@@ -365,3 +368,52 @@ def test_metrics_reach_rays_prometheus_endpoint(yolo_url, metrics_port, scenes):
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
     assert 'kind="not_an_image"' in text
+
+
+def test_rays_own_unknown_route_404_is_json(serve_cluster):
+    r = httpx.get(f"{serve_cluster}/no-such-app/predict", timeout=30)
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "not_found" and "/-/routes" in r.json()["error"]["message"]
+    assert httpx.get(f"{serve_cluster}/-/routes", timeout=30).status_code == 200  # Ray's own endpoints untouched
+
+
+@pytest.mark.xfail(reason=(
+    "Ray 2.60's replica-side ASGIReceiveProxy.fetch_until_disconnect pulls the whole body from the proxy into an "
+    "unbounded asyncio.Queue whatever the app reads; the app stops at the limit, but measured: RSS 1.18 -> 1.48 GB"))
+def test_replica_memory_returns_to_baseline_after_100_rejected_chunked_uploads(serve_cluster, yolo_export, scenes):
+    """100 chunked multipart uploads of 20 MB against a 2 MB limit (scaled down from the issue's 200 MB
+    against 50 MB, to stay in seconds on 2 cores): each is cut at the limit, and the replica's RSS
+    ends within 10 % of where it started."""
+    from ray import serve
+
+    from detserve.serve.app import application
+
+    options = {"num_replicas": 1, "autoscaling_config": None}
+    args = {"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024}
+    serve.run(application(args, options), name="limited", route_prefix="/limited", blocking=False, logging_config=QUIET)
+    url = f"{serve_cluster}/limited"
+    boundary = "detservelimit"
+
+    def upload(total=20 * 1024 * 1024, chunk=1024 * 1024):
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'.encode()
+        for _ in range(total // chunk):
+            yield b"\0" * chunk
+
+    try:
+        ok = httpx.post(f"{url}/predict", content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        baseline = httpx.get(f"{url}/stats", timeout=30).json()["rss_bytes"]
+        codes = []
+        with httpx.Client(timeout=60) as client:
+            for _ in range(100):
+                try:
+                    r = client.post(f"{url}/predict", content=upload(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+                    codes.append((r.status_code, r.json()["error"]["code"]))
+                except httpx.TransportError:  # the server may close the connection before the client finishes sending
+                    codes.append((None, "closed"))
+        answered = [c for c in codes if c[0] is not None]
+        assert answered and set(answered) == {(413, "body_too_large")}, codes
+        after = httpx.get(f"{url}/stats", timeout=30).json()["rss_bytes"]
+        assert after <= 1.10 * baseline, (baseline, after)
+    finally:
+        serve.delete("limited")
