@@ -15,12 +15,13 @@ export PYTHONUNBUFFERED := 1
 # lists every "Requirement already satisfied". Errors and everything else still show.
 PIP_QUIET_NOISE := 2>&1 | { grep --line-buffered -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: setup serve test test-slow bench bench-setup models lock clean help gpu-check
+.PHONY: setup serve test test-slow fuzz bench bench-setup models lock clean help gpu-check
 
 help:
 	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000 (SERVE_ARGS='--port 8001')"
 	@echo "make test    - set up and run the test suite offline"
 	@echo "make test-slow - the slow tests too (training, full parity sweeps)"
+	@echo "make fuzz    - the fuzz tests with 2000 examples each (make test runs 30)"
 	@echo "make bench   - quick benchmark (see benchmarks/README.md)"
 
 # Pinned, locked install. Re-runs only when the lock or pyproject changes.
@@ -50,7 +51,11 @@ test: setup
 	scripts/offline-run $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup
-	scripts/offline-run $(PY) -m pytest -q $(PYTEST_ARGS)
+	DETSERVE_FUZZ_EXAMPLES=300 scripts/offline-run $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# schemathesis against the app's spec and hypothesis over decode and the request parser, longer.
+fuzz: setup
+	DETSERVE_FUZZ_EXAMPLES=2000 scripts/offline-run $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 # PyTriton's own venv for `make bench` (needs the registry once; without it the peer is reported unavailable).
 .cache/bench-pytriton/.installed: $(STAMP)

@@ -2,7 +2,9 @@
 
 Bytes (JPEG, PNG, WebP, BMP, TIFF, GIF), paths, PIL images and numpy arrays all
 come out the same way: EXIF orientation applied, every PIL mode (L, LA, P, RGBA,
-CMYK, YCbCr, 16-bit, float) converted to 8-bit RGB. Size limits are checked
+CMYK, YCbCr, 16-bit, float) converted to 8-bit RGB. A multi-frame file
+(animated GIF, multi-page TIFF) gives its first frame; ``frame_count`` says
+how many there were. Size limits are checked
 from the header, before any pixel is decoded, so a decompression bomb costs
 nothing.
 """
@@ -16,10 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 #: Default refusal limit: 40 megapixels (a 8000x5000 photo fits).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# Pillow refuses a PNG whose one compressed text chunk (zTXt/iTXt: XMP,
+# comments) inflates past 1 MiB, although the pixels are fine. Allow up to
+# 16 MiB per chunk; PngImagePlugin.MAX_TEXT_MEMORY (64 MiB) still caps the
+# total, and past either the user gets ``metadata_too_large``.
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 16 * 1024 * 1024)
 
 ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
 
@@ -97,9 +105,43 @@ def decode(data: ImageInput, limits: Limits = Limits()) -> np.ndarray:
         raise ImageError(
             "not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("corrupt_image", f"the image is truncated or corrupt: {exc}") from None
-    return _from_pil(image)
+    except ValueError as exc:
+        if "MAX_TEXT" in str(exc) or "text chunk" in str(exc):
+            raise ImageError(
+                "metadata_too_large",
+                "the image's text metadata (PNG zTXt/iTXt chunks) is over 16 MiB per chunk or 64 MiB in all: "
+                "strip the metadata (e.g. `mogrify -strip`, or re-save the pixels) and send it again",
+            ) from None
+        raise _corrupt() from None
+    except Exception:  # Pillow's decoders raise many kinds (OSError, EOFError, struct.error...) on bad bytes
+        raise _corrupt() from None
+    try:
+        return _from_pil(image)
+    except Exception:  # a mode or palette that cannot be converted is a broken file too
+        raise _corrupt() from None
+
+
+def _corrupt() -> ImageError:
+    return ImageError(
+        "corrupt_image", "the image is truncated or corrupt: send the complete file (check it opens in an image viewer)"
+    )
+
+
+def frame_count(data: ImageInput) -> int:
+    """Frames in an image file (animated GIF/WebP/PNG, multi-page TIFF); 1 for single images and arrays.
+
+    ``decode`` gives the first frame; callers report this count beside its
+    boxes so a user knows the rest were not looked at.
+    """
+    if isinstance(data, Image.Image):
+        return int(getattr(data, "n_frames", 1) or 1)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return 1
+    try:
+        with _pil_open(io.BytesIO(bytes(data))) as image:
+            return int(getattr(image, "n_frames", 1) or 1)
+    except Exception:  # decode has already said what is wrong with the file
+        return 1
 
 
 def _check_pixels(width: int, height: int, limits: Limits) -> None:

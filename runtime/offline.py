@@ -38,6 +38,11 @@ def environment() -> dict[str, str]:
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
         "RAY_DEDUP_LOGS": "0",
+        # Ray Serve's proxy answers unknown routes, overload, timeouts and dead
+        # replicas in plain text; this middleware (imported by name, so no layer
+        # is crossed) gives them detserve's JSON error body. Read by the proxy
+        # at start, so it must be in the environment before ray.init.
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "detserve.serve.proxy_errors:middlewares",
         # dtlpy writes ~/.dataloop otherwise.
         "DATALOOP_PATH": str(HOME / "dataloop"),
         # torch hub / huggingface: never download.

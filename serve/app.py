@@ -29,8 +29,8 @@ from detserve.runtime import offline
 
 offline.apply()
 
-from fastapi import FastAPI, Query, Request  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
+import psutil  # noqa: E402
+from fastapi import Request  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from ray import serve  # noqa: E402
 
@@ -38,7 +38,7 @@ from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
 from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
 from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
 from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header  # noqa: E402
-from detserve.serve.http import ApiError, RequestLimits, error_response, image_error, read_images  # noqa: E402
+from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -118,30 +118,6 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-api = FastAPI(
-    title="detserve",
-    description="Object detection with dynamic batching. POST images to /predict; boxes come back as Dataloop annotations.",
-    version="0.1.0",
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError):
-    return exc.response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
-    return error_response(422, "invalid_parameter", problems)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception):
-    log.exception("detserve: unexpected error")
-    return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}); it keeps serving")
-
-
 class _Metrics:
     """Serve metrics (Ray's Prometheus endpoint), per application."""
 
@@ -178,7 +154,7 @@ class _Metrics:
         "downscale_delay_s": 60,
     },
 )
-@serve.ingress(api)
+@serve.ingress()  # the app is built per replica, around the replica: __serve_build_asgi_app__
 class DetectionServer:
     def __init__(self, args: dict[str, Any] | None = None):
         from detserve.adapters import adapter_for
@@ -326,6 +302,7 @@ class DetectionServer:
                 {
                     "width": item.width,
                     "height": item.height,
+                    "frames": item.frames,
                     "annotations": to_collection(det, self.adapter.labels, name, None).to_json()["annotations"],
                 }
                 for item, det in zip(items, detections)
@@ -352,28 +329,22 @@ class DetectionServer:
         except ApiError as exc:
             raise ValueError(f"{exc.code}: {exc.message}") from None
 
-    # ---- HTTP ------------------------------------------------------------
-    @api.post("/predict", summary="Detect objects in one or more images")
-    async def http_predict(
-        self,
-        request: Request,
-        conf: float | None = Query(None, ge=0.0, le=1.0, description="score threshold"),
-        iou: float | None = Query(None, ge=0.0, le=1.0, description="NMS IoU threshold"),
-        max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
-    ) -> dict:
-        images = await read_images(request, self.request_limits)
-        return await self.detect(images, self.detector.params(conf=conf, iou=iou, max_det=max_det), self.deadline(header_timeout(request)))
+    # ---- HTTP (routes, errors and OpenAPI: serve/http.py) ---------------------
+    def __serve_build_asgi_app__(self):
+        return build_api(self)
 
-    @api.get("/stats", summary="Batch sizes this replica has formed, its queue and its measured cost curve")
+    def request_deadline(self, request: Request) -> float:
+        return self.deadline(header_timeout(request))
+
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))
         images = sum(k * v for k, v in sizes.items())
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
                 "mean_batch_size": images / max(1, sum(sizes.values())),
                 "stage_seconds": dict(self.stage_seconds),
-                "scheduler": self.scheduler.stats()}  # fmt: skip
+                "scheduler": self.scheduler.stats(),
+                "rss_bytes": psutil.Process().memory_info().rss}  # fmt: skip
 
-    @api.get("/info", summary="The model this application serves")
     async def http_info(self) -> dict:
         m = self.detector.manifest
         return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}

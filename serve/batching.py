@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from detserve.runtime.detector import Detector, StageTimes
-from detserve.runtime.images import ImageInput, Limits
+from detserve.runtime.images import ImageInput, Limits, frame_count
 from detserve.runtime.postprocess import DetectParams, Detections
 from detserve.runtime.preprocess import PreparedImage
 
@@ -27,6 +27,7 @@ class Item:
     width: int
     height: int
     decode_s: float = 0.0
+    frames: int = 1  # of the file; the boxes are the first frame's
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -43,7 +44,8 @@ def prepare(detector: Detector, data: ImageInput, limits: Limits) -> Item:
     start = time.perf_counter()
     image = detector.decode(data, limits)
     prepared = detector.prepare(image)
-    return Item(prepared, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start)
+    return Item(prepared, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start,
+                frames=frame_count(data))  # fmt: skip
 
 
 def run_batch(

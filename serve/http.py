@@ -1,23 +1,86 @@
-"""HTTP request parsing and error bodies for ``POST /<app>/predict``.
+"""The HTTP face of a detserve application: request parsing, the error contract, the FastAPI app.
 
-Every error a client can cause becomes ``{"error": {"code", "message"}}`` with
-a 4xx status; the message says what was wrong and what to send instead.
+Every error a client can cause becomes ``{"error": {"code", "message"}}`` with a
+4xx status and one stable ``code`` per cause (``ERRORS`` lists them all, and
+the OpenAPI spec documents them); the message says what was sent and what to
+send instead. Errors that Ray's proxy makes itself (unknown route, overload,
+timeout, a replica that died) get the same body from ``serve/proxy_errors.py``.
+
+The body is read as it arrives, with the byte limit checked on every chunk,
+whatever the encoding (Content-Length or chunked, raw, JSON or multipart):
+multipart is parsed by python-multipart's streaming parser from those same
+chunks, so an oversized upload costs at most ``max_body_bytes`` of memory.
+
+``build_api(server)`` makes the FastAPI app around anything with the
+``DetectionServer`` methods it calls (``detect``, ``stats``, ``describe_api``
+and the ``detector``/``request_limits`` attributes): the deployment builds it
+per replica (``__serve_build_asgi_app__``), tests build it around a server
+that runs without Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import ctypes
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from detserve.runtime.images import ImageError
 
-#: ImageError codes -> HTTP status
-IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "unsupported_type": 415}
+log = logging.getLogger("ray.serve")
+
+#: ImageError codes -> HTTP status (the rest are 400). An image over the byte
+#: limit is the body limit seen from inside (both are ``max_body_bytes``), so
+#: it gets the body's code: one code per limit.
+IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "metadata_too_large": 413, "unsupported_type": 415}
+IMAGE_CODE = {"too_large": "body_too_large"}
+
+#: Every error code the server answers with, by status, for the OpenAPI spec
+#: and the README. proxy_errors.py adds Ray's own (404 route, 408, 503, 500).
+ERRORS: dict[int, dict[str, str]] = {
+    400: {
+        "empty": "the body (or one image) is empty",
+        "not_an_image": "the bytes are not an image format detserve reads",
+        "corrupt_image": "the image is truncated or corrupt",
+        "bad_json": "the JSON body is not valid JSON",
+        "bad_base64": "an entry of images[] is not valid base64",
+        "bad_multipart": "the multipart body cannot be parsed",
+        "no_images": "the request holds no images",
+    },
+    404: {"not_found": "no such route in this application"},
+    405: {"method_not_allowed": "the route exists, the HTTP method does not"},
+    408: {"timeout": "the request took longer than its deadline (x-request-timeout-seconds or the server's)"},
+    413: {
+        "body_too_large": "the body (or one image) is over max_body_bytes",
+        "too_many_images": "more images (multipart parts, JSON entries) than max_images",
+        "too_many_pixels": "an image has more pixels than max_pixels",
+        "metadata_too_large": "an image's text metadata is over Pillow's safety limit",
+    },
+    415: {"unsupported_media_type": "the Content-Type is not image/*, multipart/form-data or application/json"},
+    422: {
+        "invalid_parameter": "a query parameter's value is out of range or not a number",
+        "unknown_parameter": "a query parameter /predict does not take",
+        "repeated_parameter": "a query parameter given more than once",
+        "bad_json": "the JSON body is not {\"images\": [\"<base64>\", ...]}",
+    },
+    500: {"internal": "the server failed on this request", "inference_failed": "the model failed on this image"},
+    503: {"overloaded": "the server's queue is full: retry after Retry-After seconds", "unavailable": "no replica can take the request now"},
+}
 
 
 @dataclass
@@ -35,13 +98,17 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, self.headers)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its body was read: nobody reads the answer."""
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def image_error(exc: ImageError, index: int | None = None) -> ApiError:
     where = f"image {index}: " if index is not None else ""
-    return ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, where + exc.message)
+    return ApiError(IMAGE_STATUS.get(exc.code, 400), IMAGE_CODE.get(exc.code, exc.code), where + exc.message)
 
 
 USAGE = (
@@ -50,16 +117,29 @@ USAGE = (
 )
 
 
+# ---- reading the body ----------------------------------------------------------
+
+
 async def read_images(request: Request, limits: RequestLimits) -> list[bytes]:
-    """The images in a request body, as bytes, in order."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """The images in a request body, as bytes, in order; the limits hold while the bytes arrive."""
+    # Starlette decodes headers as latin-1, so this round trip is exact for real requests.
+    content_type, options = parse_options_header(request.headers.get("content-type", "").encode("latin-1", "replace"))
+    content_type = content_type.decode("latin-1").strip().lower()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise ApiError(413, "body_too_large", f"the body is {length} bytes; the limit is {limits.max_body_bytes}")
+        raise ApiError(413, "body_too_large", f"the body is {length} bytes; the limit is {limits.max_body_bytes}: send fewer or smaller images per request")
     if content_type == "multipart/form-data":
-        images = await _multipart(request)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "bad_multipart", 'the Content-Type multipart/form-data has no boundary: let your HTTP client build the body (curl -F file=@img.jpg)')
+        collector = _MultipartImages(boundary, limits.max_images)
+        await _stream(request, limits.max_body_bytes, collector.write)
+        images = collector.finish()
     else:
-        body = await _body(request, limits.max_body_bytes)
+        chunks: list[bytes] = []
+        await _stream(request, limits.max_body_bytes, chunks.append)
+        body = b"".join(chunks)
+        del chunks
         if not body:
             raise ApiError(400, "empty", f"the request body is empty: {USAGE}")
         if content_type == "application/json":
@@ -71,43 +151,112 @@ async def read_images(request: Request, limits: RequestLimits) -> list[bytes]:
     if not images:
         raise ApiError(400, "no_images", f"the request holds no images: {USAGE}")
     if len(images) > limits.max_images:
-        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {limits.max_images}")
+        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {limits.max_images}: split them over several requests")
     return images
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _multipart(request: Request) -> list[bytes]:
+async def _stream(request: Request, limit: int, sink) -> None:
+    """Feed the body to ``sink`` chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
+    size = 0
     try:
-        form = await request.form(max_files=1000, max_fields=1000)
-    except Exception as exc:  # malformed multipart bodies raise several kinds
-        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {exc}") from None
-    files = []
-    for _, value in form.multi_items():
-        if hasattr(value, "read"):
-            files.append(await value.read())
-    await form.close()
-    if not files:
-        raise ApiError(400, "no_images", "the multipart body has no file parts: send images as files (curl -F file=@img.jpg)")
-    return files
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes: send fewer or smaller images per request")
+            if chunk:
+                sink(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    except ApiError:
+        _give_memory_back(size)
+        raise
+
+
+def _give_memory_back(size: int) -> None:
+    # glibc keeps freed heap pages of a big rejected body mapped; hand them back
+    # so the replica's RSS returns to its baseline (the RSS test measures it).
+    if size < 4 * 1024 * 1024:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _MultipartImages:
+    """The file parts of a multipart/form-data body, parsed as its chunks arrive."""
+
+    def __init__(self, boundary: bytes, max_images: int):
+        self.max_images = max_images
+        self.files: list[bytes] = []
+        self.parts = 0
+        self.ended = False
+        self._part: list[bytes] | None = None
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self.parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
+            "on_header_field": self._field, "on_header_value": self._value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_end": self._finished,
+        })  # fmt: skip
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError:
+            raise ApiError(400, "bad_multipart", "the multipart body is malformed (bad boundary or part headers): let your HTTP client build it (curl -F file=@img.jpg)") from None
+
+    def finish(self) -> list[bytes]:
+        if not self.ended:
+            raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary: send the whole body")
+        if not self.files:
+            raise ApiError(400, "no_images", "the multipart body has no file parts: send images as files (curl -F file=@img.jpg)")
+        return self.files
+
+    def _begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_images:
+            raise ApiError(413, "too_many_images", f"the multipart body has more than {self.max_images} parts; the limit is {self.max_images} images, one file part each: split them over several requests")
+        self._headers, self._part = {}, None
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        # As Starlette does: a part with a filename is a file; other fields are ignored.
+        self._part = [] if b"filename" in params else None
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._part is not None:
+            self._part.append(data[start:end])
+
+    def _end(self) -> None:
+        if self._part is not None:
+            self.files.append(b"".join(self._part))
+        self._part = None
+
+    def _finished(self) -> None:
+        self.ended = True
 
 
 def _json_images(body: bytes) -> list[bytes]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ApiError(400, "bad_json", f"the body is not valid JSON{where}: send {{\"images\": [\"<base64>\", ...]}}") from None
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-        raise ApiError(422, "bad_json", 'JSON bodies must be {"images": ["<base64>", ...]}')
+        raise ApiError(422, "bad_json", 'JSON bodies must be {"images": ["<base64>", ...]}: a list of base64 strings (data: URLs work too)')
     out = []
     for i, text in enumerate(images):
         if text.startswith("data:"):  # data URLs: data:image/png;base64,....
@@ -115,5 +264,221 @@ def _json_images(body: bytes) -> list[bytes]:
         try:
             out.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64: send each image's bytes base64-encoded (standard alphabet, with padding)") from None
     return out
+
+
+# ---- query parameters ----------------------------------------------------------
+
+PREDICT_PARAMETERS = {
+    "conf": "a number from 0 to 1 (score threshold), e.g. conf=0.25",
+    "iou": "a number from 0 to 1 (NMS IoU threshold), e.g. iou=0.45",
+    "max_det": "a whole number from 1 to 10000 (detections per image), e.g. max_det=100",
+}
+
+
+def check_query(request: Request) -> None:
+    """Unknown and repeated query parameters are mistakes (a typo'd ``conf`` would be silently ignored)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - set(PREDICT_PARAMETERS))
+    if unknown:
+        raise ApiError(422, "unknown_parameter", f"unknown query parameter(s) {', '.join(unknown)}: /predict takes {', '.join(PREDICT_PARAMETERS)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ApiError(422, "repeated_parameter", f"query parameter(s) {', '.join(repeated)} given more than once: give each at most once")
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    problems = []
+    for e in exc.errors():
+        where, name = (e["loc"][0], e["loc"][-1]) if e["loc"] else ("request", "?")
+        value = e.get("input")
+        if where == "query" and name in PREDICT_PARAMETERS:
+            shown = value if isinstance(value, str) else json.dumps(value)
+            reason = "is not a finite number" if e["type"] == "finite_number" or str(value).strip().lower() in ("nan", "inf", "-inf", "infinity") else e["msg"].lower()
+            problems.append(f"{name}={shown}: {reason}; send {PREDICT_PARAMETERS[name]}")
+        else:
+            problems.append(f"{where} {name}: {e['msg']}")
+    return "; ".join(problems)
+
+
+# ---- the OpenAPI description ------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, one per cause (see the README's error table)")
+    message: str = Field(description="what was sent and what to send instead")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Point(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    x: float
+    y: float
+    z: float | None = 0
+
+
+class BoxAnnotation(BaseModel):
+    """A Dataloop box annotation (``dl.Box`` as ``AnnotationCollection.to_json()`` writes it)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["box"]
+    label: str
+    coordinates: list[Point] = Field(description="[top-left, bottom-right] in pixels of the original image", min_length=2, max_length=2)
+    metadata: dict[str, Any] = Field(description="metadata.user.model = {name, confidence, model_id}")
+
+
+class ImageResult(BaseModel):
+    width: int
+    height: int
+    frames: int = Field(1, description="frames in the file (animated GIF, multi-page TIFF); boxes are for the first")
+    annotations: list[BoxAnnotation]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: str
+    backend: str
+    device: str
+
+
+class PredictResponse(BaseModel):
+    model: ModelSummary
+    results: list[ImageResult] = Field(description="one per image, in request order")
+
+
+class ImagesJson(BaseModel):
+    images: list[str] = Field(description="base64-encoded image files (or data: URLs)", min_length=1)
+
+
+def _errors_doc(*statuses: int) -> dict[int | str, dict]:
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{code}`: {what}" for code, what in ERRORS[status].items()),
+        }
+        for status in statuses
+    }
+
+
+PREDICT_BODIES = {
+    "requestBody": {
+        "required": True,
+        "description": f"The images: {USAGE}.",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                },
+                "encoding": {"file": {"contentType": "image/*"}},
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJson"}},
+        },
+    }
+}
+
+
+# ---- the app -------------------------------------------------------------------
+
+SWAGGER_ASSETS = "docs-assets"
+
+
+def _swagger_ui_dir() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(swagger_ui_path)
+
+
+def build_api(server) -> FastAPI:
+    """The FastAPI app of one replica, around ``server`` (a DetectionServer, or a stand-in in tests)."""
+    api = FastAPI(
+        title="detserve",
+        description=(
+            "Object detection with dynamic batching. POST images to /predict; boxes come back as Dataloop "
+            'annotations. Every error is {"error": {"code", "message"}}.'
+        ),
+        version="0.1.0",
+        docs_url=None,  # served below from the packaged Swagger UI: no CDN
+        redoc_url=None,
+    )
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @api.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        log.info("detserve: the client closed the connection while sending its body; request dropped")
+        return error_response(400, "client_disconnected", "the connection closed before the whole body arrived")
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_parameter", _validation_message(exc))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path
+        if exc.status_code == 404:
+            return error_response(404, "not_found", f"no route {path}: this application serves POST predict, GET info, GET stats, GET docs under its prefix", exc.headers)
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {path}; use {allowed or 'another method'}", exc.headers)
+        return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("detserve: unexpected error")
+        return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}); it keeps serving: retry, and report it if it repeats")
+
+    @api.post(
+        "/predict",
+        summary="Detect objects in one or more images",
+        response_model=PredictResponse,
+        responses=_errors_doc(400, 408, 413, 415, 422, 500, 503),
+        openapi_extra=PREDICT_BODIES,
+        dependencies=[Depends(check_query)],
+    )
+    async def predict(
+        request: Request,
+        conf: float | None = Query(None, ge=0.0, le=1.0, allow_inf_nan=False, description="score threshold"),
+        iou: float | None = Query(None, ge=0.0, le=1.0, allow_inf_nan=False, description="NMS IoU threshold"),
+        max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
+    ) -> dict:
+        images = await read_images(request, server.request_limits)
+        try:
+            params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
+            return await server.detect(images, params, server.request_deadline(request))
+        except asyncio.CancelledError:
+            # Ray cancels the handler when the client disconnects; images not
+            # yet decoded or batched are dropped with it (see README, "Serve").
+            log.info("detserve: the client went away; its %d image(s) were dropped", len(images))
+            raise
+
+    @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(500))
+    async def stats() -> dict:
+        return await server.stats()
+
+    @api.get("/info", summary="The model this application serves", responses=_errors_doc(500))
+    async def info() -> dict:
+        return await server.http_info()
+
+    api.mount(f"/{SWAGGER_ASSETS}", StaticFiles(directory=_swagger_ui_dir()), name="swagger-assets")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{api.openapi_url}",
+            title="detserve - API",
+            swagger_js_url=f"{root}/{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}/{SWAGGER_ASSETS}/favicon-32x32.png",
+        )
+
+    return api

@@ -300,7 +300,7 @@ def test_a_wrong_prediction_gives_a_json_408_and_drops_the_rest(slow_url, scenes
     files = [("f", (f"{i}.jpg", big, "image/jpeg")) for i in range(12)]
     r = httpx.post(f"{slow_url}/predict", files=files, headers={"x-request-timeout-seconds": "1.5"}, timeout=60)
     assert r.status_code == 408, r.text
-    assert r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.headers["content-type"] == "application/json" and r.json()["error"]["code"] == "deadline_exceeded"
     stats = httpx.get(f"{slow_url}/stats").json()["scheduler"]
     assert stats["counts"].get("deadline", 0) >= 1 and stats["outstanding_images"] == 0
     assert httpx.post(f"{slow_url}/predict", content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=60).status_code == 200
@@ -448,3 +448,53 @@ def test_detserve_status_names_each_app_and_its_classes(yolo_url):
     assert result.exit_code == 0, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("/yolo")]
     assert "ok" in line and "circle, square, triangle, star" in line
+
+
+def test_rays_own_unknown_route_404_is_json(serve_cluster):
+    r = httpx.get(f"{serve_cluster}/no-such-app/predict", timeout=30)
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "not_found" and "/-/routes" in r.json()["error"]["message"]
+    assert httpx.get(f"{serve_cluster}/-/routes", timeout=30).status_code == 200  # Ray's own endpoints untouched
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason=(
+    "Ray 2.60's replica-side ASGIReceiveProxy.fetch_until_disconnect pulls the whole body from the proxy into an "
+    "unbounded asyncio.Queue whatever the app reads; the app stops at the limit, but measured: RSS 1.18 -> 1.48 GB"))
+def test_replica_memory_returns_to_baseline_after_100_rejected_chunked_uploads(serve_cluster, yolo_export, scenes):
+    """100 chunked multipart uploads of 20 MB against a 2 MB limit (scaled down from the issue's 200 MB
+    against 50 MB, to stay in seconds on 2 cores): each is cut at the limit, and the replica's RSS
+    ends within 10 % of where it started."""
+    from ray import serve
+
+    from detserve.serve.app import application
+
+    options = {"num_replicas": 1, "autoscaling_config": None}
+    args = {"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024}
+    serve.run(application(args, options), name="limited", route_prefix="/limited", blocking=False, logging_config=QUIET)
+    url = f"{serve_cluster}/limited"
+    boundary = "detservelimit"
+
+    def upload(total=20 * 1024 * 1024, chunk=1024 * 1024):
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'.encode()
+        for _ in range(total // chunk):
+            yield b"\0" * chunk
+
+    try:
+        ok = httpx.post(f"{url}/predict", content=encode(scenes[0].image), headers={"content-type": "image/png"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        baseline = httpx.get(f"{url}/stats", timeout=30).json()["rss_bytes"]
+        codes = []
+        with httpx.Client(timeout=60) as client:
+            for _ in range(100):
+                try:
+                    r = client.post(f"{url}/predict", content=upload(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+                    codes.append((r.status_code, r.json()["error"]["code"]))
+                except httpx.TransportError:  # the server may close the connection before the client finishes sending
+                    codes.append((None, "closed"))
+        answered = [c for c in codes if c[0] is not None]
+        assert answered and set(answered) == {(413, "body_too_large")}, codes
+        after = httpx.get(f"{url}/stats", timeout=30).json()["rss_bytes"]
+        assert after <= 1.10 * baseline, (baseline, after)
+    finally:
+        serve.delete("limited")

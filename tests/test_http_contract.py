@@ -1,0 +1,324 @@
+"""The HTTP contract of /predict, in process (no Ray): one JSON error body per cause, limits while
+streaming, disconnects, multi-frame images, the OpenAPI description and the offline /docs.
+
+``local_client`` (conftest) is the replica's real FastAPI app around the real server class, with
+``max_body_bytes`` = 2 MiB and ``max_images`` = 4 so the limits are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import re
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+LIMIT = 2 * 1024 * 1024
+
+
+def png(width=64, height=48, color="white") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary="detservetest") -> bytes:
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+MP = {"content-type": "multipart/form-data; boundary=detservetest"}
+PNG_CT = {"content-type": "image/png"}
+
+
+def chunks(total: int, size: int = 256 * 1024):
+    sent = 0
+    while sent < total:
+        yield b"\0" * min(size, total - sent)
+        sent += size
+
+
+#: (what is sent, status, code): one per cause. Messages are checked for leaked internals below.
+CASES = {
+    "empty body": (dict(content=b"", headers=PNG_CT), 400, "empty"),
+    "not an image": (dict(content=b"hello", headers=PNG_CT), 400, "not_an_image"),
+    "truncated png": (dict(content=png(300, 200, "red")[:120], headers=PNG_CT), 400, "corrupt_image"),
+    "text/plain": (dict(content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+    "json not json": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "bad_json"),
+    "json wrong shape": (dict(json={"images": "x"}), 422, "bad_json"),
+    "json bad base64": (dict(json={"images": ["!!"]}), 400, "bad_base64"),
+    "json too many": (dict(json={"images": [base64.b64encode(png()).decode()] * 5}), 413, "too_many_images"),
+    "multipart no boundary": (dict(content=b"x", headers={"content-type": "multipart/form-data"}), 400, "bad_multipart"),
+    "multipart cut off": (dict(content=multipart([("f", "a.png", png())])[:-20], headers=MP), 400, "bad_multipart"),
+    "multipart garbage": (dict(content=b"--other\r\n\r\nzz", headers=MP), 400, "bad_multipart"),
+    "multipart no files": (dict(content=multipart([("note", None, b"hi")]), headers=MP), 400, "no_images"),
+    "multipart too many parts": (dict(content=multipart([("f", f"{i}.png", png()) for i in range(50)]), headers=MP), 413, "too_many_images"),
+    "raw over limit (content-length)": (dict(content=b"\0" * (LIMIT + 1), headers=PNG_CT), 413, "body_too_large"),
+    "raw over limit (chunked)": (dict(content=chunks(LIMIT + 1), headers=PNG_CT), 413, "body_too_large"),
+    "multipart over limit (chunked)": (
+        dict(content=iter([multipart([("f", "a.png", b"\0" * (LIMIT + 10))])]), headers=MP), 413, "body_too_large"),
+    "too many pixels": (dict(content=None, headers=PNG_CT), 413, "too_many_pixels"),
+    "conf=nan": (dict(content=png(), headers=PNG_CT, params={"conf": "nan"}), 422, "invalid_parameter"),
+    "conf=inf": (dict(content=png(), headers=PNG_CT, params={"conf": "inf"}), 422, "invalid_parameter"),
+    "conf=2": (dict(content=png(), headers=PNG_CT, params={"conf": "2"}), 422, "invalid_parameter"),
+    "max_det=abc": (dict(content=png(), headers=PNG_CT, params={"max_det": "abc"}), 422, "invalid_parameter"),
+    "unknown parameter": (dict(content=png(), headers=PNG_CT, params={"confidence": "0.5"}), 422, "unknown_parameter"),
+    "conf twice": (dict(content=png(), headers=PNG_CT, params=[("conf", "0.1"), ("conf", "0.2")]), 422, "repeated_parameter"),
+}  # fmt: skip
+
+INTERNALS = re.compile(r"PIL|Pillow\b.*Plugin|Starlette|starlette|python.multipart|Traceback|400: |MAX_TEXT_CHUNK|pydantic", re.I)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_client_error_has_one_stable_code_and_a_plain_message(local_client, case):
+    kwargs, status, code = CASES[case]
+    if case == "too many pixels":  # 9000 x 9000 = 81 MP > 40 MP; a small PNG, refused from its header
+        buf = io.BytesIO()
+        Image.new("L", (9000, 9000)).save(buf, format="PNG")
+        kwargs = dict(kwargs, content=buf.getvalue())
+    r = local_client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"code", "message"}
+    assert error["code"] == code, error
+    assert error["message"] and not INTERNALS.search(error["message"]), error["message"]
+    if code in ("invalid_parameter", "unknown_parameter", "repeated_parameter"):
+        name = "confidence" if code == "unknown_parameter" else ("max_det" if "max_det" in case else "conf")
+        assert name in error["message"]
+    if case.startswith("conf=nan"):
+        assert "not a finite number" in error["message"]
+
+
+def test_404_and_405_inside_the_app_are_in_the_contract(local_client):
+    r = local_client.get("/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = local_client.get("/predict")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.json()["error"]["message"] and r.headers["allow"] == "POST"
+
+
+def test_the_three_request_bodies_give_the_same_boxes(local_client):
+    image = png(96, 64, "gray")
+    raw = local_client.post("/predict", content=image, headers=PNG_CT).json()
+    form = local_client.post("/predict", files=[("file", ("a.png", image, "image/png"))]).json()
+    as_json = local_client.post("/predict", json={"images": [base64.b64encode(image).decode()]}).json()
+    assert raw == form == as_json
+    assert raw["results"][0]["width"] == 96 and raw["results"][0]["frames"] == 1
+
+
+def test_a_png_with_a_large_text_chunk_decodes_and_a_huge_one_gets_a_clear_413(local_client):
+    def with_text(size: int) -> bytes:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("comment", "x" * size, zip=True)  # zTXt: tiny on the wire, big once inflated
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), "red").save(buf, "PNG", pnginfo=info)
+        return buf.getvalue()
+
+    r = local_client.post("/predict", content=with_text(2 * 1024 * 1024), headers=PNG_CT)
+    assert r.status_code == 200, r.text  # over Pillow's default 1 MiB per text chunk: still fine
+    r = local_client.post("/predict", content=with_text(17 * 1024 * 1024), headers=PNG_CT)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "metadata_too_large", r.text
+    assert "strip" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_multi_frame_images_give_the_first_frame_and_say_how_many_frames(local_client, fmt):
+    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    r = local_client.post("/predict", content=buf.getvalue(), headers={"content-type": f"image/{fmt.lower()}"})
+    assert r.status_code == 200, r.text
+    [result] = r.json()["results"]
+    assert (result["width"], result["height"], result["frames"]) == (40, 30, 3)
+    from detserve.runtime.images import decode
+
+    assert tuple(decode(buf.getvalue())[0, 0]) == (255, 0, 0)  # the first frame's pixels
+
+
+# ---- straight ASGI calls: what the app pulls from the connection, and disconnects --------------
+
+
+def _scope(path="/predict", headers=(("content-type", "image/png"),), query=b"") -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
+        "headers": [(k.encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+
+async def _call(app, scope, messages):
+    sent, pulled = [], 0
+
+    async def receive():
+        nonlocal pulled
+        if pulled < len(messages):
+            pulled += 1
+            return messages[pulled - 1]
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent, pulled
+
+
+@pytest.mark.parametrize("kind", ["raw", "multipart"])
+def test_the_body_limit_stops_reading_a_chunked_upload_as_it_arrives(local_client, kind):
+    """A 40 MiB chunked body against a 2 MiB limit: the app stops pulling chunks just past 2 MiB."""
+    chunk = 64 * 1024
+    n = 40 * 1024 * 1024 // chunk
+    head = b"" if kind == "raw" else b'--b\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\n'
+    messages = [{"type": "http.request", "body": head + b"\0" * chunk, "more_body": True}]
+    messages += [{"type": "http.request", "body": b"\0" * chunk, "more_body": True} for _ in range(n)]
+    ctype = "image/png" if kind == "raw" else "multipart/form-data; boundary=b"
+    sent, pulled = asyncio.run(_call(local_client.app, _scope(headers=[("content-type", ctype), ("transfer-encoding", "chunked")]), messages))
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "body_too_large"
+    assert pulled <= LIMIT // chunk + 2, pulled  # never more than the limit (+ one chunk) was read
+
+
+@pytest.fixture
+def serve_log(caplog):
+    """Records of Ray Serve's logger (it does not propagate to the root logger caplog watches)."""
+    logger = logging.getLogger("ray.serve")
+    caplog.handler.setLevel(logging.INFO)
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_a_client_that_disconnects_while_sending_logs_one_info_line_and_runs_nothing(local_client, serve_log):
+    server = local_client.server
+    decoded = server.stage_seconds["decode"]
+    messages = [{"type": "http.request", "body": png()[:50], "more_body": True}, {"type": "http.disconnect"}]
+    asyncio.run(_call(local_client.app, _scope(), messages))
+    records = [r for r in serve_log.records if r.name == "ray.serve"]
+    assert [r.levelno for r in records] == [logging.INFO], [r.getMessage() for r in records]
+    assert not any(r.exc_info for r in records)
+    assert server.stage_seconds["decode"] == decoded  # nothing was decoded, nothing ran
+
+
+def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_client, serve_log, monkeypatch):
+    """Ray cancels the handler task when the client goes away; images not yet batched are dropped."""
+    server = local_client.server
+    calls = {"infer": 0}
+    real_decode, real_infer = server.detector.decode, server.detector.infer
+
+    def slow_decode(*args, **kwargs):
+        import time
+
+        time.sleep(0.3)
+        return real_decode(*args, **kwargs)
+
+    def counting_infer(*args, **kwargs):
+        calls["infer"] += 1
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(server.detector, "decode", slow_decode)
+    monkeypatch.setattr(server.detector, "infer", counting_infer)
+
+    async def main():
+        task = asyncio.create_task(_call(local_client.app, _scope(), [{"type": "http.request", "body": png(), "more_body": False}]))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the decode thread finishes; its job must not be submitted
+
+    asyncio.run(main())
+    assert calls["infer"] == 0
+    records = [r for r in serve_log.records if r.name == "ray.serve"]
+    assert [r.levelno for r in records] == [logging.INFO] and not records[0].exc_info
+
+
+# ---- the API description ------------------------------------------------------------------
+
+
+def test_openapi_documents_the_three_bodies_the_response_and_every_error(local_client):
+    spec = local_client.get("/openapi.json").json()
+    post = spec["paths"]["/predict"]["post"]
+    assert set(post["requestBody"]["content"]) == {"image/*", "multipart/form-data", "application/json"}
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImagesJson")
+    ok = post["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/PredictResponse")
+    schemas = spec["components"]["schemas"]
+    assert schemas["ImageResult"]["properties"]["annotations"]["items"]["$ref"].endswith("/BoxAnnotation")
+    for status in ("400", "408", "413", "415", "422", "500", "503"):
+        assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody"), status
+    assert "HTTPValidationError" not in schemas  # FastAPI's own 422 body is never sent
+    names = {p["name"] for p in post["parameters"]}
+    assert names == {"conf", "iou", "max_det"}
+
+
+def test_docs_are_served_entirely_by_the_app(local_client):
+    page = local_client.get("/docs")
+    assert page.status_code == 200
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", page.text), "a CDN or third-party URL in /docs"
+    assets = re.findall(r"(?:src|href)=[\"']([^\"']+)[\"']", page.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets), assets
+    for asset in assets:
+        r = local_client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 100, asset
+    assert "url: '/openapi.json'" in page.text or '"url": "/openapi.json"' in page.text or "/openapi.json" in page.text
+
+
+# ---- Ray's own errors, through the proxy middleware (unit level; test_serve.py runs it in Ray) ----
+
+
+@pytest.mark.parametrize(
+    "status,text,headers,code",
+    [
+        (404, b"Path '/x' not found. Ping http://127.0.0.1:1/-/routes for available routes.", [], "not_found"),
+        (503, b"Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", [(b"retry-after", b"1")], "overloaded"),
+        (429, b"Request dropped due to backpressure", [(b"retry-after", b"2")], "overloaded"),
+        (503, b"Deployment is unavailable", [], "unavailable"),
+        (408, b"Request abc timed out after 1.0s.", [], "timeout"),
+        (500, b"Internal Server Error", [], "internal"),
+        (None, b"", [], "internal"),  # the replica died: Ray sends no response at all
+    ],
+)
+def test_proxy_middleware_turns_rays_text_errors_into_the_contract(status, text, headers, code):
+    from detserve.serve.proxy_errors import JsonErrors
+
+    async def ray_like(scope, receive, send):
+        if status is None:
+            return
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8"), *headers]})
+        await send({"type": "http.response.body", "body": text})
+
+    sent, _ = asyncio.run(_call(JsonErrors(ray_like), _scope("/x"), []))
+    start, body = sent[0], json.loads(sent[1]["body"])
+    assert start["status"] == (status or 500)
+    assert body["error"]["code"] == code and body["error"]["message"]
+    assert dict(start["headers"])[b"content-type"] == b"application/json"
+    for key, value in headers:
+        assert dict(start["headers"])[key] == value  # Retry-After kept
+
+
+def test_proxy_middleware_leaves_json_and_rays_own_endpoints_alone():
+    from detserve.serve.proxy_errors import JsonErrors
+
+    async def app(scope, receive, send):
+        ctype = b"application/json" if scope["path"] == "/app" else b"text/plain"
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", ctype)]})
+        await send({"type": "http.response.body", "body": b'{"error": {"code": "x", "message": "y"}}' if ctype == b"application/json" else b"DRAINING"})
+
+    for path, body in (("/app", b'{"error": {"code": "x", "message": "y"}}'), ("/-/healthz", b"DRAINING")):
+        sent, _ = asyncio.run(_call(JsonErrors(app), _scope(path), []))
+        assert sent[1]["body"] == body
+
+
+def test_the_offline_environment_installs_the_proxy_middleware():
+    from detserve.runtime.offline import environment
+    from detserve.serve import proxy_errors
+
+    module, _, name = environment()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    assert f"{module}:{name}" == proxy_errors.IMPORT_PATH and callable(getattr(proxy_errors, name))
