@@ -139,6 +139,7 @@ class Scheduler:
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
         self._wake: asyncio.Event | None = None
         self._lanes: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- prediction ------------------------------------------------------
     def target_batch(self) -> int:
@@ -240,8 +241,9 @@ class Scheduler:
         return sum(len(t.ready) for t in self.active)
 
     def _ensure_lanes(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._wake is None or self._loop is not loop:  # a replica has one loop; tests may bring several
+            self._wake, self._loop, self._lanes = asyncio.Event(), loop, []
         self._lanes = [task for task in self._lanes if not task.done()]
         while len(self._lanes) < self.settings.lanes:
             self._lanes.append(asyncio.get_running_loop().create_task(self._lane()))

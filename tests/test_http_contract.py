@@ -210,7 +210,7 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
     """Ray cancels the handler task when the client goes away; images not yet batched are dropped."""
     server = local_client.server
     calls = {"infer": 0}
-    real_decode, real_infer = server.detector.decode, server.detector.infer
+    real_decode, real_infer = server.detector.decode, server.detector.run
 
     def slow_decode(*args, **kwargs):
         import time
@@ -223,7 +223,7 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
         return real_infer(*args, **kwargs)
 
     monkeypatch.setattr(server.detector, "decode", slow_decode)
-    monkeypatch.setattr(server.detector, "infer", counting_infer)
+    monkeypatch.setattr(server.detector, "run", counting_infer)
 
     async def main():
         task = asyncio.create_task(_call(local_client.app, _scope(), [{"type": "http.request", "body": png(), "more_body": False}]))
