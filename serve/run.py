@@ -161,6 +161,10 @@ class Listener:
     pid: int
     process: str
 
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 def listeners() -> list[Listener]:
     """Every listening TCP socket of this process and its descendants (Ray's processes are all descendants)."""
@@ -193,7 +197,7 @@ def exposure_line() -> str:
     exposed = exposed_listeners()
     if not exposed:
         return "Ray listens on 127.0.0.1 only."
-    ports = ", ".join(f"{one.host}:{one.port} ({one.process})" for one in exposed)
+    ports = ", ".join(f"{one.address} ({one.process})" for one in exposed)
     if offline.ray_auth_enabled():
         return f"Not on loopback (Ray hard-codes it): Serve replica gRPC {ports}; they require the Ray token."
     return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen on all interfaces: anyone who reaches them can call the replicas."

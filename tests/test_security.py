@@ -69,7 +69,7 @@ def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(secured_ap
     assert sorted(one.pid for one in exposed) == sorted(replicas)
     line = exposure_line()
     assert "require the Ray token" in line
-    assert all(f":{one.port} " in line for one in exposed), line
+    assert all(f"{one.address} " in line for one in exposed), line
 
 
 def grpc_code(target: str, method: str, token: str | None):
