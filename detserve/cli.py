@@ -335,8 +335,9 @@ def serve(
     """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.defaults import DEFAULT_MODELS
-    from detserve.serve.run import load_config, main as run_server
+    from detserve.serve.run import load_config, main as run_server, require_auth_for
 
+    require_auth_for(host)  # before exporting models or starting Ray
     names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
     defaults = tuple(n for n in names if n in DEFAULT_MODELS)
     if defaults:  # export once here, not in every replica

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,24 @@ def placement_problems(config, cpus: float) -> list[str]:
 
 
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
-    """A private, loopback-only Ray for this process.
+    """A private, loopback-only Ray for this process, with token authentication on.
 
+    Every Ray listener (GCS, raylet, object manager, workers, agents, metrics) is
+    on 127.0.0.1, except each Serve replica's gRPC port (see :func:`exposed_listeners`).
+    The token is ``<run dir>/auth/token`` (0600); :func:`attach` finds it there.
     Ray's Prometheus endpoint (Serve's and detserve's metrics) listens on
     ``http://127.0.0.1:<metrics_port>/metrics``: ``DETSERVE_METRICS_PORT``, 8080 by default.
     """
+    env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
     import ray
 
-    env = offline.apply()
-    temp = Path(os.environ.get("DETSERVE_RAY_TMP", f"/tmp/detserve-ray-{os.getuid()}"))
+    _require_loopback_ray()
+    temp = offline.ray_run_dir()
     temp.mkdir(parents=True, exist_ok=True)
+    auth = offline.ray_auth_env(temp)
+    # RAY_AUTH_TOKEN would win over the file in every Ray process.
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(auth)
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
@@ -72,11 +81,126 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
         object_store_memory=200 * 1024 * 1024,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(temp),
-        runtime_env={"env_vars": {**env, "DETSERVE_ROOT": str(ROOT)}},
+        runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(ROOT)}},
         logging_level="WARNING",
         configure_logging=True,
         _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
     )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"Ray bound to {node_ip}, not 127.0.0.1; stopped it. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray.")
+    _address_file(temp).write_text(ray.get_runtime_context().gcs_address + "\n")
+
+
+def _address_file(run_dir: Path) -> Path:
+    return offline.ray_auth_dir(run_dir) / "address"
+
+
+def _require_loopback_ray() -> None:
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is read once, when ray is imported.
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            "ray was imported before detserve.runtime.offline.apply() (or with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER set), "
+            "so Ray would listen on this machine's network address. Call offline.apply() first, "
+            "or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment."
+        )
+
+
+def attach(run_dir: Path | None = None) -> str:
+    """Connect this Python process to the Ray of a running ``detserve serve`` (same user); returns its address.
+
+    Then the handle API works: ``serve.get_app_handle("yolo").predict.remote(image_bytes).result()``.
+    Call it before importing ray. It reads the cluster address and the token from
+    ``<run dir>/auth/`` (``DETSERVE_RAY_TMP`` or /tmp/detserve-ray-<uid>, as the server used).
+    HTTP clients (``detserve.serve.client``) need neither.
+    """
+    offline.apply()  # before `import ray`: Ray reads the loopback switch at import
+    import ray
+
+    _require_loopback_ray()
+    run_dir = run_dir or offline.ray_run_dir()
+    address_file = _address_file(run_dir)
+    if not address_file.exists():
+        raise FileNotFoundError(f"no running detserve serve found ({address_file} is missing); start one, or pass its run directory (DETSERVE_RAY_TMP)")
+    token = offline.ray_auth_dir(run_dir) / "token"
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)} if token.exists() else {"RAY_AUTH_MODE": "disabled"})
+    address = address_file.read_text().strip()
+    ray.init(address=address, logging_level="WARNING")
+    return address
+
+
+def require_auth_for(host: str) -> None:
+    """Refuse a non-loopback HTTP host while Ray token authentication is off."""
+    if not _is_loopback(host) and not offline.ray_auth_enabled():
+        raise ValueError(f"--host {host} reaches beyond this machine and needs Ray token auth: unset RAY_AUTH_MODE=disabled, or use --host 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a host name: assume it reaches beyond loopback
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening TCP socket of the process tree."""
+
+    host: str
+    port: int
+    pid: int
+    process: str
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def listeners() -> list[Listener]:
+    """Every listening TCP socket of this process and its descendants (Ray's processes are all descendants)."""
+    import psutil
+
+    me = psutil.Process()
+    found = []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name = proc.cmdline()[0] if proc.cmdline() else proc.name()
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found += [Listener(c.laddr.ip, c.laddr.port, proc.pid, name) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def exposed_listeners() -> list[Listener]:
+    """The listeners beyond loopback. With detserve's Ray these are only the Serve replicas' gRPC ports.
+
+    Ray 2.60 binds each replica's inter-deployment gRPC server to ``[::]:0``
+    (ray/serve/_private/replica.py), with no setting to change it; Ray's token
+    interceptor guards it, so with token auth on a call without the token is refused.
+    """
+    return [one for one in listeners() if not _is_loopback(one.host)]
+
+
+def exposure_line() -> str:
+    """One line for the start banner or log: what is not on loopback, and what guards it."""
+    exposed = exposed_listeners()
+    if not exposed:
+        return "Ray listens on 127.0.0.1 only."
+    ports = ", ".join(f"{one.address} ({one.process})" for one in exposed)
+    if offline.ray_auth_enabled():
+        return f"Not on loopback (Ray hard-codes it): Serve replica gRPC {ports}; they require the Ray token."
+    return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen on all interfaces: anyone who reaches them can call the replicas."
 
 
 def log_level() -> str:
@@ -104,6 +228,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
 
     import ray
 
+    require_auth_for(host)
     config = load_config(config_path)
     chosen = config.model_copy(update={"applications": [a for a in config.applications if not only or a.name in only]})
     problems = placement_problems(chosen, float(ray.cluster_resources().get("CPU", 0)))
@@ -132,6 +257,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     if not targets:
         raise ValueError(f"no application of {config_path} matches --app {' '.join(only or [])}: choose from {', '.join(a.name for a in config.applications)}")
     serve.run_many(targets)  # one call: the apps start side by side, Serve is connected to once
+    logging.getLogger("detserve").warning(exposure_line())
     return [t.route_prefix for t in targets]
 
 
@@ -164,6 +290,7 @@ def shutdown() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        _address_file(offline.ray_run_dir()).unlink(missing_ok=True)
 
 
 def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,40 @@ def fasterrcnn_export(tmp_path_factory) -> Path:
         )
     )
     return out
+
+
+#: Access logs off in tests: every request would print a line into the output.
+QUIET = {"enable_access_log": False, "log_level": "WARNING"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(metrics_port):
+    """One embedded Ray for the session, started as `detserve serve` starts it (start_ray); yields the HTTP base URL."""
+    from ray import serve
+
+    from detserve.serve.run import shutdown, start_ray
+
+    # Logical CPUs are scheduling accounting only: this session runs several
+    # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
+    start_ray(num_cpus=8, metrics_port=metrics_port)
+    port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30},
+        logging_config=QUIET,
+    )
+    yield f"http://127.0.0.1:{port}"
+    shutdown()
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:

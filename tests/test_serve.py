@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import time
 
 import httpx
@@ -17,42 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import encode
+from tests.conftest import QUIET, encode, free_port
 
 pytestmark = pytest.mark.serve
-
-#: Access logs off in tests: every request would print a line into the output.
-QUIET = {"enable_access_log": False, "log_level": "WARNING"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="session")
-def serve_cluster(metrics_port):
-    from ray import serve
-
-    from detserve.serve.run import shutdown, start_ray
-
-    # Logical CPUs are scheduling accounting only: this session runs several
-    # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
-    start_ray(num_cpus=8, metrics_port=metrics_port)
-    port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30},
-        logging_config=QUIET,
-    )
-    yield f"http://127.0.0.1:{port}"
-    shutdown()
-
 
 @pytest.fixture(scope="module")
 def yolo_url(serve_cluster, yolo_export):

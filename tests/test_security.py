@@ -1,0 +1,218 @@
+"""The embedded Ray of `detserve serve`: loopback only, token auth on, the token private.
+
+Uses the session's Ray (serve_cluster, started by start_ray as `detserve serve`
+starts it) and one small YOLO application.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import QUIET, encode
+
+pytestmark = pytest.mark.serve
+
+APP = "secured"
+
+
+@pytest.fixture(scope="module")
+def secured_app(serve_cluster, yolo_export):
+    from ray import serve
+
+    from detserve.serve.app import application
+
+    serve.run(application({"model": str(yolo_export)}, {}), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=QUIET)
+    yield f"{serve_cluster}/{APP}"
+    serve.delete(APP)
+
+
+def replica_pids() -> set[int]:
+    from detserve.serve.run import listeners
+
+    return {one.pid for one in listeners() if one.process.startswith("ray::ServeReplica")}
+
+
+def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(secured_app):
+    import ray
+    from ray._private import ray_constants
+
+    from detserve.serve.run import exposed_listeners, exposure_line, listeners
+
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+    found = listeners()
+    # The scan covers Ray's own processes, not only this one.
+    names = {Path(one.process).name for one in found}
+    assert {"gcs_server", "raylet"} <= names, names
+    # Cross-check with the system-wide table (a different psutil path).
+    tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    system = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree}
+    assert system == {(one.host, one.port) for one in found}
+
+    exposed = exposed_listeners()
+    replicas = replica_pids()
+    assert replicas, "no Serve replica found among the listeners"
+    assert all(one.process.startswith("ray::ServeReplica") for one in exposed), exposed
+    assert all(one.host in ("::", "0.0.0.0") for one in exposed), exposed
+    # Each replica has exactly one such port (its inter-deployment gRPC server), and the line names it.
+    assert sorted(one.pid for one in exposed) == sorted(replicas)
+    line = exposure_line()
+    assert "require the Ray token" in line
+    assert all(f"{one.address} " in line for one in exposed), line
+
+
+def grpc_code(target: str, method: str, token: str | None):
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda x: x, response_deserializer=lambda x: x)
+        try:
+            call(b"", timeout=10, metadata=[("authorization", f"Bearer {token}")] if token else None)
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+
+def test_replica_grpc_and_gcs_refuse_calls_without_the_token(secured_app):
+    import grpc
+    import ray
+
+    from detserve.serve.run import exposed_listeners
+
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    gcs = ray.get_runtime_context().gcs_address
+    get_cluster_id = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+    assert grpc_code(gcs, get_cluster_id, token) == grpc.StatusCode.OK  # the probe itself is well formed
+    assert grpc_code(gcs, get_cluster_id, None) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_code(gcs, get_cluster_id, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
+    exposed = exposed_listeners()
+    assert exposed
+    for one in exposed:
+        target = f"127.0.0.1:{one.port}"  # bound to [::], so loopback reaches it as the network would
+        method = "/ray.serve.ASGIService/HandleRequest"
+        assert grpc_code(target, method, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert grpc_code(target, method, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
+        # With the token the call gets past auth (and fails on the empty payload).
+        assert grpc_code(target, method, token) != grpc.StatusCode.UNAUTHENTICATED
+
+
+ATTACH = """
+import sys
+from detserve.serve.run import attach
+attach()
+from ray import serve
+result = serve.get_app_handle({app!r}).predict.remote(open(sys.argv[1], "rb").read()).result(timeout_s=60)
+print("results", len(result["results"]))
+"""
+
+INTRUDE = """
+import os, sys
+import ray
+try:
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+except BaseException as exc:
+    print("refused", type(exc).__name__)
+    sys.exit(3)
+print("attached")
+"""
+
+
+def test_attach_finds_the_token_and_a_process_without_it_is_refused(secured_app, scenes, tmp_path):
+    import ray
+
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(scenes[0].image))
+    gcs = ray.get_runtime_context().gcs_address
+    # Neither child inherits the token or the auth mode: attach() must find them in the run directory.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    wrong = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+
+    def start(code: str, env: dict, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # Concurrently: each refused attach takes Ray's ~20 s of retries.
+    children = {
+        "attach": start(ATTACH.format(app=APP), base, str(image)),
+        "no token": start(INTRUDE, base, gcs),
+        "wrong token": start(INTRUDE, wrong, gcs),
+    }
+    out = {}
+    for name, child in children.items():
+        try:
+            out[name] = (child.wait(timeout=90), child.stdout.read())
+        except subprocess.TimeoutExpired:
+            child.kill()
+            pytest.fail(f"{name}: still running after 90 s")
+    rc, text = out["attach"]
+    assert rc == 0 and "results 1" in text, text[-2000:]
+    for name in ("no token", "wrong token"):
+        rc, text = out[name]
+        assert rc == 3 and "refused ConnectionError" in text, (name, text[-2000:])
+        assert "attached" not in text.splitlines()
+
+
+def test_the_token_file_is_private_and_not_in_home(serve_cluster):
+    import ray
+
+    from detserve.runtime import offline
+
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert token == offline.ray_auth_dir() / "token"
+    assert offline.ray_auth_dir().parent == offline.ray_run_dir()
+    info, folder = token.stat(), token.parent.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    assert len(token.read_text().strip()) == 64
+    # Ray writes ~/.ray/auth_token (0644) when it finds no token; it must not have.
+    home_token = Path.home() / ".ray" / "auth_token"
+    gcs_pid = next(p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server")
+    assert not home_token.exists() or home_token.stat().st_mtime < gcs_pid.create_time()
+    assert "RAY_AUTH_TOKEN" not in os.environ
+    del ray
+
+
+def test_token_file_is_made_once_private_and_refuses_a_link(tmp_path):
+    from detserve.runtime import offline
+
+    first = offline.ray_token_file(tmp_path / "run")
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert offline.ray_token_file(tmp_path / "run").read_text() == first.read_text()  # reused, not rotated
+    first.chmod(0o644)
+    assert stat.S_IMODE(offline.ray_token_file(tmp_path / "run").stat().st_mode) == 0o600
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "auth").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RuntimeError, match="link"):
+        offline.ray_token_file(tmp_path / "linked")
+
+
+def test_a_host_beyond_loopback_needs_token_auth(monkeypatch):
+    from typer.testing import CliRunner
+
+    from detserve.cli import app
+    from detserve.serve.run import require_auth_for
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        require_auth_for(host)
+    for host in ("0.0.0.0", "::", "192.0.2.2", "myhost.example"):
+        with pytest.raises(ValueError, match="RAY_AUTH_MODE"):
+            require_auth_for(host)
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert "needs Ray token auth" in result.output and "Traceback" not in result.output
+    assert time.monotonic() - started < 5  # refused before exporting models or starting Ray
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    require_auth_for("0.0.0.0")
