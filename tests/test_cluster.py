@@ -1,0 +1,54 @@
+"""Autoscaling and a three-node Ray cluster (issue 10, items 5 and 6); `make test-slow`.
+
+Each check runs in its own Python process (tests/cluster_checks.py), so its Ray
+never meets the session Ray of tests/test_serve.py; the test asserts on the JSON
+report that process prints last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_check(name: str, export: Path, tmp_path: Path, timeout_s: float) -> dict:
+    env = {**os.environ, "DETSERVE_RAY_TMP": str(tmp_path / "ray"), "RAY_TMPDIR": str(tmp_path / "ray")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.cluster_checks", name, str(export)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, f"{name} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(lines[-1][len("REPORT ") :])
+    print(name, json.dumps(report))
+    return report
+
+
+def test_autoscaling_adds_a_replica_under_load_and_drops_it_after_with_no_failed_request(yolo_export, tmp_path):
+    report = run_check("autoscale", yolo_export, tmp_path, timeout_s=240)
+    assert report["scale_up_s"] is not None, f"never reached {report['max_replicas']} replicas: {report['timeline']}"
+    assert report["peak_replicas"] >= 2
+    assert report["scale_down_s"] is not None, f"never went back to 1 replica: {report['timeline']}"
+    assert report["final_replica_states"] == {"RUNNING": 1}
+    # Every attempt of every request, during the scale-up and the drain: 200.
+    for phase in ("heavy_attempts", "light_attempts"):
+        assert set(report[phase]) == {"200"}, (phase, report[phase], report["samples"])
+    assert report["heavy_attempts"]["200"] > 50 and report["light_attempts"]["200"] > 5
+
+
+def test_three_node_cluster_spreads_replicas_and_survives_losing_a_worker(yolo_export, tmp_path):
+    report = run_check("multinode", yolo_export, tmp_path, timeout_s=420)
+    assert report["replica_nodes"] == ["w1", "w2"], report
+    # No accepted request lost silently: each ended 200 (after client retries) or a JSON 503.
+    assert set(report["final"]) <= {"200", "503-json"}, (report["final"], report["samples"])
+    assert report["final"].get("200", 0) > report["requests_before_kill"] > 0
+    assert report["after_recovery"] == {"200": 8}, report
+    assert report["replacement_s"] is not None and report["replica_nodes_after"] == ["w2", "w3"], report
