@@ -90,6 +90,8 @@ def replica_cpus() -> int:
     try:
         import ray
 
+        if not ray.is_initialized():  # outside Ray (in-process tests): get_runtime_context() would start one
+            return 1
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     except Exception:  # outside a Ray worker
         cpus = 1.0
