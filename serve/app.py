@@ -39,6 +39,7 @@ from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
 from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
 from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header  # noqa: E402
 from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
+from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -96,6 +97,20 @@ def replica_cpus() -> int:
     except Exception:  # outside a Ray worker
         cpus = 1.0
     return max(1, int(cpus))
+
+
+def waited_since_proxy(request: Request) -> float:
+    """Seconds since the proxy received this request (its ``x-detserve-received-at`` stamp); 0 without one.
+
+    Wall clocks: the proxy and the replica may be on different nodes, so a stamp from the
+    future (clock skew) counts as 0, and the deadline never grows because of it.
+    """
+    value = request.headers.get(RECEIVED_AT_HEADER.decode())
+    try:
+        stamp = float(value) if value is not None else math.nan
+    except ValueError:
+        return 0.0
+    return max(0.0, time.time() - stamp) if math.isfinite(stamp) else 0.0
 
 
 def header_timeout(request: Request) -> float | None:
@@ -223,17 +238,25 @@ class DetectionServer:
         return results
 
     # ---- the request path ----------------------------------------------
-    def deadline(self, timeout_s: float | None) -> float:
-        """The clock time this request must be answered by: its own timeout, or the server's."""
+    def budget_s(self, timeout_s: float | None) -> float:
+        """The seconds a request has from arrival to answer: its own timeout (if shorter) or the server's, less the margin."""
         budget = self.args.request_timeout_s
         if timeout_s is not None and 0 < timeout_s < budget:
             budget = timeout_s
-        return time.monotonic() + max(0.0, budget - PROXY_MARGIN_S)
+        return max(0.0, budget - PROXY_MARGIN_S)
 
-    async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float) -> dict:
+    def deadline(self, timeout_s: float | None, waited_s: float = 0.0) -> float:
+        """The clock time this request must be answered by.
+
+        ``waited_s``: how long ago the server (its HTTP proxy) received the request; the deadline counts from then.
+        """
+        budget = self.budget_s(timeout_s)
+        return time.monotonic() + budget - min(max(waited_s, 0.0), budget)
+
+    async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float, budget_s: float | None = None) -> dict:
         """admit -> decode + prepare (threads) -> fair batches (engine) -> postprocess -> annotations."""
         try:
-            ticket = self.scheduler.admit(len(images), deadline, params)
+            ticket = self.scheduler.admit(len(images), deadline, params, budget_s)
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
@@ -335,8 +358,10 @@ class DetectionServer:
     def __serve_build_asgi_app__(self):
         return build_api(self)
 
-    def request_deadline(self, request: Request) -> float:
-        return self.deadline(header_timeout(request))
+    def request_deadline(self, request: Request) -> tuple[float, float]:
+        """(deadline, budget_s) for an HTTP request: counted from when the proxy received it."""
+        timeout_s = header_timeout(request)
+        return self.deadline(timeout_s, waited_since_proxy(request)), self.budget_s(timeout_s)
 
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))

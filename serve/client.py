@@ -13,7 +13,10 @@ and ``message``, which say what to change.
 A busy server answers 503 at once with the time it expects to have room
 (``Retry-After``). ``Client(retries=5)`` waits that long (with jitter, so a
 burst of clients does not come back together) and tries again, up to that
-many times; without it (the default) the 503 is raised at once.
+many times; without it (the default) the 503 is raised at once. A 408
+``deadline_exceeded`` (the server admitted the request, its prediction was
+wrong, and it dropped the images it had not run) is retried the same way:
+prediction is idempotent, and the server did not keep the work.
 """
 
 from __future__ import annotations
@@ -69,6 +72,18 @@ def retry_wait_s(retry_after: str | None, max_wait_s: float = 30.0, jitter: floa
     return base * (1.0 + jitter * rng.random())
 
 
+def _retryable(response: httpx.Response) -> bool:
+    """A 503 (shed before any work), or a 408 whose images the server dropped: both are safe to send again."""
+    if response.status_code == 503:
+        return True
+    if response.status_code != 408:
+        return False
+    try:
+        return response.json()["error"]["code"] == "deadline_exceeded"
+    except Exception:  # Ray's own 408 (its proxy timed out): the replica may still be running it; do not pile on
+        return False
+
+
 class Client:
     """Talks to one application (``app``) of a detserve server."""
 
@@ -82,7 +97,7 @@ class Client:
         max_wait_s: float = 30.0,
         jitter: float = 0.5,
     ):
-        """``retries``: how many times a 503 is retried after its ``Retry-After`` (0: never).
+        """``retries``: how many times a 503 (or a 408 ``deadline_exceeded``) is retried after its ``Retry-After`` (0: never).
 
         Each wait is ``Retry-After`` (capped at ``max_wait_s``) times a random
         factor in ``[1, 1 + jitter]``.
@@ -90,7 +105,8 @@ class Client:
         self.url = f"{base_url.rstrip('/')}/{app.strip('/')}"
         self._http = httpx.Client(timeout=timeout)
         self.retries, self.max_wait_s, self.jitter = retries, max_wait_s, jitter
-        self.retried = 0  # 503s retried so far, for callers that want to know
+        self.retried = 0  # 503s and 408s retried so far, for callers that want to know
+        self.retried_by_status: dict[int, int] = {}
 
     def predict(self, *images: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Prediction:
         """Boxes for one or more images (paths, bytes, PIL images or RGB arrays), in order."""
@@ -105,9 +121,10 @@ class Client:
             else:
                 files = [("file", (f"{i}", data, ctype)) for i, (data, ctype) in enumerate(encoded)]
                 response = self._http.post(f"{self.url}/predict", params=params, files=files)
-            if response.status_code != 503 or attempt == self.retries:
+            if not _retryable(response) or attempt == self.retries:
                 break
             self.retried += 1
+            self.retried_by_status[response.status_code] = self.retried_by_status.get(response.status_code, 0) + 1
             time.sleep(retry_wait_s(response.headers.get("retry-after"), self.max_wait_s, self.jitter))
         body = self._check(response)
         return Prediction(body["model"], body["results"])

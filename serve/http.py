@@ -453,7 +453,7 @@ def build_api(server) -> FastAPI:
         images = await read_images(request, server.request_limits)
         try:
             params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
-            return await server.detect(images, params, server.request_deadline(request))
+            return await server.detect(images, params, *server.request_deadline(request))
         except asyncio.CancelledError:
             # Ray cancels the handler when the client disconnects; images not
             # yet decoded or batched are dropped with it (see README, "Serve").

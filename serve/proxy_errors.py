@@ -11,6 +11,12 @@ every non-JSON error into the same body, keeping the status and headers such
 as Retry-After. JSON responses (the app's) and Ray's own ``/-/`` endpoints
 (healthz, routes) pass through untouched.
 
+The proxy also stamps each request with the time it arrived
+(``x-detserve-received-at``, :class:`ArrivalTime`), so that a replica counts a
+client's deadline from when the server got the request, not from when the
+request reached the replica: under a burst, the hop from the proxy to the
+replica takes a share of the deadline that the replica could not see.
+
 Not covered: errors uvicorn makes before any ASGI app runs (a request line that
 is not HTTP gets its ``400 Invalid HTTP request``); no middleware sees those.
 """
@@ -19,10 +25,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from starlette.middleware import Middleware
 
 IMPORT_PATH = "detserve.serve.proxy_errors:middlewares"
+#: Wall-clock seconds (time.time()) at which the proxy received the request; set only by the proxy.
+RECEIVED_AT_HEADER = b"x-detserve-received-at"
 
 
 def error_for(status: int, text: str, path: str, headers: dict[bytes, bytes]) -> tuple[str, str]:
@@ -94,6 +103,20 @@ async def _send_error(send, start: dict, body: bytes, path: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+class ArrivalTime:
+    """Pure ASGI middleware: stamp the request with the proxy's arrival time (a client's own stamp is replaced)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != RECEIVED_AT_HEADER]
+            headers.append((RECEIVED_AT_HEADER, repr(time.time()).encode()))
+            scope = {**scope, "headers": headers}
+        return await self.app(scope, receive, send)
+
+
 def middlewares() -> list[Middleware]:
     """For ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: Ray calls this in its proxy."""
-    return [Middleware(JsonErrors)]
+    return [Middleware(JsonErrors), Middleware(ArrivalTime)]

@@ -19,6 +19,12 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   releases it (``release(ticket, "deadline")``): its images that have not
   started are dropped, not run for nobody. A cancelled request (client gone)
   is dropped the same way.
+- **Calibration.** The engine's cost curve does not see what else a request
+  waits for: decode, the event loop, other processes on the same cores. So the
+  scheduler compares, for every request that waited behind a queue, the time it
+  took with the time it was predicted to take, and keeps an EWMA of the ratio
+  (``slowdown``, at least 1). Predictions are multiplied by it: a replica that
+  admitted too much under a burst admits less at once, not after a wave of 408s.
 - **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
   measured at warm-up and updated by every batch. The batch size is the one
   with the lowest cost per image (within 5 %, the smallest, for latency), up
@@ -38,6 +44,9 @@ from typing import Any
 
 #: A size within this share of the cheapest cost per image counts as as cheap (the smallest such wins).
 COST_TOLERANCE = 0.05
+#: Only requests predicted to wait at least this long calibrate ``slowdown`` (shorter ones are mostly noise).
+CALIBRATE_MIN_S = 0.05
+SLOWDOWN_ALPHA, SLOWDOWN_MAX = 0.2, 4.0
 
 
 class Overloaded(Exception):
@@ -103,6 +112,8 @@ class Ticket:
     done: int = 0
     closed: bool = False  # finished, failed, timed out or cancelled: nothing more runs for it
     future: asyncio.Future | None = None
+    admitted_at: float = 0.0
+    predicted_s: float = 0.0  # admitted_at -> last image done, as the cost curve alone predicts it (no slowdown)
 
 
 @dataclass
@@ -113,6 +124,7 @@ class Settings:
     lanes: int = 1  # engine calls that may run at once (threads in the engine pool)
     policy: str = "measured"  # "measured": the cheapest size per image up to the cap; "fixed": always aim for the cap
     margin_s: float = 0.05  # answer this much before the deadline (encode + HTTP hop)
+    headroom: float = 0.8  # plan queued work into this share of the time left (the rest absorbs what no curve sees)
 
 
 class Scheduler:
@@ -137,6 +149,7 @@ class Scheduler:
         self.active: collections.deque[Ticket] = collections.deque()  # tickets with ready images, round-robin
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
+        self.slowdown = 1.0  # measured time / predicted time, EWMA (see Calibration above)
         self._wake: asyncio.Event | None = None
         self._lanes: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,11 +170,23 @@ class Scheduler:
         rate = self.images_per_s()
         if rate is None:
             return 0.0
-        return (self.outstanding + extra_images) / rate
+        return self.slowdown * (self.outstanding + extra_images) / rate
+
+    def calibrate(self, ticket: Ticket, took_s: float) -> None:
+        """A request that waited behind a queue took ``took_s`` (at least; it may have missed its deadline)."""
+        if ticket.predicted_s < CALIBRATE_MIN_S:
+            return
+        ratio = took_s / ticket.predicted_s
+        ratio = min(max(ratio, 1.0), SLOWDOWN_MAX)
+        self.slowdown = (1 - SLOWDOWN_ALPHA) * self.slowdown + SLOWDOWN_ALPHA * ratio
 
     # ---- admission -------------------------------------------------------
-    def admit(self, n_images: int, deadline: float, params: Any = None) -> Ticket:
-        """Reserve room for a request of ``n_images`` due by ``deadline`` (clock time), or raise :class:`Overloaded`."""
+    def admit(self, n_images: int, deadline: float, params: Any = None, budget_s: float | None = None) -> Ticket:
+        """Reserve room for a request of ``n_images`` due by ``deadline`` (clock time), or raise :class:`Overloaded`.
+
+        ``budget_s``: the whole time the client gave, when part of it went before the replica saw the
+        request (the proxy's queue); "hopeless" (a 422) is judged against it, not against what is left.
+        """
         now = self.clock()
         s = self.settings
         if self.outstanding + n_images > s.max_queued_images:
@@ -170,20 +195,21 @@ class Scheduler:
             self.counts["shed"] += 1
             raise Overloaded(excess / rate, self.predicted_drain_s(n_images), deadline - now,
                              f"{self.outstanding} images are queued; the limit is {s.max_queued_images}")  # fmt: skip
-        alone = self.predicted_drain_s(n_images) - self.predicted_drain_s() + s.margin_s
-        if now + alone > deadline:
+        alone = n_images / (self.images_per_s() or math.inf) + s.margin_s  # idle: no queue, no slowdown
+        if alone > (deadline - now if budget_s is None else budget_s):
             self.counts["shed"] += 1
             raise Overloaded(0.0, alone, deadline - now,
                              f"{n_images} images take about {alone:.2f} s here even with nothing queued, "
                              f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
         finish = now + self.predicted_drain_s(n_images) + s.margin_s
         earliest = min([deadline, *(t.deadline for t in self.tickets)])
-        if finish > earliest:
+        if finish > now + s.headroom * (earliest - now):
             self.counts["shed"] += 1
             raise Overloaded(finish - earliest, finish - now, deadline - now,
                              f"the {self.outstanding} images queued ahead would take {finish - now:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
-        ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images)
+        ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
+                        admitted_at=now, predicted_s=(finish - now - s.margin_s) / self.slowdown)  # fmt: skip
         self.outstanding += n_images
         self.tickets.add(ticket)
         self.counts["admitted"] += 1
@@ -216,6 +242,8 @@ class Scheduler:
         ticket.closed = True
         if reason:
             self.counts[reason] += 1
+        if reason == "deadline":  # it would have taken longer still: at least this much
+            self.calibrate(ticket, self.clock() - ticket.admitted_at)
         # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
         self.outstanding -= ticket.n - ticket.started
         ticket.ready.clear()
@@ -279,6 +307,7 @@ class Scheduler:
         ticket.done += 1
         if ticket.closed or ticket.done < ticket.n:
             return
+        self.calibrate(ticket, self.clock() - ticket.admitted_at)
         if ticket.future is None:
             ticket.future = asyncio.get_running_loop().create_future()
         if not ticket.future.done():
@@ -297,6 +326,7 @@ class Scheduler:
             "ms_per_image_by_batch": self.curve.snapshot(),
             "images_per_s": None if rate is None else round(rate, 2),
             "predicted_drain_s": round(self.predicted_drain_s(), 3),
+            "slowdown": round(self.slowdown, 3),
             "counts": dict(self.counts),
         }
 

@@ -28,6 +28,10 @@ def client_answering(statuses: list[int], monkeypatch, retries: int) -> tuple[Cl
         seen.append(status)
         if status == 503:
             return httpx.Response(503, headers={"retry-after": "2"}, json={"error": {"code": "overloaded", "message": "busy"}})
+        if status == 408:  # the server's own: admitted, mispredicted, dropped
+            return httpx.Response(408, json={"error": {"code": "deadline_exceeded", "message": "late"}})
+        if status == 4080:  # Ray's proxy timed out: plain text, the replica may still be working
+            return httpx.Response(408, text="Request timed out")
         return httpx.Response(200, json=OK)
 
     monkeypatch.setattr("detserve.serve.client.time.sleep", sleeps.append)
@@ -59,3 +63,13 @@ def test_other_errors_are_not_retried(monkeypatch):
     with pytest.raises(DetserveError, match="not_an_image"):
         client.predict(b"img")
     assert sleeps == []
+
+
+def test_a_dropped_408_is_retried_but_a_proxy_timeout_is_not(monkeypatch):
+    client, sleeps = client_answering([408, 200], monkeypatch, retries=2)
+    client.predict(b"img")
+    assert client.retried_by_status == {408: 1} and sleeps == [1.0]
+    client, sleeps = client_answering([4080], monkeypatch, retries=2)
+    with pytest.raises(DetserveError) as err:
+        client.predict(b"img")
+    assert err.value.status == 408 and sleeps == []

@@ -322,3 +322,47 @@ def test_the_offline_environment_installs_the_proxy_middleware():
 
     module, _, name = environment()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
     assert f"{module}:{name}" == proxy_errors.IMPORT_PATH and callable(getattr(proxy_errors, name))
+
+
+def test_the_proxy_stamps_arrival_time_and_replaces_a_clients_own_stamp():
+    import time
+
+    from detserve.serve.proxy_errors import RECEIVED_AT_HEADER, ArrivalTime
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen.update(scope=scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = _scope("/yolo/predict")
+    scope["headers"] = [(RECEIVED_AT_HEADER, b"1.0"), (b"host", b"x")]
+    before = time.time()
+    asyncio.run(_call(ArrivalTime(app), scope, []))
+    stamps = [v for k, v in seen["scope"]["headers"] if k == RECEIVED_AT_HEADER]
+    assert len(stamps) == 1 and before <= float(stamps[0]) <= time.time()
+    assert (b"host", b"x") in seen["scope"]["headers"]
+
+
+def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
+    import time
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from detserve.serve.app import PROXY_MARGIN_S, DetectionServer, waited_since_proxy
+
+    def request(stamp: bytes | None) -> Request:
+        headers = [] if stamp is None else [(b"x-detserve-received-at", stamp)]
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""})
+
+    assert 1.9 < waited_since_proxy(request(repr(time.time() - 2).encode())) < 3
+    assert waited_since_proxy(request(repr(time.time() + 60).encode())) == 0.0  # a clock ahead of ours: no credit
+    assert waited_since_proxy(request(b"junk")) == 0.0 and waited_since_proxy(request(None)) == 0.0
+    server = SimpleNamespace(args=SimpleNamespace(request_timeout_s=30.0))
+    deadline = DetectionServer.func_or_class.deadline  # the class under @serve.deployment
+    now = time.monotonic()
+    assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - PROXY_MARGIN_S)) < 0.1
+    assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - PROXY_MARGIN_S)) < 0.1
+    assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted

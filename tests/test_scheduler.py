@@ -50,7 +50,7 @@ class FakeClock:
 def test_admission_by_predicted_drain_time_with_a_computed_retry_after():
     clock = FakeClock()
     # 100 ms per image, one lane: 10 images/s.
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0), curve=curve_of({1: 100}), clock=clock)
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
     deadline = clock.now + 3.0
     tickets = [sched.admit(1, deadline) for _ in range(30)]  # 30 images drain in exactly 3.0 s
     assert sched.outstanding == 30 and sched.predicted_drain_s() == pytest.approx(3.0)
@@ -161,3 +161,49 @@ def test_lanes_run_batches_at_once():
 
     elapsed = asyncio.run(main())
     assert elapsed < 8 * 0.05 * 0.8, elapsed  # two lanes: about half the serial time
+
+
+def test_admission_calibrates_to_what_requests_really_took():
+    clock = FakeClock()
+    # The curve says 100 ms per image; in fact (decode, contention) requests take twice as long as predicted.
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    assert sched.predicted_drain_s(10) == pytest.approx(1.0)
+    for _ in range(20):
+        ticket = sched.admit(1, clock.now + 60)
+        ticket.predicted_s = 1.0  # it was predicted to wait 1 s behind a queue, and took 2 s
+        clock.now += 2.0
+        sched.release(ticket, "deadline")
+    assert 1.8 < sched.slowdown <= 2.0
+    assert sched.predicted_drain_s(10) == pytest.approx(10 * 0.1 * sched.slowdown)
+    # Fewer are admitted at once: 30 images fit 3 s at the curve's rate, about 15 now.
+    admitted: list = []
+    deadline = clock.now + 3.0
+    with pytest.raises(Overloaded):
+        while True:
+            admitted.append(sched.admit(1, deadline))
+    assert 13 <= len(admitted) <= 16
+    for ticket in admitted:
+        sched.release(ticket)
+    # An idle request is judged hopeless by the engine alone, not by the slowdown (a 422 must mean "never").
+    sched2 = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched2.slowdown = 4.0
+    with pytest.raises(Overloaded) as err:
+        sched2.admit(3, clock.now + 0.35)
+    assert not err.value.hopeless  # 0.3 s alone fits; it is the slowdown that says "not now"
+    # Requests faster than predicted bring it back down (never below 1).
+    for _ in range(40):
+        ticket = sched.admit(1, clock.now + 60)
+        ticket.predicted_s = 1.0
+        clock.now += 0.5
+        sched.release(ticket, "deadline")
+    assert sched.slowdown == pytest.approx(1.0, abs=0.01)
+
+
+def test_headroom_keeps_part_of_the_time_left_for_what_the_curve_does_not_see():
+    clock = FakeClock()
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=0.8), curve=curve_of({1: 100}), clock=clock)
+    admitted: list = []
+    with pytest.raises(Overloaded):
+        while True:
+            admitted.append(sched.admit(1, clock.now + 3.0))
+    assert len(admitted) == 24  # 30 would fit 3.0 s exactly; 80 % of it is planned
