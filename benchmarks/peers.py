@@ -169,7 +169,7 @@ class Pipeline:
 
     def encode(self, job, det) -> dict:
         """The body detserve answers with (``DetectionServer.encode`` for one image)."""
-        from detserve.adapters.base import to_collection
+        from detserve.adapters.base import box_annotations
 
         start = time.perf_counter()
         body = {
@@ -178,7 +178,7 @@ class Pipeline:
                 {
                     "width": job.width,
                     "height": job.height,
-                    "annotations": to_collection(det, self.adapter.labels, self.info["name"], None).to_json()["annotations"],
+                    "annotations": box_annotations(det, self.adapter.labels, self.info["name"], None),
                 }
             ],
         }

@@ -150,7 +150,7 @@ def predict(
     import json
 
     from detserve.adapters import adapter_for
-    from detserve.adapters.base import to_collection
+    from detserve.adapters.base import box_annotations
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.draw import draw_boxes
     from detserve.runtime.images import ImageError, decode
@@ -168,8 +168,8 @@ def predict(
             failed.append(f"{path}: {exc}")
             continue
         [det] = adapter.detector.detect([image], params)
-        collection = to_collection(det, adapter.labels, adapter.detector.manifest.name, None)
-        (out / f"{path.stem}.json").write_text(json.dumps(collection.to_json()["annotations"], indent=1))
+        annotations = box_annotations(det, adapter.labels, adapter.detector.manifest.name, None)
+        (out / f"{path.stem}.json").write_text(json.dumps(annotations, indent=1))
         draw_boxes(image, det, adapter.labels).save(out / f"{path.stem}.png")
         total += len(det)
         if not len(det):

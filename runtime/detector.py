@@ -82,9 +82,14 @@ class Detector:
     def decode(self, data: imagelib.ImageInput, limits: imagelib.Limits = imagelib.Limits()) -> np.ndarray:
         return imagelib.decode(data, limits)
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
+    def decode_reduced(self, data: imagelib.ImageInput, limits: imagelib.Limits = imagelib.Limits()) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decode at the smallest JPEG scale that still covers the model input (letterbox models; others: full size)."""
+        spec = self.manifest.input
+        return imagelib.decode_reduced(data, limits, spec.imgsz if spec.resize == "letterbox" else None)
+
+    def prepare(self, image: np.ndarray, full_hw: tuple[int, int] | None = None) -> PreparedImage:
         """Resize one decoded image per the input contract (letterbox, or torchvision's transform)."""
-        return prepare(image, self.manifest.input)
+        return prepare(image, self.manifest.input, full_hw)
 
     def run(
         self,

@@ -95,12 +95,21 @@ class PreparedImage:
         return self.pixels.shape
 
 
-def prepare(image: np.ndarray, spec: InputSpec) -> PreparedImage:
-    """Resize one decoded RGB image per the input contract, alone (never against its batch neighbours)."""
+def prepare(image: np.ndarray, spec: InputSpec, full_hw: tuple[int, int] | None = None) -> PreparedImage:
+    """Resize one decoded RGB image per the input contract, alone (never against its batch neighbours).
+
+    ``full_hw``: the image's full size when ``image`` was decoded reduced
+    (``images.decode_reduced``); the geometry then maps boxes back to the full size.
+    """
     if spec.resize == "letterbox":
         assert spec.imgsz is not None
         boxed, geometry = letterbox(image, spec.imgsz, spec.pad_value, spec.rect, spec.stride)
+        if full_hw is not None and full_hw != image.shape[:2]:
+            (full_h, full_w), (h, w) = full_hw, image.shape[:2]
+            geometry = Geometry(full_h, full_w, geometry.gain_x * w / full_w, geometry.gain_y * h / full_h, geometry.pad_x, geometry.pad_y)
         return PreparedImage(boxed, geometry)
+    if full_hw is not None and full_hw != image.shape[:2]:
+        raise ValueError("a reduced decode is for letterbox models only (Faster R-CNN's graph scales boxes from the pixels it gets)")
     # rcnn: torchvision's transform; the graph scales boxes back to the original itself.
     from detserve.runtime.batched_rcnn import resize_and_batch
 

@@ -66,6 +66,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = 50 * 1024 * 1024
     max_images: int = 64
     max_pixels: int = 40_000_000
+    fast_decode: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the model input "
+                              "(letterbox models; boxes can differ slightly from the exact path: README, 'Fast decode')")
 
 
 class UserConfig(BaseModel):
@@ -306,7 +308,7 @@ class DetectionServer:
         items: list[Item] = []
         for i, image in enumerate(images):
             try:
-                item = await loop.run_in_executor(self.decode_pool, prepare, self.detector, image, self.limits)
+                item = await loop.run_in_executor(self.decode_pool, prepare, self.detector, image, self.limits, self.args.fast_decode)
             except ImageError as exc:
                 self.metrics.errors.inc(tags={"kind": exc.code})
                 raise image_error(exc, i if len(images) > 1 else None) from None
@@ -318,7 +320,7 @@ class DetectionServer:
         return items
 
     def encode(self, items: list[Item], detections: list[Detections]) -> dict:
-        from detserve.adapters.base import to_collection
+        from detserve.adapters.base import box_annotations
 
         name = self.info["name"]
         return {
@@ -328,7 +330,7 @@ class DetectionServer:
                     "width": item.width,
                     "height": item.height,
                     "frames": item.frames,
-                    "annotations": to_collection(det, self.adapter.labels, name, None).to_json()["annotations"],
+                    "annotations": box_annotations(det, self.adapter.labels, name, None),
                 }
                 for item, det in zip(items, detections)
             ],

@@ -39,13 +39,19 @@ class BatchTimings:
     queue_s: list[float] = field(default_factory=list)
 
 
-def prepare(detector: Detector, data: ImageInput, limits: Limits) -> Item:
-    """Decode and prepare one image (runs in a worker thread, overlapped with inference)."""
+def prepare(detector: Detector, data: ImageInput, limits: Limits, fast_decode: bool = False) -> Item:
+    """Decode and prepare one image (runs in a worker thread, overlapped with inference).
+
+    ``fast_decode``: a large JPEG decodes at a reduced scale that still covers the model input.
+    """
     start = time.perf_counter()
-    image = detector.decode(data, limits)
-    prepared = detector.prepare(image)
-    return Item(prepared, width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - start,
-                frames=frame_count(data))  # fmt: skip
+    if fast_decode:
+        image, (height, width) = detector.decode_reduced(data, limits)
+        prepared = detector.prepare(image, (height, width))
+    else:
+        image = detector.decode(data, limits)
+        (height, width), prepared = image.shape[:2], detector.prepare(image)
+    return Item(prepared, width=width, height=height, decode_s=time.perf_counter() - start, frames=frame_count(data))
 
 
 def run_batch(

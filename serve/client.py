@@ -13,10 +13,10 @@ and ``message``, which say what to change.
 A busy server answers 503 at once with the time it expects to have room
 (``Retry-After``). ``Client(retries=5)`` waits that long (with jitter, so a
 burst of clients does not come back together) and tries again, up to that
-many times; without it (the default) the 503 is raised at once. A 408
-``deadline_exceeded`` (the server admitted the request, its prediction was
-wrong, and it dropped the images it had not run) is retried the same way:
-prediction is idempotent, and the server did not keep the work.
+many times; without it (the default) the 503 is raised at once. A 408 (the
+server admitted the request, its prediction was wrong, and it dropped the
+images it had not run) is retried the same way: prediction is idempotent, and
+the server did not keep the work.
 """
 
 from __future__ import annotations
@@ -73,15 +73,14 @@ def retry_wait_s(retry_after: str | None, max_wait_s: float = 30.0, jitter: floa
 
 
 def _retryable(response: httpx.Response) -> bool:
-    """A 503 (shed before any work), or a 408 whose images the server dropped: both are safe to send again."""
-    if response.status_code == 503:
-        return True
-    if response.status_code != 408:
-        return False
-    try:
-        return response.json()["error"]["code"] == "deadline_exceeded"
-    except Exception:  # Ray's own 408 (its proxy timed out): the replica may still be running it; do not pile on
-        return False
+    """A 503 (shed before any work) or a 408: both are safe to send again.
+
+    A detserve replica drops a request's work at its deadline, which comes
+    before the proxy's own timeout (``PROXY_MARGIN_S``); so after either 408
+    (the replica's ``deadline_exceeded``, or the proxy's ``timeout`` when the
+    answer was late on the way back) nothing is left running for it.
+    """
+    return response.status_code in (503, 408)
 
 
 class Client:
@@ -97,7 +96,7 @@ class Client:
         max_wait_s: float = 30.0,
         jitter: float = 0.5,
     ):
-        """``retries``: how many times a 503 (or a 408 ``deadline_exceeded``) is retried after its ``Retry-After`` (0: never).
+        """``retries``: how many times a 503 (or a 408) is retried after its ``Retry-After`` (0: never).
 
         Each wait is ``Retry-After`` (capped at ``max_wait_s``) times a random
         factor in ``[1, 1 + jitter]``.

@@ -553,3 +553,20 @@ def test_fasterrcnn_train_and_save_give_a_servable_export(fasterrcnn_export, sce
     assert m.source.sha256 == sha256_file(tmp_path / "saved" / "weights.pth")
     assert m.source.sha256 != read_manifest(fasterrcnn_export).source.sha256  # the weights really changed
     served(OfflineFasterRCNN, tmp_path / "saved", "frcnn-trained", artifact="detserve").predict([scenes[0].image])
+
+
+@pytest.mark.parametrize("n,model_id", [(0, None), (1, None), (37, "m-123")])
+def test_box_annotations_equal_dtlpys_own_to_json(n, model_id):
+    """The serving path's direct JSON is what dtlpy would write, key order included (byte-for-byte once dumped)."""
+    from detserve.adapters.base import box_annotations, to_collection
+    from detserve.runtime.postprocess import Detections
+
+    rng = np.random.default_rng(n)
+    boxes = rng.uniform(0, 900, (n, 4)).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    scores = rng.uniform(-0.1, 1.1, n).astype(np.float32)  # clipped to [0, 1] on both paths
+    det = Detections(boxes=boxes, scores=scores, class_ids=rng.integers(0, 5, n))
+    labels = {0: "circle", 1: "square", 2: "triangle"}  # 3 and 4 have no name: their number is the label
+    ours = box_annotations(det, labels, "yolo-shapes", model_id)
+    theirs = to_collection(det, labels, "yolo-shapes", model_id).to_json()["annotations"]
+    assert json.dumps(ours) == json.dumps(theirs)

@@ -65,11 +65,11 @@ def test_other_errors_are_not_retried(monkeypatch):
     assert sleeps == []
 
 
-def test_a_dropped_408_is_retried_but_a_proxy_timeout_is_not(monkeypatch):
-    client, sleeps = client_answering([408, 200], monkeypatch, retries=2)
+def test_a_408_is_retried_whoever_timed_out(monkeypatch):
+    client, sleeps = client_answering([408, 4080, 200], monkeypatch, retries=2)
     client.predict(b"img")
-    assert client.retried_by_status == {408: 1} and sleeps == [1.0]
-    client, sleeps = client_answering([4080], monkeypatch, retries=2)
+    assert client.retried_by_status == {408: 2} and sleeps == [1.0, 1.0]
+    client, sleeps = client_answering([4080], monkeypatch, retries=1)
     with pytest.raises(DetserveError) as err:
         client.predict(b"img")
-    assert err.value.status == 408 and sleeps == []
+    assert err.value.status == 408 and sleeps == [1.0]

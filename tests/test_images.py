@@ -123,3 +123,62 @@ def test_bad_bytes_stay_a_clean_error_after_ultralytics_patches_pil():
         decode(b"definitely not an image")
     assert err.value.code == "not_an_image"
     np.testing.assert_array_equal(decode(encode(gradient())), gradient())
+
+
+def _jpeg(array: np.ndarray, orientation: int | None = None) -> bytes:
+    out = io.BytesIO()
+    image = Image.fromarray(array)
+    if orientation is None:
+        image.save(out, "JPEG", quality=90)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(out, "JPEG", quality=90, exif=exif)
+    return out.getvalue()
+
+
+def test_reduced_decode_scales_a_large_jpeg_in_the_dct_and_reports_the_full_size():
+    from detserve.runtime.images import decode_reduced
+
+    photo = np.asarray(Image.fromarray(gradient()).resize((2000, 1500)))
+    pixels, full = decode_reduced(_jpeg(photo), Limits(), 320)
+    assert full == (1500, 2000)
+    assert pixels.shape == (375, 500, 3)  # 1/4: the smallest scale with both sides >= 320
+    assert np.abs(pixels.astype(int) - decode(np.asarray(Image.fromarray(photo).resize((500, 375)))).astype(int)).mean() < 8
+    # Orientation 6 (a quarter turn): the full size turns with the pixels.
+    pixels, full = decode_reduced(_jpeg(photo, 6), Limits(), 320)
+    assert full == (2000, 1500) and pixels.shape == (500, 375, 3)
+    # Not reduced: a JPEG under twice the size, any PNG, no min_side.
+    small = np.asarray(Image.fromarray(gradient()).resize((600, 500)))
+    assert decode_reduced(_jpeg(small), Limits(), 320)[0].shape == (500, 600, 3)
+    assert decode_reduced(encode(photo), Limits(), 320)[0].shape == (1500, 2000, 3)
+    assert decode_reduced(_jpeg(photo), Limits(), None)[0].shape == (1500, 2000, 3)
+
+
+def test_a_reduced_decode_gives_the_exact_paths_boxes_on_the_full_image(yolo_export, scenes):
+    """The geometry maps boxes from the reduced pixels back to the full photo: they land where the exact path puts them."""
+    from detserve.runtime.detector import Detector
+    from detserve.serve.batching import prepare
+
+    detector = Detector(yolo_export)
+    params = detector.params()
+    matched = total = 0
+    for scene in scenes[:4]:
+        big = _jpeg(np.asarray(Image.fromarray(scene.image).resize((scene.image.shape[1] * 6, scene.image.shape[0] * 6))))
+        exact, fast = prepare(detector, big, Limits()), prepare(detector, big, Limits(), fast_decode=True)
+        assert (fast.height, fast.width) == (exact.height, exact.width)
+        assert fast.prepared.pixels.shape == exact.prepared.pixels.shape
+        [a], [b] = detector.run([exact.prepared], params), detector.run([fast.prepared], params)
+        total += len(a)
+        for box, cls in zip(a.boxes, a.class_ids):
+            ious = _iou(box, b.boxes) if len(b) else np.zeros(1)
+            matched += bool(len(b)) and ious.max() >= 0.8 and b.class_ids[ious.argmax()] == cls
+    assert total > 0 and matched / total >= 0.8, (matched, total)  # a wrong geometry would match none
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(boxes) - inter)
