@@ -83,9 +83,9 @@ def engine_rows(
         params = detector.params()
         images = [detector.decode(p) for p in payloads]
         for b in batch_sizes:
-            batch_images = [images[i % len(images)] for i in range(b)]
             batch_bytes = [payloads[i % len(payloads)] for i in range(b)]
-            inputs = pack_inputs([detector.prepare(im) for im in batch_images], detector.manifest.input)
+            # One shape per engine call (a rect letterbox gives each aspect ratio its own): the first image b times.
+            inputs = pack_inputs([detector.prepare(images[0])] * b, detector.manifest.input)
             r = _measured("infer", detector.engine.name, t, b, lambda: detector.engine.run(*inputs), seconds)
             rows.append(r)
             log(f"  raw infer  threads={t} batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
@@ -93,6 +93,55 @@ def engine_rows(
             rows.append(r)
             log(f"  raw detect threads={t} batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return rows
+
+
+def _detect_loop(folder: str, payloads: Sequence[bytes], seconds: float, start_at: float, queue) -> None:
+    """One ceiling process: ``Detector.detect`` on one image at a time, from ``start_at`` for ``seconds``."""
+    from detserve.runtime.detector import Detector
+
+    detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1)
+    detector.warmup()
+    params = detector.params()
+    detector.detect([payloads[0]], params)
+    while time.time() < start_at:
+        time.sleep(0.01)
+    done, cpu0, began = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        detector.detect([payloads[done % len(payloads)]], params)
+        done += 1
+    queue.put((done, time.perf_counter() - began, time.process_time() - cpu0))
+
+
+def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2, seconds: float = 5.0,
+                 log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+    """The ceiling: ``processes`` processes, each decode -> letterbox -> engine -> NMS on one image at a time, no server.
+
+    Processes, not threads: nothing shared, no GIL, what a server with that many
+    workers could reach if serving cost nothing. They start together and run
+    for the same ``seconds``; the row is their summed images/s.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 8.0  # spawn + model load before the common start
+    procs = [ctx.Process(target=_detect_loop, args=(str(folder), list(payloads), seconds, start_at, queue)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    parts = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    images = sum(d for d, _, _ in parts)
+    wall = max(w for _, w, _ in parts)
+    cpu = sum(c for _, _, c in parts)
+    r = {
+        "kind": "ceiling", "backend": "onnxruntime-cpu", "threads": 1, "batch": 1, "processes": processes,
+        "iters": images, "ms_per_call_p50": None, "ms_per_call_p99": None,
+        "ms_per_image": round(1000 * cpu / max(1, images), 3),  # CPU-ms per image
+        "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1),
+    }  # fmt: skip
+    log(f"  ceiling {processes} processes, batch 1: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    return [r]
 
 
 def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3.0, log: Callable[[str], None] = print) -> list[dict]:
@@ -191,5 +240,28 @@ def jpeg_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
     for scene in scenes(n, seed):
         buffer = io.BytesIO()
         Image.fromarray(scene.image).save(buffer, format="JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+#: Photo sizes of the mixed workload: VGA, 1080p, 3, 6 and 12 MP (landscape; every fifth payload is each).
+PHOTO_SIZES = ((640, 480), (1920, 1080), (2048, 1536), (3000, 2000), (4000, 3000))
+
+
+def photo_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
+    """``n`` generated scenes resized to real photo sizes (VGA to 12 MP) in turn, as JPEG bytes.
+
+    Generated pictures at photo sizes: decode costs what a photo of that size costs, the texture is not a camera's.
+    """
+    import io
+
+    from PIL import Image
+
+    from detserve.training.synthetic import scenes
+
+    out = []
+    for i, scene in enumerate(scenes(n, seed)):
+        buffer = io.BytesIO()
+        Image.fromarray(scene.image).resize(PHOTO_SIZES[i % len(PHOTO_SIZES)], Image.BILINEAR).save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
     return out

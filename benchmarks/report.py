@@ -90,6 +90,7 @@ def ratios(results: dict) -> dict[str, float | None]:
     """The headline ratios (detserve-http's best images/s over the others'), also written to results.json."""
     ours = max((p["images_per_s"] for p in ok_points(results, "detserve-http")), default=None)
     out: dict[str, float | None] = {
+        "detserve/ceiling": ratio(ours, (next((r for r in results.get("raw", []) if r["kind"] == "ceiling"), None) or {}).get("images_per_s")),
         "detserve/raw_detect": ratio(ours, (raw_best(results, "detect") or {}).get("images_per_s")),
         "detserve/raw_infer": ratio(ours, (raw_best(results, "infer") or {}).get("images_per_s")),
         "detserve/baseline": ratio(ours, (baseline(results) or {}).get("images_per_s")),
@@ -158,10 +159,11 @@ def point_rows(results: dict) -> list[list[Any]]:
 
 
 def raw_rows(results: dict) -> list[list[Any]]:
-    names = {"infer": "raw engine: infer only", "detect": "raw engine: decode→NMS", "baseline": "baseline: Ultralytics predict"}
+    names = {"infer": "raw engine: infer only", "detect": "raw engine: decode→NMS", "baseline": "baseline: Ultralytics predict",
+             "ceiling": "ceiling: N processes, decode→NMS, batch 1 (ms/image = CPU-ms)"}  # fmt: skip
     rows = []
     for r in results.get("raw", []):
-        what = names.get(r["kind"], r["kind"])
+        what = names.get(r["kind"], r["kind"]).replace("N processes", f"{r.get('processes', '?')} processes")
         if r["kind"] == "detect" and r["backend"].startswith("torch"):
             what = "detserve torch backend: decode→NMS"
         rows.append([what, r["backend"], r["threads"], r["batch"], r["images_per_s"], r["ms_per_image"], r["ms_per_call_p50"], r["ms_per_call_p99"]])

@@ -146,12 +146,29 @@ def versions() -> dict[str, str]:
 # --- the model -------------------------------------------------------------------------
 
 
-def resolve_model(arg: str | None) -> Path:
-    """``--model DIR``; else the default YOLO (``models/yolo-shapes.pt``, exported once); else a random-init yolov8n at 320 px."""
+def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
+    """``--model DIR``; else the default YOLO (``models/yolo-shapes.pt``, exported once); else a random-init yolov8n at 320 px.
+
+    ``imgsz``: the default YOLO's weights exported at that input size instead
+    (YOLO is fully convolutional: at 640 it costs what a 640 model costs, and still finds the shapes).
+    """
     if arg:
         return Path(arg).resolve()
     from detserve.runtime.defaults import DEFAULT_MODELS
 
+    if imgsz is not None:
+        from detserve.export.pipeline import ExportRequest, export_model
+        from detserve.runtime.manifest import ManifestError, read_manifest
+
+        folder = ROOT / ".cache" / "bench-models" / f"yolo-shapes-{imgsz}"
+        try:
+            if read_manifest(folder).input.imgsz == imgsz:
+                return folder
+        except ManifestError:
+            pass
+        log(f"exporting {DEFAULT_MODELS['yolo'].weights} at {imgsz} px to {folder}")
+        export_model(ExportRequest(model="yolo", weights=DEFAULT_MODELS["yolo"].weights, out=folder, imgsz=imgsz, force=True, quiet=True))
+        return folder
     if DEFAULT_MODELS["yolo"].weights.is_file():
         from detserve.export.defaults import ensure_default_models
 
@@ -206,8 +223,11 @@ def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
 
-def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict) -> None:
-    """detserve on an in-process Ray: HTTP points, then handle points, then shutdown."""
+def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1) -> None:
+    """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
+
+    ``lanes``: engine calls at once in its one replica, as many as each peer's workers.
+    """
     from ray import serve
 
     from detserve.serve.app import application
@@ -215,10 +235,10 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
 
     port = peers.free_port()
     config = {
-        "args": {"model": str(folder), "threads": 1},
+        "args": {"model": str(folder), "threads": 1, "lanes": lanes},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
-        "settings": f"1 replica, 1 engine lane + 2 decode threads, the scheduler's measured batch policy (cap "
+        "settings": f"1 replica, {lanes} engine lane(s) + {lanes + 1} decode threads, the scheduler's measured batch policy (cap "
         f"{DEFAULT_MAX_BATCH_SIZE}, batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}), admission by deadline; raw image/jpeg body",
     }
     began = time.monotonic()
@@ -336,7 +356,8 @@ def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, r
 # --- the run -------------------------------------------------------------------------
 
 
-def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] | None, peer_workers: int = 1) -> tuple[dict, dict]:
+def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] | None, peer_workers: int = 1,
+        imgsz: int | None = None, photos: bool = False) -> tuple[dict, dict]:  # fmt: skip
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = out_root / stamp
     outdir.mkdir(parents=True, exist_ok=True)
@@ -368,15 +389,20 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
             traceback.print_exc()
         results.setdefault("stage_seconds", {})[name] = round(time.monotonic() - t, 1)
 
-    folder = resolve_model(model)
+    folder = resolve_model(model, imgsz)
     results["model"] = model_info(folder)
-    payloads = raw.jpeg_payloads(profile.payloads)
-    results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads),
-                                     "source": "detserve.training.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"}  # fmt: skip
+    if photos:
+        payloads = raw.photo_payloads(profile.payloads)
+        source = f"generated scenes resized to photo sizes {raw.PHOTO_SIZES} in turn, JPEG q90"
+    else:
+        payloads = raw.jpeg_payloads(profile.payloads)
+        source = "detserve.training.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"
+    results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads), "source": source}
 
     def do_raw() -> None:
         results["raw"] += raw.engine_rows(folder, payloads, batch_sizes=profile.raw_batch_sizes, threads=profile.raw_threads,
                                           seconds=profile.raw_seconds, log=log)  # fmt: skip
+        results["raw"] += raw.ceiling_rows(folder, payloads, processes=max(2, peer_workers), seconds=3 * profile.raw_seconds + 2, log=log)
         results["raw"] += raw.baseline_rows(folder, payloads, seconds=profile.baseline_seconds, log=log)
         results["raw"] += raw.torch_backend_rows(folder, payloads, batch_sizes=profile.torch_batch_sizes, seconds=profile.raw_seconds, log=log)
 
@@ -391,7 +417,7 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     calibrate("raw")
     stage("raw", do_raw)
     calibrate("detserve")
-    stage("detserve", lambda: run_detserve(folder, payloads, profile, results))
+    stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=peer_workers))
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
@@ -457,7 +483,9 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (a timestamped folder is made inside)")
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
-    parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer (detserve runs 1 replica)")
+    parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
+    parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
+    parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
     return parser
 
 
@@ -473,7 +501,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     if args.p99_budgets:
         profile = replace(profile, p99_budgets_ms=[float(x) for x in args.p99_budgets.split(",")])
     only = [x.strip() for x in args.only.split(",")] if args.only else None
-    results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers)
+    results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers,
+                         imgsz=args.imgsz, photos=args.photos)  # fmt: skip
     print()
     print(files["markdown"].read_text())
     log(f"wrote {', '.join(str(p) for p in files.values())}")

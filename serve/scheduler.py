@@ -26,7 +26,8 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   (``slowdown``, at least 1). Predictions are multiplied by it: a replica that
   admitted too much under a burst admits less at once, not after a wave of 408s.
 - **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
-  measured at warm-up and updated by every batch. The batch size is the one
+  measured at warm-up and updated by every batch; one batch in
+  ``EXPLORE_EVERY`` runs a neighbouring size so that its figure stays current. The batch size is the one
   with the lowest cost per image (within 5 %, the smallest, for latency), up
   to the configured cap: small batches on a CPU at 640 px, where activations
   outgrow the cache, large ones on a GPU.
@@ -47,6 +48,8 @@ COST_TOLERANCE = 0.05
 #: Only requests predicted to wait at least this long calibrate ``slowdown`` (shorter ones are mostly noise).
 CALIBRATE_MIN_S = 0.05
 SLOWDOWN_ALPHA, SLOWDOWN_MAX = 0.2, 4.0
+#: One batch in this many tries the next measured size up or down (in turn), when enough images are ready.
+EXPLORE_EVERY = 16
 
 
 class Overloaded(Exception):
@@ -61,7 +64,14 @@ class Overloaded(Exception):
 
 @dataclass
 class CostCurve:
-    """Seconds per engine batch, by batch size (EWMA of what was measured)."""
+    """Seconds per engine batch, by batch size (EWMA of what was measured).
+
+    Measured alone at warm-up (``measure_curve``), then updated by every batch
+    the replica runs. Under load the cost per image at each size is not what
+    it was alone (lanes share cores, and a bigger batch amortises that
+    differently), and only the chosen size runs; so the scheduler also runs a
+    neighbouring size now and then (``EXPLORE_EVERY``) to keep every figure current.
+    """
 
     seconds: dict[int, float] = field(default_factory=dict)
     alpha: float = 0.2
@@ -150,6 +160,7 @@ class Scheduler:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
         self.slowdown = 1.0  # measured time / predicted time, EWMA (see Calibration above)
+        self._batches = 0
         self._wake: asyncio.Event | None = None
         self._lanes: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +170,23 @@ class Scheduler:
         if self.settings.policy == "fixed":
             return self.settings.max_batch_size
         return self.curve.best_batch(self.settings.max_batch_size)
+
+    def next_batch_size(self) -> int:
+        """The size for the next batch: the target, or now and then a neighbour, to keep its cost measured."""
+        target = self.target_batch()
+        self._batches += 1
+        if self.settings.policy == "fixed" or self._batches % EXPLORE_EVERY:
+            return target
+        sizes = sorted(s for s in self.curve.seconds if s <= self.settings.max_batch_size)
+        if target not in sizes or len(sizes) < 2:
+            return target
+        i = sizes.index(target)
+        up = (self._batches // EXPLORE_EVERY) % 2 == 1
+        if up and i + 1 < len(sizes) and self.ready_images() >= sizes[i + 1]:
+            return sizes[i + 1]
+        if not up and i > 0:
+            return sizes[i - 1]
+        return target
 
     def images_per_s(self) -> float | None:
         size = self.target_batch()
@@ -286,7 +314,7 @@ class Scheduler:
             target = self.target_batch()
             if self.settings.batch_wait_s > 0 and self.ready_images() < target:
                 await asyncio.sleep(self.settings.batch_wait_s)  # let a GPU batch fill
-            batch = self.take_batch(target)
+            batch = self.take_batch(self.next_batch_size())
             if not batch:
                 continue
             items = [t.items[i] for t, i in batch]

@@ -294,3 +294,14 @@ def test_a_change_in_background_load_is_called_out():
     assert "Background load check" in md and "detserve 21.0" in md and "not trustworthy" not in md
     busy = {**_results(), "calibration_ms": {"raw": 20.0, "detserve": 21.0, "litserve": 35.0}}
     assert "not trustworthy" in report.markdown(busy)
+
+
+def test_photo_payloads_span_vga_to_twelve_megapixels():
+    import io
+
+    from PIL import Image
+
+    from detserve.benchmarks.raw import PHOTO_SIZES, photo_payloads
+
+    sizes = [Image.open(io.BytesIO(p)).size for p in photo_payloads(5)]
+    assert sizes == list(PHOTO_SIZES) and Image.open(io.BytesIO(photo_payloads(1)[0])).format == "JPEG"

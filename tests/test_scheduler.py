@@ -207,3 +207,22 @@ def test_headroom_keeps_part_of_the_time_left_for_what_the_curve_does_not_see():
         while True:
             admitted.append(sched.admit(1, clock.now + 3.0))
     assert len(admitted) == 24  # 30 would fit 3.0 s exactly; 80 % of it is planned
+
+
+def test_the_policy_explores_neighbours_and_follows_a_curve_that_changes_under_load():
+    """Alone, batch 1 is cheapest; under load batch 4 becomes cheaper. Only exploring finds that out."""
+    from detserve.serve import scheduler as sched_mod
+
+    cost = {"per_image": {1: 0.048, 2: 0.052, 4: 0.065, 8: 0.061}}  # alone (warm-up)
+    sched = Scheduler(lambda items, params: items, Settings(max_batch_size=8, lanes=1), curve=curve_of({1: 48, 2: 52, 4: 65, 8: 61}))
+    sched.ready_images = lambda: 100  # a busy replica: always enough ready images
+    cost["per_image"] = {1: 0.090, 2: 0.080, 4: 0.050, 8: 0.070}  # under load
+    sizes = []
+    for _ in range(40 * sched_mod.EXPLORE_EVERY):
+        size = sched.next_batch_size()
+        sizes.append(size)
+        sched.curve.observe(size, size * cost["per_image"][size])
+    assert sched.target_batch() == 4
+    assert sizes[-sched_mod.EXPLORE_EVERY:].count(4) >= sched_mod.EXPLORE_EVERY - 1  # settled, exploring rarely
+    fixed = Scheduler(lambda items, params: items, Settings(max_batch_size=8, policy="fixed"), curve=curve_of({1: 48}))
+    assert {fixed.next_batch_size() for _ in range(100)} == {8}
