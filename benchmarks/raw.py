@@ -141,7 +141,42 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
         "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1),
     }  # fmt: skip
     log(f"  ceiling {processes} processes, batch 1: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
-    return [r]
+    return [r, _threads_ceiling(folder, payloads, processes, seconds, log)]
+
+
+def _threads_ceiling(folder: Path, payloads: Sequence[bytes], threads: int, seconds: float, log: Callable[[str], None]) -> dict:
+    """The same loops as threads of this process sharing one engine (onnxruntime releases the GIL while it runs)."""
+    import threading
+
+    from detserve.runtime.detector import Detector
+
+    detector = Detector(folder, backend="onnxruntime", device="cpu", threads=1)
+    detector.warmup()
+    params = detector.params()
+    counts = [0] * threads
+    cpu0 = time.process_time()
+    began = time.perf_counter()
+    stop = began + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            detector.detect([payloads[counts[i] % len(payloads)]], params)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall, cpu, images = time.perf_counter() - began, time.process_time() - cpu0, sum(counts)
+    r = {
+        "kind": "ceiling", "backend": detector.engine.name, "threads": 1, "batch": 1, "processes": 1, "lanes": threads,
+        "iters": images, "ms_per_call_p50": None, "ms_per_call_p99": None,
+        "ms_per_image": round(1000 * cpu / max(1, images), 3), "images_per_s": round(images / wall, 3),
+        "cpu_pct": round(100 * cpu / wall, 1),
+    }  # fmt: skip
+    log(f"  ceiling {threads} threads, one engine, batch 1: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    return r
 
 
 def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3.0, log: Callable[[str], None] = print) -> list[dict]:

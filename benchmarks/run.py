@@ -223,11 +223,14 @@ def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
 
-def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1) -> None:
+def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
 
     ``lanes``: engine calls at once in its one replica, as many as each peer's workers.
+    ``direct``: also measure HTTP straight to the replica (Ray's direct ingress), without the proxy process.
     """
+    if direct:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
     from ray import serve
 
     from detserve.serve.app import application
@@ -273,12 +276,34 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
                                      stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
             )
             http["points"] += [p.to_dict() for p in more]
+        if direct:
+            replica = _direct_ingress_base()
+            direct_config = dict(config, settings=config["settings"] + f"; HTTP straight to the replica's own server ({replica}): "
+                                 "Ray's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), no proxy process in the path")  # fmt: skip
+            entry = results["servers"]["detserve-direct"] = {"kind": "http", "config": direct_config, "points": []}
+            entry["points"] = [p.to_dict() for p in asyncio.run(
+                loadgen.measure_http("detserve-direct", replica, detserve_requests(payloads), shapes + opens, profile.plan,
+                                     stats_url=f"{replica}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
+            )]
         if profile.handle:
             handle_config = dict(config, settings=config["settings"] + "; DeploymentHandle.predict.remote(bytes) from the driver")
             entry = results["servers"]["detserve-handle"] = {"kind": "handle", "config": handle_config, "points": []}
             entry["points"] = [p.to_dict() for p in asyncio.run(_measure_handle(base, payloads, shapes + opens, profile.plan, server_cpu))]
     finally:
         shutdown()
+
+
+def _direct_ingress_base(first: int = 30000, last: int = 30100) -> str:
+    """The replica's own HTTP server under direct ingress: Ray allocates it a port from 30000 up."""
+    import httpx
+
+    for port in range(first, last):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/{APP}/info", timeout=1).status_code == 200:
+                return f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError(f"no replica answers /{APP}/info on 127.0.0.1:{first}-{last}: direct ingress did not start")
 
 
 async def _measure_handle(base: str, payloads: list[bytes], shapes, plan: WindowPlan, server_cpu) -> list[loadgen.PointResult]:
@@ -357,7 +382,7 @@ def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, r
 
 
 def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] | None, peer_workers: int = 1,
-        imgsz: int | None = None, photos: bool = False) -> tuple[dict, dict]:  # fmt: skip
+        imgsz: int | None = None, photos: bool = False, direct: bool = False) -> tuple[dict, dict]:  # fmt: skip
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = out_root / stamp
     outdir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +442,7 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     calibrate("raw")
     stage("raw", do_raw)
     calibrate("detserve")
-    stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=peer_workers))
+    stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=peer_workers, direct=direct))
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
@@ -485,6 +510,7 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
     parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
+    parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
     parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
     return parser
 
@@ -502,7 +528,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
         profile = replace(profile, p99_budgets_ms=[float(x) for x in args.p99_budgets.split(",")])
     only = [x.strip() for x in args.only.split(",")] if args.only else None
     results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers,
-                         imgsz=args.imgsz, photos=args.photos)  # fmt: skip
+                         imgsz=args.imgsz, photos=args.photos, direct=args.direct_ingress)  # fmt: skip
     print()
     print(files["markdown"].read_text())
     log(f"wrote {', '.join(str(p) for p in files.values())}")
