@@ -95,10 +95,11 @@ def engine_rows(
     return rows
 
 
-def _detect_loop(folder: str, payloads: Sequence[bytes], seconds: float, start_at: float, queue) -> None:
+def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float) -> tuple[int, float, float]:
     """One ceiling process: ``Detector.detect`` on one image at a time, from ``start_at`` for ``seconds``."""
     from detserve.runtime.detector import Detector
 
+    payloads = [p.read_bytes() for p in sorted(Path(payload_dir).iterdir())]
     detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1)
     detector.warmup()
     params = detector.params()
@@ -109,7 +110,7 @@ def _detect_loop(folder: str, payloads: Sequence[bytes], seconds: float, start_a
     while time.perf_counter() - began < seconds:
         detector.detect([payloads[done % len(payloads)]], params)
         done += 1
-    queue.put((done, time.perf_counter() - began, time.process_time() - cpu0))
+    return done, time.perf_counter() - began, time.process_time() - cpu0
 
 
 def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2, seconds: float = 5.0,
@@ -118,19 +119,29 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
 
     Processes, not threads: nothing shared, no GIL, what a server with that many
     workers could reach if serving cost nothing. They start together and run
-    for the same ``seconds``; the row is their summed images/s.
+    for the same ``seconds``; the row is their summed images/s. Plain
+    subprocesses (multiprocessing would leave its resource tracker running).
+    Then the same with threads sharing one engine in this process.
     """
-    import multiprocessing as mp
+    import json
+    import subprocess
+    import sys
+    import tempfile
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    start_at = time.time() + 8.0  # spawn + model load before the common start
-    procs = [ctx.Process(target=_detect_loop, args=(str(folder), list(payloads), seconds, start_at, queue)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    parts = [queue.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, data in enumerate(payloads):
+            (Path(tmp) / f"{i:04d}.jpg").write_bytes(data)
+        start_at = time.time() + 10.0  # start + model load before the common start
+        code = ("import json, sys; from detserve.benchmarks.raw import _detect_loop; "
+                "print(json.dumps(_detect_loop(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))))")  # fmt: skip
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), tmp, str(seconds), str(start_at)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(processes)]  # fmt: skip
+        parts = []
+        for p in procs:
+            out, _ = p.communicate(timeout=seconds + 120)
+            if p.returncode:
+                raise RuntimeError(f"a ceiling process failed (exit {p.returncode})")
+            parts.append(json.loads(out.strip().splitlines()[-1]))
     images = sum(d for d, _, _ in parts)
     wall = max(w for _, w, _ in parts)
     cpu = sum(c for _, _, c in parts)

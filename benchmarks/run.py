@@ -510,6 +510,7 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
     parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
+    parser.add_argument("--batch-policy", choices=("measured", "fixed"), help="detserve's user_config batch_policy (default: the shipped one, measured)")
     parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
     parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
     return parser
@@ -524,6 +525,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])
+    if args.batch_policy:
+        DETSERVE_OPTIONS["user_config"] = {**DETSERVE_OPTIONS["user_config"], "batch_policy": args.batch_policy}
     if args.p99_budgets:
         profile = replace(profile, p99_budgets_ms=[float(x) for x in args.p99_budgets.split(",")])
     only = [x.strip() for x in args.only.split(",")] if args.only else None
