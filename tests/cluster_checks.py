@@ -3,6 +3,7 @@
 Each check starts its own Ray, so it cannot share (or break) the session Ray of
 tests/test_serve.py. Run one by hand with:
 
+    export DETSERVE_RAY_TMP=/tmp/ray-$USER-check   # short: Ray's socket paths must stay under 107 bytes
     scripts/offline-run .venv/bin/python -m tests.cluster_checks autoscale <yolo export folder>
     scripts/offline-run .venv/bin/python -m tests.cluster_checks multinode <yolo export folder>
 
@@ -235,14 +236,22 @@ def autoscale(export: str, max_replicas: int = 2, heavy_workers: int = 8, up_tim
 # ---- 2. a three-node Ray cluster ------------------------------------------------
 def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: int = 6, retries: int = 8) -> dict:
     """Head (no CPUs) + two 1-CPU workers; one replica per worker; kill a worker under load."""
+    from detserve.runtime import offline
+
+    env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
     import ray
     from ray.cluster_utils import Cluster
 
-    from detserve.runtime import offline
-
-    env = offline.apply()
-    temp = Path(os.environ.get("DETSERVE_RAY_TMP", f"/tmp/detserve-ray-{os.getuid()}")) / "cluster"
-    temp.mkdir(parents=True, exist_ok=True)
+    temp = offline.ray_run_dir() / "cluster"
+    # Cluster writes <RAY_TMPDIR>/ray/ray_current_cluster (the machine-wide /tmp/ray without it):
+    # keep that in this run's own folder too.
+    (temp / "ray").mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(temp)
+    # Token auth on, as on a real cluster: every node (each a child of this process) reads
+    # the same token file, and so does the driver.
+    auth = offline.ray_auth_env(temp)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(auth)
     node = {"object_store_memory": 100 * 1024 * 1024, "node_ip_address": "127.0.0.1"}
     # The GCS declares a silent node dead after period x threshold (default 3 s x 5);
     # shorter here so the test sees the loss, and the replacement, in seconds.
@@ -265,7 +274,7 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
 
         ray.init(
             address=cluster.address, logging_level="WARNING",
-            runtime_env={"env_vars": {**env, "DETSERVE_ROOT": str(Path(__file__).resolve().parent.parent)}},
+            runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(Path(__file__).resolve().parent.parent)}},
         )  # fmt: skip
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly", logging_config=QUIET)
