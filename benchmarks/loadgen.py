@@ -10,6 +10,8 @@ Load comes in two shapes: ``ClosedLoop(concurrency)`` keeps N requests in
 flight (a new one as soon as one returns); ``OpenLoop(rate)`` sends at Poisson
 arrival times whatever the server does, and measures latency from the *planned*
 send time so a slow server cannot hide its queue (no coordinated omission).
+``burst(send, n)`` is the third, outside the windows: n requests at once, one
+result each (the overload benchmark's burst).
 
 Every point is bounded twice: in requests (``max_requests``) and in seconds
 (``max_seconds``). Targets must be loopback IP literals (``require_loopback``):
@@ -352,6 +354,25 @@ async def _open(send: Sender, shape: OpenLoop, rec: _Recorder, timeout: float) -
             task.cancel()
 
 
+async def burst(send: Sender, n: int, timeout_s: float = 60.0) -> list[tuple[Status, float]]:
+    """``n`` requests all in flight at once (no windows: each is one result); ``(status, seconds)`` per request, in order.
+
+    Bounded like every other shape: ``n`` requests, each cut at ``timeout_s``.
+    """
+
+    async def one(i: int) -> tuple[Status, float]:
+        started = time.perf_counter()
+        try:
+            status = await asyncio.wait_for(send(i), timeout_s)
+        except asyncio.TimeoutError:
+            status = "timeout"
+        except Exception as exc:  # the transport's failure is a result, not a crash
+            status = f"exc:{type(exc).__name__}"
+        return status, time.perf_counter() - started
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
 def _window(rec: _Recorder, start: float, end: float, cursor: int) -> tuple[Window, int]:
     """Requests that completed in (start, end]; ``cursor`` is where the previous window stopped reading."""
     ok, errors, lat = 0, {}, []
@@ -464,7 +485,11 @@ def http_session(limit: int = 256, timeout_s: float = 30.0) -> Any:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s), trust_env=False)
 
 
-def http_sender(session: Any, base_url: str, requests: Sequence[HttpRequest]) -> Sender:
+#: ``on_response(i, status, headers, body)``: called for every response read (the overload benchmark keeps Retry-After).
+ResponseHook = Callable[[int, int, Any, bytes], None]
+
+
+def http_sender(session: Any, base_url: str, requests: Sequence[HttpRequest], on_response: ResponseHook | None = None) -> Sender:
     """``send(i)``: request ``i % len(requests)``; the body is read in full; returns the HTTP status."""
     base = require_loopback(base_url)
     if not requests:
@@ -474,7 +499,9 @@ def http_sender(session: Any, base_url: str, requests: Sequence[HttpRequest]) ->
     async def send(i: int) -> Status:
         method, url, body, headers = prepared[i % len(prepared)]
         async with session.request(method, url, data=body, headers=headers) as response:
-            await response.read()
+            content = await response.read()
+            if on_response is not None:
+                on_response(i, response.status, response.headers, content)
             return response.status
 
     return send

@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,12 +274,11 @@ def triton_request(image: bytes) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     return header + blob, headers
 
 
-def multipart_request(image: bytes, boundary: str = "detservebenchboundary") -> tuple[bytes, tuple[tuple[str, str], ...]]:
-    """A multipart/form-data body with one ``image`` file, built once (no per-request client work)."""
-    body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.jpg\"\r\n"
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+def multipart_request(images: bytes | Sequence[bytes], boundary: str = "detservebenchboundary") -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """A multipart/form-data body with one JPEG file part per image (one ``image`` for bytes), built once (no per-request client work)."""
+    parts = [images] if isinstance(images, (bytes, bytearray)) else list(images)
+    head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+    body = b"".join(head + bytes(p) + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
     return body, (("Content-Type", f"multipart/form-data; boundary={boundary}"),)
 
 

@@ -1,4 +1,4 @@
-"""``python -m detserve.benchmarks [--quick | --full]``: the whole side-by-side, one server at a time.
+"""``python -m detserve.benchmarks [--quick | --full]``: the whole side-by-side, one server at a time (``--overload``: benchmarks/overload.py).
 
     raw engine + baseline (no server)
     -> detserve on an in-process Ray (start_ray(2), one replica): over HTTP, then through a handle
@@ -223,20 +223,40 @@ def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
 
+def start_detserve(args: dict[str, Any], options: dict[str, Any], request_timeout_s: float = 30.0) -> tuple[str, dict]:
+    """detserve on an in-process Ray, as every benchmark runs it; returns (base URL, logging_config) once ``/bench/info`` answers.
+
+    start_ray(2), Serve's proxy on 127.0.0.1 (a free port, HeadOnly, deploy.yaml's
+    logging_config), the application under ``/bench``. The caller ends it with
+    ``detserve.serve.run.shutdown()``.
+    """
+    from ray import serve
+
+    from detserve.serve.app import application
+    from detserve.serve.run import start_ray
+
+    port = peers.free_port()
+    start_ray(2)
+    logging_config = serve_logging_config()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s}, proxy_location="HeadOnly",
+                logging_config=logging_config)  # fmt: skip
+    serve.run(application(args, options), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(f"{base}/{APP}/info", 120)
+    return base, logging_config
+
+
 def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
 
     ``lanes``: engine calls at once in its one replica, as many as each peer's workers.
     ``direct``: also measure HTTP straight to the replica (Ray's direct ingress), without the proxy process.
     """
+    from detserve.serve.run import shutdown
+
     if direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
-    from ray import serve
 
-    from detserve.serve.app import application
-    from detserve.serve.run import shutdown, start_ray
-
-    port = peers.free_port()
     config = {
         "args": {"model": str(folder), "threads": 1, "lanes": lanes},
         "options": DETSERVE_OPTIONS,
@@ -245,15 +265,8 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
         f"{DEFAULT_MAX_BATCH_SIZE}, batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}), admission by deadline; raw image/jpeg body",
     }
     began = time.monotonic()
-    start_ray(2)
     try:
-        logging_config = serve_logging_config()
-        config["logging_config"] = logging_config
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly",
-                    logging_config=logging_config)  # fmt: skip
-        serve.run(application(config["args"], DETSERVE_OPTIONS), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
-        base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/{APP}/info", 120)
+        base, config["logging_config"] = start_detserve(config["args"], DETSERVE_OPTIONS)
         config["start_s"] = round(time.monotonic() - began, 1)
         log(f"detserve up on {base}/{APP} in {config['start_s']} s")
 
@@ -503,6 +516,8 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
     mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")
     mode.add_argument("--setup-peers", action="store_true", help="create PyTriton's own venv (needs the package registry), then exit")
+    mode.add_argument("--overload", action="store_true",
+                      help="detserve alone, as deploy.yaml ships it: peak, a burst, an open loop at 2x the peak, large and small requests mixed (benchmarks/overload.py)")  # fmt: skip
     parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
     parser.add_argument("--only", help="comma-separated subset of raw,detserve,litserve,pytriton")
     parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (a timestamped folder is made inside)")
@@ -513,6 +528,12 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--batch-policy", choices=("measured", "fixed"), help="detserve's user_config batch_policy (default: the shipped one, measured)")
     parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
     parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
+    overload = parser.add_argument_group("--overload")
+    overload.add_argument("--overload-seconds", type=float, default=60.0, help="each open loop's length in seconds (default 60)")
+    overload.add_argument("--overload-deadline", type=float, default=2.0,
+                          help="the second open loop's x-request-timeout-seconds (default 2; 0: only the loop with the server's own deadline)")  # fmt: skip
+    overload.add_argument("--overload-burst", type=int, default=300, help="requests sent at once in the burst (default 300)")
+    overload.add_argument("--overload-large-side", type=int, default=3000, help="side in px of the large client's 64 JPEGs (default 3000)")
     return parser
 
 
@@ -522,6 +543,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
         log(f"PyTriton venv ready: {peers.setup_pytriton()}")
         return 0
     signal.signal(signal.SIGTERM, _sigterm)
+    if args.overload:
+        from detserve.benchmarks import overload
+
+        return overload.main(args)
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])
