@@ -58,6 +58,8 @@ GOODPUT_TARGET = 0.9
 FAIRNESS_BATCHES = 2.0
 #: A 503 counts as immediate when the slowest one came back within this, and before the median 200.
 IMMEDIATE_S = 1.0
+#: Seconds between the app answering and the first phase.
+SETTLE_S = 5.0
 #: The client's deadline header (Ray's proxy honours it too); serve/app.py DEADLINE_HEADER.
 DEADLINE_HEADER = "x-request-timeout-seconds"
 #: How the replica's own 503 message begins (serve/app.py, DetectionServer.detect); Ray's queue-full 503 reads otherwise.
@@ -501,6 +503,9 @@ def run(plan: OverloadPlan, *, model: str | None, out_root: Path) -> tuple[dict,
         base, _ = start_detserve(args, options, request_timeout_s=float(args.get("request_timeout_s", 30.0)))
         results["start_s"] = round(time.monotonic() - began, 1)
         log(f"detserve up on {base}/{APP} in {results['start_s']} s")
+        # Ray's own processes are still busy for a few seconds after the app answers (one run's first
+        # background-load probe read 15 ms against 10 ms for every later one): let them settle.
+        time.sleep(SETTLE_S)
         asyncio.run(_phases(base, payloads, large, plan, results, server_cpu, probe))
     except Exception as exc:
         results["errors"]["run"] = f"{type(exc).__name__}: {exc}"
