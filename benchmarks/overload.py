@@ -52,6 +52,7 @@ from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, PointResult, Windo
 from detserve.benchmarks.run import (
     APP, ROOT, _loadavg, detserve_requests, end_own_children, log, machine_info, model_info, resolve_model, start_detserve, versions,
 )  # fmt: skip
+from detserve.serve.app import DEADLINE_HEADER  # the client's deadline (Ray's proxy honours it too)
 
 #: The issue's targets: goodput at 2x arrival, and a small request's latency beside a large one.
 GOODPUT_TARGET = 0.9
@@ -60,8 +61,6 @@ FAIRNESS_BATCHES = 2.0
 IMMEDIATE_S = 1.0
 #: Seconds between the app answering and the first phase.
 SETTLE_S = 5.0
-#: The client's deadline header (Ray's proxy honours it too); serve/app.py DEADLINE_HEADER.
-DEADLINE_HEADER = "x-request-timeout-seconds"
 #: How the replica's own 503 message begins (serve/app.py, DetectionServer.detect); Ray's queue-full 503 reads otherwise.
 REPLICA_SHED_PREFIX = "the server is busy"
 

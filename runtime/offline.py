@@ -40,7 +40,7 @@ def environment() -> dict[str, str]:
         # Ray: loopback only. Ray turns _node_ip_address="127.0.0.1" into the
         # machine's own address (and then binds GCS, raylet, workers and agents
         # to it or to every interface) unless this is 0 when ray is imported.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        LOOPBACK_SWITCH: "0",
         # Ray: token authentication on every Ray RPC. The token file is the run
         # directory's (ray_auth_env); Ray never writes ~/.ray/auth_token while
         # RAY_AUTH_TOKEN_PATH is set. RAY_AUTH_MODE=disabled opts out (loopback only then).
@@ -60,6 +60,27 @@ def environment() -> dict[str, str]:
         # OpenCV's own threads oversubscribe 2-core machines.
         "OPENCV_NUM_THREADS": os.environ.get("OPENCV_NUM_THREADS", "1"),
     }
+
+
+#: The loopback switch of :func:`environment`. A node of a cluster of several machines must not have it:
+#: Ray then binds to 127.0.0.1, and ``ray start --address`` refuses to join a worker node with it.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def shell_exports(cluster: bool = False) -> str:
+    """:func:`environment` as ``export`` lines for a shell, e.g. before ``ray start`` or ``serve run``.
+
+    ``cluster``: for the nodes of a Ray cluster of several machines, without the
+    loopback switch. ``RAY_AUTH_MODE=token`` stays: give every node (and every
+    ``serve deploy``) the same token with ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN``;
+    without one Ray's GCS stops at start.
+    """
+    import shlex
+
+    env = environment()
+    if cluster:
+        env.pop(LOOPBACK_SWITCH)
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
 
 
 def ray_run_dir() -> Path:
@@ -156,3 +177,9 @@ def apply() -> dict[str, str]:
     _ensure_ultralytics_files(Path(os.environ["YOLO_CONFIG_DIR"]))
     _ensure_ray_bootstrap()
     return {key: os.environ[key] for key in env}
+
+
+if __name__ == "__main__":  # python -m detserve.runtime.offline [--cluster]: print the exports
+    import sys
+
+    print(shell_exports(cluster="--cluster" in sys.argv[1:]), end="")

@@ -216,3 +216,19 @@ def test_a_host_beyond_loopback_needs_token_auth(monkeypatch):
     assert time.monotonic() - started < 5  # refused before exporting models or starting Ray
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     require_auth_for("0.0.0.0")
+
+
+def test_the_shell_exports_carry_the_offline_environment_and_drop_loopback_for_a_cluster(tmp_path):
+    from detserve.runtime import offline
+
+    laptop, cluster = offline.shell_exports(), offline.shell_exports(cluster=True)
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n" in laptop
+    assert offline.LOOPBACK_SWITCH not in cluster
+    assert "export RAY_AUTH_MODE=token\n" in cluster and "RAY_AUTH_TOKEN" not in cluster.replace("RAY_AUTH_MODE", "")
+    # What a shell sources is exactly environment(), less the switch: run it and read the variables back.
+    script = tmp_path / "env.sh"
+    script.write_text(cluster)
+    shown = subprocess.run(["bash", "-c", f". {script} && env -0"], capture_output=True, text=True, check=True, env={}).stdout
+    got = dict(line.split("=", 1) for line in shown.split("\0") if "=" in line)
+    expected = {k: v for k, v in offline.environment().items() if k != offline.LOOPBACK_SWITCH}
+    assert {k: got[k] for k in expected} == expected
