@@ -652,7 +652,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     from detserve.benchmarks.run import _loadavg, _wait_http, end_own_children, machine_info, resolve_model, versions
     from detserve.benchmarks.peers import free_port
     from detserve.serve.app import application
-    from detserve.serve.run import shutdown, start_ray
+    from detserve.serve.run import set_proxy_body_limits, shutdown, start_ray
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.out) / f"soak-{stamp}"
@@ -670,6 +670,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     capacity_tally: Tally = {}
     tally: Tally = {}
     began = time.monotonic()
+    set_proxy_body_limits({f"/{APP}": int(settings.args.get("max_body_bytes", 50 * 2**20))})  # as `detserve serve` does
     start_ray(2)
     try:
         port = free_port()
