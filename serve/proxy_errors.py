@@ -26,7 +26,9 @@ and the replica never sees the request; a chunked body is counted as it
 arrives and cut at the limit. The limits are per route prefix, from
 ``DETSERVE_PROXY_BODY_LIMITS`` (JSON ``{"/yolo": 52428800, ...}``, set by
 ``detserve serve`` from each application's ``max_body_bytes``, before Ray
-starts); other routes get ``DEFAULT_MAX_BODY_BYTES``.
+starts); other routes get ``DEFAULT_MAX_BODY_BYTES``. Ray's proxy logs each cut
+upload at INFO as "Client for request ... disconnected": the disconnect it sees
+is this middleware's.
 
 Not covered: errors uvicorn makes before any ASGI app runs (a request line that
 is not HTTP gets its ``400 Invalid HTTP request``); no middleware sees those.
