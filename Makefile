@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 # lists every "Requirement already satisfied". Errors and everything else still show.
 PIP_QUIET_NOISE := 2>&1 | { grep --line-buffered -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: setup serve test test-slow fuzz bench bench-overload bench-setup models lock clean help gpu-check
+.PHONY: setup serve test test-slow fuzz bench bench-overload bench-setup soak models lock clean help gpu-check
 
 help:
 	@echo "make serve   - set up, prepare the default models, serve them on http://127.0.0.1:8000 (SERVE_ARGS='--port 8001')"
@@ -24,6 +24,7 @@ help:
 	@echo "make fuzz    - the fuzz tests with 2000 examples each (make test runs 30)"
 	@echo "make bench   - quick benchmark (see benchmarks/README.md)"
 	@echo "make bench-overload - detserve under overload: burst, open loop at 2x peak, large+small mixed (BENCH_ARGS='--overload-seconds 30')"
+	@echo "make soak    - 10 minutes of mixed load at 70% of capacity; fails on an unexpected answer, RSS or fd growth (SOAK_ARGS='--seconds 120')"
 
 # Pinned, locked install. Re-runs only when the lock or pyproject changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -71,6 +72,12 @@ bench: models bench-setup
 # Issue 10: peak, a 300-request burst, an open loop at 2x the peak, 64-image requests beside one-image ones (about 4 minutes).
 bench-overload: models
 	scripts/offline-run $(PY) -m detserve.benchmarks --overload $(BENCH_ARGS)
+
+# Issue 11: detserve (deploy.yaml's yolo app, one replica) under open-loop load at 70% of its
+# measured capacity for 10 minutes, good, bad and large requests mixed; pass/fail on the answers,
+# the replica's RSS and the replica's and proxy's open fds (README, "Soak"). Writes bench-results/soak-*/.
+soak: models
+	scripts/offline-run $(PY) -m detserve.benchmarks.soak $(SOAK_ARGS)
 
 # Regenerate the lock from pyproject.toml's pins (needs the registry).
 lock:

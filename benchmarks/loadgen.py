@@ -469,12 +469,29 @@ async def measure(
 
 @dataclass(frozen=True)
 class HttpRequest:
-    """One request body to cycle through: method, path (from the base URL), body, headers."""
+    """One request body to cycle through: method, path (from the base URL), body, headers.
+
+    ``chunk_size``: send the body with ``Transfer-Encoding: chunked`` in pieces of that
+    many bytes (no Content-Length), as a streaming client does; None sends it whole.
+    """
 
     path: str
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     method: str = "POST"
+    chunk_size: int | None = None
+
+
+#: ``on_response(i, status, headers, body) -> Status | None``: what ``http_sender`` reports for request ``i`` (None: the status).
+ResponseHook = Callable[[int, int, Any, bytes], "Status | None"]
+
+
+def _chunks(body: bytes, size: int):
+    async def gen():
+        for start in range(0, len(body), size):
+            yield body[start : start + size]
+
+    return gen()
 
 
 def http_session(limit: int = 256, timeout_s: float = 30.0) -> Any:
@@ -485,24 +502,25 @@ def http_session(limit: int = 256, timeout_s: float = 30.0) -> Any:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s), trust_env=False)
 
 
-#: ``on_response(i, status, headers, body)``: called for every response read (the overload benchmark keeps Retry-After).
-ResponseHook = Callable[[int, int, Any, bytes], None]
-
-
 def http_sender(session: Any, base_url: str, requests: Sequence[HttpRequest], on_response: ResponseHook | None = None) -> Sender:
-    """``send(i)``: request ``i % len(requests)``; the body is read in full; returns the HTTP status."""
+    """``send(i)``: request ``i % len(requests)``; the body is read in full; returns the HTTP status.
+
+    ``on_response`` sees each response (its headers and body) and may return what to report
+    instead of the bare status (``None``: the status): the soak tells a 413 ``body_too_large``
+    from a 413 of another cause this way; the overload benchmark keeps each Retry-After.
+    """
     base = require_loopback(base_url)
     if not requests:
         raise ValueError("need at least one request to send")
-    prepared = [(r.method, base + r.path, r.body, dict(r.headers)) for r in requests]
+    prepared = [(r.method, base + r.path, r.body, dict(r.headers), r.chunk_size) for r in requests]
 
     async def send(i: int) -> Status:
-        method, url, body, headers = prepared[i % len(prepared)]
-        async with session.request(method, url, data=body, headers=headers) as response:
+        method, url, body, headers, chunk_size = prepared[i % len(prepared)]
+        data = _chunks(body, chunk_size) if chunk_size else body
+        async with session.request(method, url, data=data, headers=headers) as response:
             content = await response.read()
-            if on_response is not None:
-                on_response(i, response.status, response.headers, content)
-            return response.status
+            reported = on_response(i, response.status, response.headers, content) if on_response else None
+            return response.status if reported is None else reported
 
     return send
 
@@ -534,12 +552,13 @@ async def measure_http(
     stats: StatsSource | None = None,
     server_cpu: CpuSource | None = None,
     log: Callable[[str], None] | None = None,
+    on_response: ResponseHook | None = None,
 ) -> list[PointResult]:
     """Measure each load shape in turn against one HTTP server, sharing one keep-alive session."""
     require_loopback(base_url)
     limit = max([s.concurrency if isinstance(s, ClosedLoop) else s.max_in_flight for s in shapes] + [1]) + 2
     async with http_session(limit, plan.request_timeout_s) as session:
-        send = http_sender(session, base_url, requests)
+        send = http_sender(session, base_url, requests, on_response)
         source = stats or (http_stats(session, stats_url) if stats_url else None)
         results = []
         for shape in shapes:

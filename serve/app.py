@@ -368,11 +368,13 @@ class DetectionServer:
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))
         images = sum(k * v for k, v in sizes.items())
+        me = psutil.Process()
+        # pid, RSS and open file descriptors: what a soak (benchmarks/soak.py) watches for leaks.
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
                 "mean_batch_size": images / max(1, sum(sizes.values())),
                 "stage_seconds": dict(self.stage_seconds),
                 "scheduler": self.scheduler.stats(),
-                "rss_bytes": psutil.Process().memory_info().rss}  # fmt: skip
+                "pid": me.pid, "rss_bytes": me.memory_info().rss, "open_fds": me.num_fds()}  # fmt: skip
 
     async def http_info(self) -> dict:
         m = self.detector.manifest

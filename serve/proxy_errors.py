@@ -17,6 +17,19 @@ client's deadline from when the server got the request, not from when the
 request reached the replica: under a burst, the hop from the proxy to the
 replica takes a share of the deadline that the replica could not see.
 
+The proxy enforces the body limit too (:class:`BodyLimit`), before a byte reaches
+a replica: Ray 2.60's proxy reads the whole body from the client and forwards
+all of it to the replica, whatever the app reads (the replica's
+``ASGIReceiveProxy`` queues it unbounded), so an app that stops at its limit
+still received the rest. A Content-Length over the limit gets its 413 at once,
+and the replica never sees the request; a chunked body is counted as it
+arrives and cut at the limit. The limits are per route prefix, from
+``DETSERVE_PROXY_BODY_LIMITS`` (JSON ``{"/yolo": 52428800, ...}``, set by
+``detserve serve`` from each application's ``max_body_bytes``, before Ray
+starts); other routes get ``DEFAULT_MAX_BODY_BYTES``. Ray's proxy logs each cut
+upload at INFO as "Client for request ... disconnected": the disconnect it sees
+is this middleware's.
+
 Not covered: errors uvicorn makes before any ASGI app runs (a request line that
 is not HTTP gets its ``400 Invalid HTTP request``); no middleware sees those.
 """
@@ -24,12 +37,18 @@ is not HTTP gets its ``400 Invalid HTTP request``); no middleware sees those.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from typing import Mapping
 
 from starlette.middleware import Middleware
 
 IMPORT_PATH = "detserve.serve.proxy_errors:middlewares"
+#: JSON {route prefix: max body bytes}, read by the proxy when it starts (Ray's own environment).
+LIMITS_ENV = "DETSERVE_PROXY_BODY_LIMITS"
+#: The limit of a route the mapping does not name: AppArgs.max_body_bytes's default (50 MiB).
+DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 #: Wall-clock seconds (time.time()) at which the proxy received the request; set only by the proxy.
 RECEIVED_AT_HEADER = b"x-detserve-received-at"
 
@@ -117,6 +136,96 @@ class ArrivalTime:
         return await self.app(scope, receive, send)
 
 
+def body_limits_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """``DETSERVE_PROXY_BODY_LIMITS`` as {route prefix: bytes}; a value that does not parse stops the proxy with the reason."""
+    text = environ.get(LIMITS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        limits = json.loads(text)
+        if not isinstance(limits, dict) or not all(isinstance(k, str) and k.startswith("/") and type(v) is int and v > 0 for k, v in limits.items()):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f'{LIMITS_ENV}={text!r}: give JSON {{"/<route prefix>": <max body bytes>, ...}}, e.g. {{"/yolo": 52428800}}') from None
+    return limits
+
+
+def limit_for(path: str, limits: Mapping[str, int], default: int = DEFAULT_MAX_BODY_BYTES) -> int:
+    """The body limit of the route that serves ``path``: the longest matching route prefix, as Ray's proxy routes."""
+    best, limit = -1, default
+    for prefix, value in limits.items():
+        root = prefix.rstrip("/")
+        if (path == prefix or path == root or path.startswith(root + "/")) and len(root) > best:
+            best, limit = len(root), value
+    return limit
+
+
+def _too_large(length: int | None, limit: int) -> tuple[str, str]:
+    size = f"{length} bytes" if length is not None else f"over {limit} bytes"
+    return "body_too_large", f"the body is {size}; the limit is {limit}: send fewer or smaller images per request"
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse a body over the route's limit in the proxy, before the replica receives it.
+
+    Content-Length over the limit: a 413 at once, the app is not called. Otherwise the
+    bytes are counted as they arrive; past the limit the client gets the 413 and the app
+    (Ray's proxy, forwarding to the replica) reads a disconnect, so it stops forwarding
+    and cancels the replica's call. uvicorn then discards the rest of the upload.
+    """
+
+    def __init__(self, app, limits: Mapping[str, int] | None = None, default: int = DEFAULT_MAX_BODY_BYTES):
+        self.app = app
+        self.limits = body_limits_from_env() if limits is None else dict(limits)
+        self.default = default
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith("/-/"):
+            return await self.app(scope, receive, send)
+        limit = limit_for(path, self.limits, self.default)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await _send_json(send, 413, *_too_large(int(length), limit))
+        received = 0
+        refused = False  # this middleware answered; whatever the app sends after is dropped
+        app_started = False
+
+        async def _receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if not app_started:  # the app answered first (its own, lower limit): keep its answer
+                        refused = True
+                        await _send_json(send, 413, *_too_large(None, limit))
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def _send(message):
+            nonlocal app_started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                app_started = True
+            await send(message)
+
+        await self.app(scope, _receive, _send)
+
+
+async def _send_json(send, status: int, code: str, message: str) -> None:
+    payload = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
 def middlewares() -> list[Middleware]:
-    """For ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: Ray calls this in its proxy."""
-    return [Middleware(JsonErrors), Middleware(ArrivalTime)]
+    """For ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: Ray calls this in its proxy.
+
+    Ray wraps them in list order, so the last is outermost: the body limit sees a request first.
+    """
+    return [Middleware(JsonErrors), Middleware(ArrivalTime), Middleware(BodyLimit)]

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_config(path: Path):
+    offline.apply()  # before `import ray`: Ray reads the loopback switch at import
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -53,6 +54,25 @@ def placement_problems(config, cpus: float) -> list[str]:
             "lower max_replicas or ray_actor_options.num_cpus in the config (fractions are fine)"
         )
     return problems
+
+
+def proxy_body_limits(config) -> dict[str, int]:
+    """{route prefix: max_body_bytes} of every application of ``config``: the limits the proxy enforces (serve/proxy_errors.py)."""
+    from detserve.serve.app import AppArgs
+
+    return {app.route_prefix: AppArgs(**(app.args or {})).max_body_bytes for app in config.applications if app.route_prefix}
+
+
+def set_proxy_body_limits(limits: dict[str, int]) -> None:
+    """Hand the proxy its body limits; call before :func:`start_ray` (the proxy reads them from Ray's environment).
+
+    A ``DETSERVE_PROXY_BODY_LIMITS`` already set by the user wins.
+    """
+    import json
+
+    from detserve.serve.proxy_errors import LIMITS_ENV
+
+    os.environ.setdefault(LIMITS_ENV, json.dumps(limits, sort_keys=True))
 
 
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
@@ -297,6 +317,7 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
     from detserve.runtime.defaults import sample_path
     from detserve.runtime.progress import console, step
 
+    set_proxy_body_limits(proxy_body_limits(load_config(config_path)))
     with step("Starting Ray on 127.0.0.1"):
         start_ray()
     # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a

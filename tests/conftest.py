@@ -71,13 +71,20 @@ def metrics_port() -> int:
     return free_port()
 
 
+#: An application of the session's Ray with a small body limit, in its args and in the proxy's.
+LIMITED_ROUTE, LIMITED_BODY_BYTES = "/limited", 2 * 1024 * 1024
+
+
 @pytest.fixture(scope="session")
 def serve_cluster(metrics_port):
     """One embedded Ray for the session, started as `detserve serve` starts it (start_ray); yields the HTTP base URL."""
     from ray import serve
 
-    from detserve.serve.run import shutdown, start_ray
+    from detserve.serve.run import set_proxy_body_limits, shutdown, start_ray
 
+    # The proxy's body limits are read when Ray starts, as under `detserve serve`: the
+    # /limited app of test_serve.py has 2 MiB; every other route the default 50 MiB.
+    set_proxy_body_limits({LIMITED_ROUTE: LIMITED_BODY_BYTES})
     # Logical CPUs are scheduling accounting only: this session runs several
     # small apps at once (one replica each, num_cpus=1), more than 2 cores' worth.
     start_ray(num_cpus=8, metrics_port=metrics_port)

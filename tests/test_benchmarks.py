@@ -141,6 +141,35 @@ def test_open_loop_sends_at_about_the_rate():
     assert not point.errors and point.dropped == 0
 
 
+def test_a_chunked_body_is_sent_without_content_length_and_the_hook_sees_each_response():
+    seen = []
+
+    async def handler(request: web.Request):
+        body = await request.read()
+        seen.append((request.headers.get("Transfer-Encoding"), request.headers.get("Content-Length"), len(body)))
+        return web.json_response({"error": {"code": "too_big"}}, status=413, headers={"X-Seen": str(len(body))})
+
+    hooked = []
+
+    def hook(i, status, headers, body):
+        hooked.append((i, status, headers["X-Seen"], json.loads(body)["error"]["code"]))
+        return f"{status} {json.loads(body)['error']['code']}"
+
+    async def main():
+        runner, base = await _serve(handler)
+        try:
+            async with loadgen.http_session(2) as session:
+                requests = [loadgen.HttpRequest("/predict", b"a" * 10_000, chunk_size=4096), loadgen.HttpRequest("/predict", b"b" * 100)]
+                send = loadgen.http_sender(session, base, requests, hook)
+                return [await send(0), await send(1)]
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(main()) == ["413 too_big", "413 too_big"]
+    assert seen == [("chunked", None, 10_000), (None, "100", 100)]
+    assert hooked == [(0, 413, "10000", "too_big"), (1, 413, "100", "too_big")]
+
+
 def test_transport_failures_are_results_not_crashes():
     async def send(i: int):
         if i % 2:

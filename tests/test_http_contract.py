@@ -368,3 +368,115 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - PROXY_MARGIN_S)) < 0.1
     assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - PROXY_MARGIN_S)) < 0.1
     assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted
+
+
+# ---- the body limit in the proxy (serve/proxy_errors.py BodyLimit), before the replica receives a byte ----
+
+
+def _ray_like(forwarded: list, answer_after_bytes: int | None = None):
+    """Ray's proxy as BodyLimit sees it: it reads the client's body to the end (or a disconnect), forwarding
+    every chunk to the replica; the replica answers 200 once it has the whole body, or its own 413 after
+    ``answer_after_bytes``; a disconnect ends the call with Ray's plain-text error."""
+
+    async def app(scope, receive, send):
+        answered = False
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not answered:
+                    await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": b"Client disconnected"})
+                return
+            forwarded.append(message.get("body", b""))
+            size = sum(map(len, forwarded))
+            if answer_after_bytes is not None and size > answer_after_bytes and not answered:
+                answered = True
+                await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"error": {"code": "body_too_large", "message": "app"}}'})
+            if not message.get("more_body", False):
+                if not answered:
+                    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+                    await send({"type": "http.response.body", "body": str(size).encode()})
+                return
+
+    return app
+
+
+def _chunked(n: int, size: int = 40) -> list[dict]:
+    return [{"type": "http.request", "body": b"x" * size, "more_body": i < n - 1} for i in range(n)]
+
+
+def test_the_proxy_refuses_a_content_length_over_the_routes_limit_without_calling_the_app():
+    from detserve.serve.proxy_errors import BodyLimit
+
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+
+    limited = BodyLimit(app, {"/small": 100})
+    sent, pulled = asyncio.run(_call(limited, _scope("/small/predict", (("content-length", "101"),)), _chunked(3)))
+    assert not called and pulled == 0  # not a byte read, nothing forwarded to a replica
+    assert sent[0]["status"] == 413 and dict(sent[0]["headers"])[b"content-type"] == b"application/json"
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "body_too_large" and "101 bytes; the limit is 100" in error["message"]
+
+
+def test_the_proxy_cuts_a_chunked_body_at_the_limit_and_what_the_app_sends_after_is_dropped():
+    from detserve.serve.proxy_errors import BodyLimit
+
+    forwarded: list = []
+    sent, pulled = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
+    assert sum(map(len, forwarded)) == 80 and pulled == 3  # the chunk that crossed the limit is not forwarded
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] and sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"]["code"] == "body_too_large"
+
+
+def test_a_body_within_the_limit_and_rays_own_endpoints_pass_untouched():
+    from detserve.serve.proxy_errors import BodyLimit
+
+    forwarded: list = []
+    sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(2)))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"80"
+    forwarded = []
+    sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/": 10}), _scope("/-/routes"), _chunked(2)))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"80"
+
+
+def test_an_app_that_answers_at_its_own_lower_limit_keeps_its_answer():
+    from detserve.serve.proxy_errors import BodyLimit
+
+    forwarded: list = []
+    sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded, answer_after_bytes=50), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
+    assert [m.get("status") for m in sent] == [413, None] and json.loads(sent[1]["body"])["error"]["message"] == "app"
+    assert sum(map(len, forwarded)) == 80  # and the proxy still stopped reading at its own limit
+
+
+def test_each_route_gets_the_limit_of_its_longest_prefix():
+    from detserve.serve.proxy_errors import DEFAULT_MAX_BODY_BYTES, limit_for
+
+    limits = {"/": 10, "/yolo": 20, "/yolo/big/": 30}
+    assert limit_for("/yolo/predict", limits) == 20 and limit_for("/yolo", limits) == 20
+    assert limit_for("/yolo/big/predict", limits) == 30 and limit_for("/yolo/big", limits) == 30
+    assert limit_for("/yolox/predict", limits) == 10 and limit_for("/other", limits) == 10
+    assert limit_for("/other", {"/yolo": 20}) == DEFAULT_MAX_BODY_BYTES
+
+
+def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give():
+    from detserve.serve.proxy_errors import LIMITS_ENV, body_limits_from_env
+
+    assert body_limits_from_env({}) == {}
+    assert body_limits_from_env({LIMITS_ENV: '{"/yolo": 52428800}'}) == {"/yolo": 52428800}
+    for bad in ("nope", '["/yolo"]', '{"yolo": 1}', '{"/yolo": -1}', '{"/yolo": "50MB"}'):
+        with pytest.raises(ValueError, match=f'{LIMITS_ENV}=.*"/<route prefix>": <max body bytes>'):
+            body_limits_from_env({LIMITS_ENV: bad})
+
+
+def test_detserve_serve_hands_the_proxy_each_apps_limit_and_the_body_limit_is_outermost():
+    from detserve.serve import proxy_errors
+    from detserve.serve.app import AppArgs
+    from detserve.serve.run import ROOT, load_config, proxy_body_limits
+
+    assert proxy_body_limits(load_config(ROOT / "deploy.yaml")) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
+    assert proxy_errors.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
+    assert proxy_errors.middlewares()[-1].cls is proxy_errors.BodyLimit  # Ray wraps in list order: the last sees requests first

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import QUIET, encode, free_port
+from tests.conftest import LIMITED_BODY_BYTES, LIMITED_ROUTE, QUIET, encode, free_port
 
 pytestmark = pytest.mark.serve
 
@@ -436,21 +436,19 @@ def test_rays_own_unknown_route_404_is_json(serve_cluster):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=(
-    "Ray 2.60's replica-side ASGIReceiveProxy.fetch_until_disconnect pulls the whole body from the proxy into an "
-    "unbounded asyncio.Queue whatever the app reads; the app stops at the limit, but measured: RSS 1.18 -> 1.48 GB"))
 def test_replica_memory_returns_to_baseline_after_100_rejected_chunked_uploads(serve_cluster, yolo_export, scenes):
     """100 chunked multipart uploads of 20 MB against a 2 MB limit (scaled down from the issue's 200 MB
-    against 50 MB, to stay in seconds on 2 cores): each is cut at the limit, and the replica's RSS
-    ends within 10 % of where it started."""
+    against 50 MB, to stay in seconds on 2 cores): each is cut at the limit by the proxy, before the
+    replica receives the rest (Ray 2.60's replica would otherwise queue the whole body), and the
+    replica's RSS ends within 10 % of where it started."""
     from ray import serve
 
     from detserve.serve.app import application
 
     options = {"num_replicas": 1, "autoscaling_config": None}
-    args = {"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024}
-    serve.run(application(args, options), name="limited", route_prefix="/limited", blocking=False, logging_config=QUIET)
-    url = f"{serve_cluster}/limited"
+    args = {"model": str(yolo_export), "max_body_bytes": LIMITED_BODY_BYTES}  # the proxy's limit for this route too (conftest)
+    serve.run(application(args, options), name="limited", route_prefix=LIMITED_ROUTE, blocking=False, logging_config=QUIET)
+    url = f"{serve_cluster}{LIMITED_ROUTE}"
     boundary = "detservelimit"
 
     def upload(total=20 * 1024 * 1024, chunk=1024 * 1024):
