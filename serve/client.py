@@ -73,14 +73,21 @@ def retry_wait_s(retry_after: str | None, max_wait_s: float = 30.0, jitter: floa
 
 
 def _retryable(response: httpx.Response) -> bool:
-    """A 503 (shed before any work) or a 408: both are safe to send again.
+    """A 503 (shed before any work), a 408, or a 500 ``internal`` (its replica died): all safe to send again.
 
     A detserve replica drops a request's work at its deadline, which comes
     before the proxy's own timeout (``PROXY_MARGIN_S``); so after either 408
     (the replica's ``deadline_exceeded``, or the proxy's ``timeout`` when the
     answer was late on the way back) nothing is left running for it.
     """
-    return response.status_code in (503, 408)
+    if response.status_code in (503, 408):
+        return True
+    if response.status_code != 500:
+        return False
+    try:  # the replica serving it died (a node lost): another replica answers; a model failure would only repeat
+        return response.json()["error"]["code"] == "internal"
+    except Exception:
+        return False
 
 
 class Client:
@@ -96,7 +103,7 @@ class Client:
         max_wait_s: float = 30.0,
         jitter: float = 0.5,
     ):
-        """``retries``: how many times a 503 (or a 408) is retried after its ``Retry-After`` (0: never).
+        """``retries``: how many times a 503, a 408 or a 500 ``internal`` is retried after its ``Retry-After`` (0: never).
 
         Each wait is ``Retry-After`` (capped at ``max_wait_s``) times a random
         factor in ``[1, 1 + jitter]``.

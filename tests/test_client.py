@@ -32,6 +32,10 @@ def client_answering(statuses: list[int], monkeypatch, retries: int) -> tuple[Cl
             return httpx.Response(408, json={"error": {"code": "deadline_exceeded", "message": "late"}})
         if status == 4080:  # Ray's proxy timed out: plain text, the replica may still be working
             return httpx.Response(408, text="Request timed out")
+        if status == 500:  # the replica died (the proxy middleware's code)
+            return httpx.Response(500, json={"error": {"code": "internal", "message": "replica failed"}})
+        if status == 5000:  # the model failed on this image: it would fail again
+            return httpx.Response(500, json={"error": {"code": "inference_failed", "message": "bad"}})
         return httpx.Response(200, json=OK)
 
     monkeypatch.setattr("detserve.serve.client.time.sleep", sleeps.append)
@@ -73,3 +77,13 @@ def test_a_408_is_retried_whoever_timed_out(monkeypatch):
     with pytest.raises(DetserveError) as err:
         client.predict(b"img")
     assert err.value.status == 408 and sleeps == [1.0]
+
+
+def test_a_dead_replica_is_retried_but_a_model_failure_is_not(monkeypatch):
+    client, sleeps = client_answering([500, 200], monkeypatch, retries=2)
+    client.predict(b"img")
+    assert client.retried_by_status == {500: 1}
+    client, sleeps = client_answering([5000], monkeypatch, retries=2)
+    with pytest.raises(DetserveError) as err:
+        client.predict(b"img")
+    assert err.value.code == "inference_failed" and sleeps == []

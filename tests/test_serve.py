@@ -208,7 +208,7 @@ def test_overload_is_refused_at_once_by_predicted_deadline_with_a_computed_retry
     assert stats["images_per_s"] > 0 and stats["ms_per_image_by_batch"]
     # A burst that each give the server 1.5 s (1.0 s once the proxy's margin is off): about twice what fits.
     headers = {"content-type": "image/png", "x-request-timeout-seconds": "1.5"}
-    n = min(160, max(48, math.ceil(2 * 1.0 * stats["images_per_s"])))
+    n = min(120, max(48, math.ceil(2 * 1.0 * stats["images_per_s"])))  # capped: more at once only measures the event loop
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as client:
