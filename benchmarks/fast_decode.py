@@ -6,8 +6,8 @@ The held-out scenes (``training.recipes`` EVAL_SEED) are upscaled to 3, 6 and
 12 MP photos (JPEG, quality 90) — generated pictures, not camera photos: they
 have the sizes of real photos, not their texture. For each size it reports the
 median decode + prepare time on both paths, the share of the exact path's boxes
-that the fast path gives too (same class, IoU >= 0.99, the export threshold,
-and >= 0.9), and each path's mAP50-95 against the ground truth. Writes
+that the fast path gives too (``export.parity.compare``: one to one, same
+class, IoU >= 0.99, the export threshold, and >= 0.9), and each path's mAP50-95 against the ground truth. Writes
 ``bench-results/fast-decode-<timestamp>.json`` and prints a Markdown table.
 """
 
@@ -28,6 +28,7 @@ offline.apply()
 
 from PIL import Image  # noqa: E402
 
+from detserve.export.parity import compare  # noqa: E402
 from detserve.runtime.detector import Detector  # noqa: E402
 from detserve.runtime.images import Limits  # noqa: E402
 from detserve.serve.batching import prepare  # noqa: E402
@@ -36,22 +37,6 @@ from detserve.training.metrics import ImageBoxes, coco_metrics  # noqa: E402
 from detserve.training.recipes import EVAL_SEED  # noqa: E402
 
 MEGAPIXELS = (3, 6, 12)
-
-
-def box_match(exact, fast, iou_min: float) -> tuple[int, int]:
-    """(exact-path boxes that the fast path also gives at ``iou_min`` with the same class, exact-path boxes)."""
-    if not len(exact):
-        return 0, 0
-    if not len(fast):
-        return 0, len(exact)
-    a, b = exact.boxes[:, None, :], fast.boxes[None, :, :]
-    inter = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0) * (
-        np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    ).clip(0)
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    iou = inter / (area(a) + area(b) - inter)
-    same = exact.class_ids[:, None] == fast.class_ids[None, :]
-    return int(((iou >= iou_min) & same).any(axis=1).sum()), len(exact)
 
 
 def measure(detector: Detector, n_scenes: int) -> list[dict]:
@@ -76,10 +61,10 @@ def measure(detector: Detector, n_scenes: int) -> list[dict]:
                 times[path].append(time.perf_counter() - start)
                 [dets[path]] = detector.run([item.prepared], params)
                 found[path].append(ImageBoxes(dets[path].boxes, [labels[c] for c in dets[path].class_ids], dets[path].scores, size[0], size[1]))
-            for iou_min, counts in match.items():
-                m, t = box_match(dets["exact"], dets["fast"], iou_min)
-                counts[0] += m
-                counts[1] += t
+            for iou_min, counts in match.items():  # the export's own matching: one to one, same class
+                parity = compare(dets["exact"], dets["fast"], iou_min)
+                counts[0] += parity.matched
+                counts[1] += parity.source_boxes
             sx, sy = size[0] / w, size[1] / h
             truth.append(ImageBoxes(scene.boxes * np.array([sx, sy, sx, sy], np.float32), [synthetic.CLASSES[c] for c in scene.classes], None, size[0], size[1]))
         maps = {path: coco_metrics(truth, found[path], labels).map50_95 for path in found}

@@ -157,6 +157,7 @@ def test_reduced_decode_scales_a_large_jpeg_in_the_dct_and_reports_the_full_size
 
 def test_a_reduced_decode_gives_the_exact_paths_boxes_on_the_full_image(yolo_export, scenes):
     """The geometry maps boxes from the reduced pixels back to the full photo: they land where the exact path puts them."""
+    from detserve.export.parity import compare
     from detserve.runtime.detector import Detector
     from detserve.serve.batching import prepare
 
@@ -169,16 +170,6 @@ def test_a_reduced_decode_gives_the_exact_paths_boxes_on_the_full_image(yolo_exp
         assert (fast.height, fast.width) == (exact.height, exact.width)
         assert fast.prepared.pixels.shape == exact.prepared.pixels.shape
         [a], [b] = detector.run([exact.prepared], params), detector.run([fast.prepared], params)
-        total += len(a)
-        for box, cls in zip(a.boxes, a.class_ids):
-            ious = _iou(box, b.boxes) if len(b) else np.zeros(1)
-            matched += bool(len(b)) and ious.max() >= 0.8 and b.class_ids[ious.argmax()] == cls
+        parity = compare(a, b, iou=0.8)  # the export's own matching: one to one, same class
+        matched, total = matched + parity.matched, total + parity.source_boxes
     assert total > 0 and matched / total >= 0.8, (matched, total)  # a wrong geometry would match none
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = (x2 - x1).clip(0) * (y2 - y1).clip(0)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
