@@ -15,8 +15,9 @@ A busy server answers 503 at once with the time it expects to have room
 burst of clients does not come back together) and tries again, up to that
 many times; without it (the default) the 503 is raised at once. A 408 (the
 server admitted the request, its prediction was wrong, and it dropped the
-images it had not run) is retried the same way: prediction is idempotent, and
-the server did not keep the work.
+images it had not run) and a 500 ``internal`` (the replica serving it died)
+are retried the same way: prediction is idempotent, and nothing is left
+running for it. A 500 ``inference_failed`` is not: the model would fail again.
 """
 
 from __future__ import annotations
@@ -111,8 +112,7 @@ class Client:
         self.url = f"{base_url.rstrip('/')}/{app.strip('/')}"
         self._http = httpx.Client(timeout=timeout)
         self.retries, self.max_wait_s, self.jitter = retries, max_wait_s, jitter
-        self.retried = 0  # 503s and 408s retried so far, for callers that want to know
-        self.retried_by_status: dict[int, int] = {}
+        self.retried_by_status: dict[int, int] = {}  # retries so far by the status retried, for callers that want to know
 
     def predict(self, *images: Any, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Prediction:
         """Boxes for one or more images (paths, bytes, PIL images or RGB arrays), in order."""
@@ -129,11 +129,15 @@ class Client:
                 response = self._http.post(f"{self.url}/predict", params=params, files=files)
             if not _retryable(response) or attempt == self.retries:
                 break
-            self.retried += 1
             self.retried_by_status[response.status_code] = self.retried_by_status.get(response.status_code, 0) + 1
             time.sleep(retry_wait_s(response.headers.get("retry-after"), self.max_wait_s, self.jitter))
         body = self._check(response)
         return Prediction(body["model"], body["results"])
+
+    @property
+    def retried(self) -> int:
+        """Retries so far, of any status."""
+        return sum(self.retried_by_status.values())
 
     def info(self) -> dict[str, Any]:
         return self._check(self._http.get(f"{self.url}/info"))

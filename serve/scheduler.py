@@ -171,9 +171,8 @@ class Scheduler:
             return self.settings.max_batch_size
         return self.curve.best_batch(self.settings.max_batch_size)
 
-    def next_batch_size(self) -> int:
-        """The size for the next batch: the target, or now and then a neighbour, to keep its cost measured."""
-        target = self.target_batch()
+    def next_batch_size(self, target: int) -> int:
+        """The size for the next batch: ``target``, or now and then a neighbour, to keep its cost measured."""
         self._batches += 1
         if self.settings.policy == "fixed" or self._batches % EXPLORE_EVERY:
             return target
@@ -193,12 +192,14 @@ class Scheduler:
         per_image = self.curve.per_image(size)
         return None if not per_image else self.settings.lanes / per_image
 
-    def predicted_drain_s(self, extra_images: int = 0) -> float:
-        """Seconds until every admitted image (and ``extra_images`` more) is answered, at the measured rate."""
+    def curve_drain_s(self, extra_images: int = 0) -> float:
+        """Seconds until every admitted image (and ``extra_images`` more) is answered, by the cost curve alone."""
         rate = self.images_per_s()
-        if rate is None:
-            return 0.0
-        return self.slowdown * (self.outstanding + extra_images) / rate
+        return 0.0 if rate is None else (self.outstanding + extra_images) / rate
+
+    def predicted_drain_s(self, extra_images: int = 0) -> float:
+        """:meth:`curve_drain_s` corrected by what requests really took (``slowdown``)."""
+        return self.slowdown * self.curve_drain_s(extra_images)
 
     def calibrate(self, ticket: Ticket, took_s: float) -> None:
         """A request that waited behind a queue took ``took_s`` (at least; it may have missed its deadline)."""
@@ -237,7 +238,7 @@ class Scheduler:
                              f"the {self.outstanding} images queued ahead would take {finish - now:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
         ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
-                        admitted_at=now, predicted_s=(finish - now - s.margin_s) / self.slowdown)  # fmt: skip
+                        admitted_at=now, predicted_s=self.curve_drain_s(n_images))  # fmt: skip
         self.outstanding += n_images
         self.tickets.add(ticket)
         self.counts["admitted"] += 1
@@ -314,7 +315,7 @@ class Scheduler:
             target = self.target_batch()
             if self.settings.batch_wait_s > 0 and self.ready_images() < target:
                 await asyncio.sleep(self.settings.batch_wait_s)  # let a GPU batch fill
-            batch = self.take_batch(self.next_batch_size())
+            batch = self.take_batch(self.next_batch_size(target))
             if not batch:
                 continue
             items = [t.items[i] for t, i in batch]

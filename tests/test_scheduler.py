@@ -219,10 +219,10 @@ def test_the_policy_explores_neighbours_and_follows_a_curve_that_changes_under_l
     cost["per_image"] = {1: 0.090, 2: 0.080, 4: 0.050, 8: 0.070}  # under load
     sizes = []
     for _ in range(40 * sched_mod.EXPLORE_EVERY):
-        size = sched.next_batch_size()
+        size = sched.next_batch_size(sched.target_batch())
         sizes.append(size)
         sched.curve.observe(size, size * cost["per_image"][size])
     assert sched.target_batch() == 4
     assert sizes[-sched_mod.EXPLORE_EVERY:].count(4) >= sched_mod.EXPLORE_EVERY - 1  # settled, exploring rarely
     fixed = Scheduler(lambda items, params: items, Settings(max_batch_size=8, policy="fixed"), curve=curve_of({1: 48}))
-    assert {fixed.next_batch_size() for _ in range(100)} == {8}
+    assert {fixed.next_batch_size(fixed.target_batch()) for _ in range(100)} == {8}
