@@ -34,7 +34,7 @@ from detserve.runtime.engines.tensorrt import EngineMismatch, TensorRTEngine
 from detserve.runtime.manifest import BatchSpec, Manifest, ManifestError, Parity, sha256_file, write_manifest
 from detserve.runtime.pods import TENSORRT_PIN, ExportPlan
 from detserve.runtime.progress import step
-from detserve.runtime.engines.tensorrt import (  # noqa: F401  (re-exported: `from export.tensorrt import engine_filename` keeps working)
+from detserve.runtime.engines.tensorrt import (  # noqa: F401  (re-exported: `from detserve.export.tensorrt import engine_filename` keeps working)
     INSTALL_HINT,
     PRECISIONS,
     EngineName,

@@ -361,3 +361,20 @@ def test_runner_images_are_offline_and_not_root(name):
     else:
         assert re.search(r"^ARG CUDA13_IMAGE=nvidia/cuda:13\.\S*cudnn-runtime", text, flags=re.MULTILINE)
         assert "'.[gpu]'" in text
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_runner_images_copy_every_package_folder_and_import_by_the_namespace(name):
+    """`pip install .` in the image needs every folder pyproject's package-dir maps (a missing
+    runtime/ fails the build), and its import check may only use the detserve namespace."""
+    import tomllib
+
+    text = (APPS / name).read_text()
+    package_dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", text, flags=re.MULTILINE))
+    assert package_dirs <= copied, f"{name} does not COPY {sorted(package_dirs - copied)}"
+    [check] = re.findall(r'python -c "import ([^;"]+)', text)
+    modules = [m.strip().split(" as ")[0] for m in check.split(",")]
+    assert "detserve.adapters.yolo" in modules and "detserve.adapters.fasterrcnn" in modules, modules
+    generic = {"runtime", "training", "export", "adapters", "serve", "benchmarks"}
+    assert not [m for m in modules if m.split(".")[0] in generic], modules
