@@ -30,16 +30,21 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    """Batched inference server for object-detection models (YOLO, Faster R-CNN)."""
-    if version:
+def _print_version(value: bool) -> None:
+    # A callback, not a check in _root: _root only runs once a subcommand is found, so
+    # `detserve --version` alone would end in "Missing command".
+    if value:
         from detserve import __version__
 
         typer.echo(f"detserve {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    """Batched inference server for object-detection models (YOLO, Faster R-CNN)."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -137,7 +142,7 @@ def models(
 @app.command()
 @user_errors
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...).", metavar="IMAGE"),
     model: Optional[Path] = typer.Option(None, "--model", help="Export folder (manifest + artifact); default: the default YOLO model."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for <stem>.json (Dataloop annotations) and <stem>.png."),
     conf: Optional[float] = typer.Option(None, "--conf", help="Score threshold (default: the model's)."),
@@ -330,7 +335,7 @@ def serve(
     config: Path = typer.Option(Path(__file__).resolve().parent.parent / "deploy.yaml", "--config", help="Serve config file."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="HTTP port."),
-    app_name: Optional[list[str]] = typer.Option(None, "--app", help="Serve only these applications (default: all)."),
+    app_name: Optional[list[str]] = typer.Option(None, "--app", metavar="NAME", help="Serve only this application; repeat for more (default: all)."),
 ) -> None:
     """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
     from detserve.export.defaults import ensure_default_models

@@ -22,7 +22,11 @@ def _commands() -> dict[str, click.Command]:
     return typer.main.get_command(app).commands  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", ["export", "models", "predict", "info", "status", "serve", "bench"])
+def test_the_help_test_covers_every_subcommand():
+    assert set(_commands()) == {"export", "models", "predict", "info", "status", "evaluate", "serve", "bench"}
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))  # every subcommand, a new one included
 def test_each_subcommands_help_lists_its_options(name):
     result = runner.invoke(app, [name, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -34,6 +38,14 @@ def test_each_subcommands_help_lists_its_options(name):
     for option in options:
         assert option in result.output, (option, result.output)
     assert "<bool>" not in result.output  # a flag takes no value
+    assert "<list[" not in result.output.split("Options:")[-1]  # a repeatable option names one value
+
+
+def test_version_alone_prints_the_version():
+    from detserve import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"detserve {__version__}", result.output
 
 
 def test_flags_are_shown_without_a_type():
