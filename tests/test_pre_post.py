@@ -111,3 +111,30 @@ def test_filter_detections_applies_conf_classes_and_max_det():
 def test_detect_params_refuse_bad_values(bad):
     with pytest.raises(ValueError):
         DetectParams(**bad)
+
+
+@pytest.mark.parametrize("family", ["yolo", "fasterrcnn"])
+def test_the_server_prepares_each_image_once_and_packs_once_per_engine_call(family, request, monkeypatch):
+    """Issue 9: an image is prepared once as it arrives; a batch is packed once, when it is formed
+    (never packed per request, split into rows and packed again)."""
+    from detserve.runtime import detector as detector_module, preprocess
+    from detserve.runtime.detector import Detector, engine_calls
+    from detserve.runtime.images import Limits
+    from detserve.serve.batching import prepare, run_batch
+
+    detector = Detector(request.getfixturevalue(f"{family}_export"), backend="onnxruntime", device="cpu")
+    prepared_calls, packed = [], []
+    real_prepare, real_pack = preprocess.prepare, detector_module.pack_inputs
+    monkeypatch.setattr(detector_module, "prepare", lambda *a, **k: prepared_calls.append(1) or real_prepare(*a, **k))
+    monkeypatch.setattr(detector_module, "pack_inputs", lambda images, spec: packed.append(len(images)) or real_pack(images, spec))
+
+    rng = np.random.default_rng(3)
+    shapes = [(96, 128), (96, 128), (128, 96), (96, 128), (64, 64)]  # Faster R-CNN: three pad sizes
+    items = [prepare(detector, rng.integers(0, 255, s + (3,), dtype=np.uint8), Limits()) for s in shapes]
+    assert len(prepared_calls) == len(items)
+    results = run_batch(detector, items, [detector.params()] * len(items))
+    assert len(prepared_calls) == len(items)  # nothing prepared again when the batch runs
+    calls = engine_calls([i.prepared for i in items], detector.engine.max_batch)
+    assert sorted(packed) == sorted(len(c) for c in calls) and sum(packed) == len(items)
+    assert len(packed) == len({i.prepared.key for i in items}) > 1  # one pack per shape; same-shape images of any request share it
+    assert all(isinstance(r, Detections) for r in results)
