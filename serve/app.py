@@ -37,7 +37,10 @@ from ray import serve  # noqa: E402
 from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
 from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
 from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
-from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header  # noqa: E402
+from detserve.serve.scheduler import (  # noqa: E402
+    PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
+)  # fmt: skip
+from detserve.serve.proxy_admission import LoadReport, parse_timeout  # noqa: E402
 from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
 from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
 
@@ -84,8 +87,6 @@ class UserConfig(BaseModel):
 
 #: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
 DEADLINE_HEADER = "x-request-timeout-seconds"
-#: The replica answers this much before the proxy's own timeout would fire.
-PROXY_MARGIN_S = 0.5
 
 
 def replica_cpus() -> int:
@@ -117,12 +118,7 @@ def waited_since_proxy(request: Request) -> float:
 
 def header_timeout(request: Request) -> float | None:
     """The client's deadline from the ``x-request-timeout-seconds`` header, if it gave a usable one."""
-    value = request.headers.get(DEADLINE_HEADER)
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) else None
+    return parse_timeout(request.headers.get(DEADLINE_HEADER))
 
 
 def resolve_model(model: str) -> Path:
@@ -195,6 +191,7 @@ class DetectionServer:
         self.info = self.detector.describe()
         self.scheduler = Scheduler(self._run_batch, Settings(lanes=lanes), executor=self.engine_pool)
         self._measure_cost_curve()
+        self.replica_tag = _replica_tag()
         log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
 
     def _measure_cost_curve(self) -> None:
@@ -242,10 +239,7 @@ class DetectionServer:
     # ---- the request path ----------------------------------------------
     def budget_s(self, timeout_s: float | None) -> float:
         """The seconds a request has from arrival to answer: its own timeout (if shorter) or the server's, less the margin."""
-        budget = self.args.request_timeout_s
-        if timeout_s is not None and 0 < timeout_s < budget:
-            budget = timeout_s
-        return max(0.0, budget - PROXY_MARGIN_S)
+        return request_budget_s(self.args.request_timeout_s, timeout_s)
 
     def deadline(self, timeout_s: float | None, waited_s: float = 0.0) -> float:
         """The clock time this request must be answered by.
@@ -365,6 +359,14 @@ class DetectionServer:
         timeout_s = header_timeout(request)
         return self.deadline(timeout_s, waited_since_proxy(request)), self.budget_s(timeout_s)
 
+    def load_report(self, images: int) -> LoadReport:
+        """What the proxy's admission needs from this replica, sent with every /predict answer (serve/proxy_admission.py)."""
+        s = self.scheduler.settings
+        return LoadReport(
+            replica=self.replica_tag, images_per_s=self.scheduler.effective_images_per_s(), request_timeout_s=self.args.request_timeout_s,
+            headroom=s.headroom, margin_s=s.margin_s, max_images=self.args.max_images, images=images,
+        )  # fmt: skip
+
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))
         images = sum(k * v for k, v in sizes.items())
@@ -379,6 +381,14 @@ class DetectionServer:
     async def http_info(self) -> dict:
         m = self.detector.manifest
         return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}
+
+
+def _replica_tag() -> str:
+    """This replica's id in Serve (its pid outside Ray): the proxy sums the capacity of the replicas by it."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # not in a Serve replica (in-process tests)
+        return f"pid{os.getpid()}"
 
 
 def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:

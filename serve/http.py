@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from detserve.runtime.images import ImageError
+from detserve.serve.proxy_admission import LOAD_HEADER
 
 log = logging.getLogger("ray.serve")
 
@@ -451,17 +452,23 @@ def build_api(server) -> FastAPI:
         max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
     ) -> JSONResponse:
         images = await read_images(request, server.request_limits)
+        # Every answer tells the proxy's admission this replica's load (serve/proxy_admission.py; the proxy strips it).
+        load = {LOAD_HEADER.decode(): server.load_report(len(images)).header()}
         try:
             params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
             # A Response, so FastAPI does not validate and re-serialise the body through
             # PredictResponse (1.5 ms per 20-box image); the model stays for the OpenAPI spec,
             # and tests/test_fuzz.py checks that the answers keep to it.
-            return JSONResponse(await server.detect(images, params, *server.request_deadline(request)))
+            body = await server.detect(images, params, *server.request_deadline(request))
+        except ApiError as exc:
+            exc.headers = {**(exc.headers or {}), **load}
+            raise
         except asyncio.CancelledError:
             # Ray cancels the handler when the client disconnects; images not
             # yet decoded or batched are dropped with it (see README, "Serve").
             log.info("detserve: the client went away; its %d image(s) were dropped", len(images))
             raise
+        return JSONResponse(body, headers=load)
 
     @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(500))
     async def stats() -> dict:

@@ -226,6 +226,9 @@ async def _send_json(send, status: int, code: str, message: str) -> None:
 def middlewares() -> list[Middleware]:
     """For ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: Ray calls this in its proxy.
 
-    Ray wraps them in list order, so the last is outermost: the body limit sees a request first.
+    Ray wraps them in list order, so the last is outermost: the body limit sees a request first, then
+    admission (serve/proxy_admission.py; imported here, since it answers in this module's JSON contract).
     """
-    return [Middleware(JsonErrors), Middleware(ArrivalTime), Middleware(BodyLimit)]
+    from detserve.serve.proxy_admission import ProxyAdmission
+
+    return [Middleware(JsonErrors), Middleware(ArrivalTime), Middleware(ProxyAdmission), Middleware(BodyLimit)]

@@ -52,6 +52,61 @@ SLOWDOWN_ALPHA, SLOWDOWN_MAX = 0.2, 4.0
 EXPLORE_EVERY = 16
 
 
+#: The replica answers this much before the proxy's own timeout would fire.
+PROXY_MARGIN_S = 0.5
+
+
+def request_budget_s(server_timeout_s: float, client_timeout_s: float | None) -> float:
+    """Seconds a request has from arrival to answer: the client's timeout when shorter than the server's, less the margin.
+
+    One rule for the replica (``DetectionServer.budget_s``) and the proxy's admission (serve/proxy_admission.py).
+    """
+    budget = server_timeout_s
+    if client_timeout_s is not None and 0 < client_timeout_s < budget:
+        budget = client_timeout_s
+    return max(0.0, budget - PROXY_MARGIN_S)
+
+
+def late_by(now: float, images: float, images_per_s: float, earliest_deadline: float, headroom: float, margin_s: float,
+            latest_deadline: float = math.inf) -> tuple[float, float] | None:
+    """The admission rule: ``None`` when ``images`` (the queue and the new request) finish inside the plan, else
+    (predicted seconds until the last is answered, seconds until there is room: the Retry-After).
+
+    The plan is ``headroom`` of the time to the earliest deadline among the queued requests and this one. The
+    replica's :meth:`Scheduler.admit` and the proxy's admission both decide with it.
+
+    The Retry-After is at most the time to ``latest_deadline`` (the last deadline in the queue): by then every
+    queued request has been answered or dropped (a 408), so there is room whatever the rate. The bound matters
+    in a burst, when the measured rate dips while the connections arrive: a Retry-After from that dip alone told
+    a 400-request burst to come back after 20-48 s, and the replica idled meanwhile.
+    """
+    finish = now + images / images_per_s + margin_s
+    if finish <= now + headroom * (earliest_deadline - now):
+        return None
+    return finish - now, max(0.0, min(finish - earliest_deadline, latest_deadline - now))
+
+
+@dataclass
+class RetrySlots:
+    """Spreads refused requests' Retry-After at the rate the server can take them back.
+
+    Every refusal in a burst sees the same queue, so the drain alone gives them all the same Retry-After and
+    they come back together, to be refused together again: 400 retrying clients with 8 tries each ran out of
+    tries while the replica still had room. Instead each refusal books the next free slot, ``images /
+    images_per_s`` after the last one, no sooner than its own Retry-After and no later than one ``horizon_s``
+    (its deadline's budget) after that: clients that never come back (an open loop) cannot push the line out
+    for ever.
+    """
+
+    next_free: float = -math.inf
+
+    def book(self, now: float, retry_after_s: float, images: int, images_per_s: float, horizon_s: float) -> float:
+        soonest = now + retry_after_s
+        at = min(max(soonest, self.next_free), soonest + max(0.0, horizon_s))
+        self.next_free = at + images / images_per_s
+        return at - now
+
+
 class Overloaded(Exception):
     """The request would not be answered in time: answer 503 now, with ``retry_after_s``."""
 
@@ -160,6 +215,7 @@ class Scheduler:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
         self.slowdown = 1.0  # measured time / predicted time, EWMA (see Calibration above)
+        self.retry_slots = RetrySlots()
         self._batches = 0
         self._wake: asyncio.Event | None = None
         self._lanes: list[asyncio.Task] = []
@@ -191,6 +247,11 @@ class Scheduler:
         size = self.target_batch()
         per_image = self.curve.per_image(size)
         return None if not per_image else self.settings.lanes / per_image
+
+    def effective_images_per_s(self) -> float | None:
+        """:meth:`images_per_s` as requests really see it (``slowdown``): what admission plans with, here and in the proxy."""
+        rate = self.images_per_s()
+        return None if rate is None else rate / self.slowdown
 
     def curve_drain_s(self, extra_images: int = 0) -> float:
         """Seconds until every admitted image (and ``extra_images`` more) is answered, by the cost curve alone."""
@@ -230,12 +291,16 @@ class Scheduler:
             raise Overloaded(0.0, alone, deadline - now,
                              f"{n_images} images take about {alone:.2f} s here even with nothing queued, "
                              f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
-        finish = now + self.predicted_drain_s(n_images) + s.margin_s
-        earliest = min([deadline, *(t.deadline for t in self.tickets)])
-        if finish > now + s.headroom * (earliest - now):
+        deadlines = [deadline, *(t.deadline for t in self.tickets)]
+        earliest = min(deadlines)
+        late = late_by(now, self.outstanding + n_images, self.effective_images_per_s() or math.inf, earliest, s.headroom,
+                       s.margin_s, max(deadlines))  # fmt: skip
+        if late is not None:
             self.counts["shed"] += 1
-            raise Overloaded(finish - earliest, finish - now, deadline - now,
-                             f"the {self.outstanding} images queued ahead would take {finish - now:.1f} s, "
+            predicted_s, retry_after_s = late
+            retry_after_s = self.retry_slots.book(now, retry_after_s, n_images, self.effective_images_per_s(), deadline - now)
+            raise Overloaded(retry_after_s, predicted_s, deadline - now,
+                             f"the {self.outstanding} images queued ahead would take {predicted_s:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
         ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
                         admitted_at=now, predicted_s=self.curve_drain_s(n_images))  # fmt: skip

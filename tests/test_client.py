@@ -87,3 +87,13 @@ def test_a_dead_replica_is_retried_but_a_model_failure_is_not(monkeypatch):
     with pytest.raises(DetserveError) as err:
         client.predict(b"img")
     assert err.value.code == "inference_failed" and sleeps == []
+
+
+def test_clients_share_one_tls_context():
+    """A burst of clients must not each load the CA bundle (65 ms of CPU apiece here): they share one context."""
+    from detserve.serve.client import Client
+
+    with Client() as a, Client() as b:
+        ctx_a = a._http._transport._pool._ssl_context
+        ctx_b = b._http._transport._pool._ssl_context
+    assert ctx_a is ctx_b and ctx_a.verify_mode.name == "CERT_REQUIRED"

@@ -85,9 +85,15 @@ def test_a_burst_counts_timeouts_and_transport_failures_as_results():
     assert [s for s, _ in results] == ["timeout", "exc:ConnectionResetError", 200]
 
 
-def test_classify_tells_the_replica_shedding_from_the_proxy_queue():
-    proxy = json.dumps({"error": {"code": "overloaded", "message": "the server's queue is full: retry after 1 second(s)"}}).encode()
-    assert overload.classify(503, {"Retry-After": "1"}, proxy) == ("1", "overloaded", "proxy")
+def test_classify_tells_who_shed_a_request():
+    from detserve.serve.proxy_admission import Refusal, refusal_body
+
+    ray_queue = json.dumps({"error": {"code": "overloaded", "message": "the server's queue is full: retry after 1 second(s)"}}).encode()
+    assert overload.classify(503, {"Retry-After": "1"}, ray_queue) == ("1", "overloaded", "ray-queue")
+    replica = json.dumps({"error": {"code": "overloaded", "message": "the server is busy: the 9 images queued ahead ..."}}).encode()
+    assert overload.classify(503, {"Retry-After": "2"}, replica) == ("2", "overloaded", "replica")
+    headers, body = refusal_body(Refusal(2.5, 3.0, 1.0, 40))
+    assert overload.classify(503, {"Retry-After": headers["retry-after"]}, body) == ("3", "overloaded", "proxy")
     assert overload.classify(408, {}, json.dumps({"error": {"code": "deadline_exceeded", "message": "x"}}).encode()) == (None, "deadline_exceeded", None)
     assert overload.classify(503, {}, b"Service Unavailable") == (None, "not-json", None)
 
@@ -134,14 +140,14 @@ def test_the_benchmark_serves_deploy_yamls_yolo_application_with_one_fixed_repli
 
 def test_burst_summary_counts_statuses_and_judges_the_503s():
     replies = [Reply(200, 2.0 + i / 100) for i in range(60)] + [Reply(503, 0.05, "3", "overloaded", "replica")] * 30
-    replies += [Reply(503, 0.08, "12", "overloaded", "replica"), Reply(503, 0.1, None, "overloaded", "proxy"), Reply(408, 29.5, None, "deadline_exceeded")]
+    replies += [Reply(503, 0.08, "12", "overloaded", "replica"), Reply(503, 0.1, None, "overloaded", "ray-queue"), Reply(408, 29.5, None, "deadline_exceeded")]
     replies += [Reply("timeout", 60.0)]
     s = overload.burst_summary(replies)
     assert s["requests"] == 94 and s["statuses"] == {"200": 60, "408": 1, "503": 32, "timeout": 1}
     assert s["unanswered"] == 1 and s["answered_200_share"] == pytest.approx(60 / 94)
     assert s["retry_after_s"] == {"3": 30, "12": 1, "none": 1} and list(s["retry_after_s"]) == ["3", "12", "none"]
     assert s["retry_after_missing"] == 1
-    assert s["shed_by"] == {"replica": 31, "proxy": 1}
+    assert s["shed_by"] == {"replica": 31, "ray-queue": 1}
     assert s["ms_503"]["max"] == 100.0 and s["immediate_503"] is True
     assert s["codes"]["408 deadline_exceeded"] == 1
     # A 503 slower than the median 200 was queued before it was refused: not immediate.

@@ -68,6 +68,38 @@ def test_admission_by_predicted_drain_time_with_a_computed_retry_after():
     assert sched.counts["admitted"] == 31 and sched.counts["shed"] == 2
 
 
+def test_retry_after_is_at_most_the_last_queued_deadline():
+    """A slowed rate (the burst's dip) must not send clients away for longer than the queue can last."""
+    from detserve.serve.scheduler import late_by
+
+    now = 1000.0
+    # 300 images at 10/s is 30 s, but every queued request is answered or dropped within 4 s.
+    predicted, retry = late_by(now, 300, 10.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0)
+    assert predicted == pytest.approx(30.0) and retry == pytest.approx(4.0)
+    assert late_by(now, 300, 10.0, now + 2.0, 1.0, 0.0)[1] == pytest.approx(28.0)  # no bound given: the drain alone
+    assert late_by(now, 10, 10.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0) is None
+
+    clock = FakeClock()
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched.admit(30, clock.now + 3.0)
+    sched.slowdown = 4.0  # the rate fell to a quarter after the queue was admitted: it now drains in 12 s
+    with pytest.raises(Overloaded) as err:
+        sched.admit(1, clock.now + 3.0)
+    assert err.value.retry_after_s == pytest.approx(3.0)
+
+
+def test_refusals_book_retry_slots_at_the_service_rate_within_one_budget():
+    from detserve.serve.scheduler import RetrySlots
+
+    slots = RetrySlots()
+    # 10 images/s: each one-image refusal comes back 0.1 s after the one before, none before its own 0.5 s.
+    waits = [slots.book(100.0, 0.5, 1, 10.0, horizon_s=2.0) for _ in range(30)]
+    assert waits[:3] == pytest.approx([0.5, 0.6, 0.7]) and waits[20] == pytest.approx(2.5)
+    assert max(waits) == pytest.approx(2.5)  # never past its own Retry-After plus one budget
+    assert slots.book(110.0, 0.5, 4, 10.0, horizon_s=2.0) == pytest.approx(0.5)  # the line has passed: its own again
+    assert slots.book(110.0, 0.0, 1, 10.0, horizon_s=2.0) == pytest.approx(0.9)  # after the 4-image slot
+
+
 def test_the_queue_bound_holds_exactly():
     sched = Scheduler(lambda items, params: items, Settings(max_queued_images=10), curve=curve_of({1: 1}))
     far = time.monotonic() + 3600
