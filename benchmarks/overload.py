@@ -20,12 +20,12 @@ Why one fixed replica: goodput is divided by the peak, so both must be measured 
 the same capacity; the shipped autoscaler (1-2 replicas) would add a replica in one
 phase and not another, and on 2 cores a second replica has no core of its own.
 
-Why two deadlines: with the server's 30 s, the queue in front of the replica is
-bounded by Ray's own limits (max_ongoing_requests 512 at the replica, then
-max_queued_requests 256 in the router) before the replica's admission (24 s of
-work) is reached, so Ray's proxy does most of the shedding. A short client
-deadline puts admission itself to work on every request, and is the harder case
-(the proxy margin is 0.5 s of it). ``--overload-deadline 0`` runs only the first.
+Why two deadlines: with the server's 30 s, up to 24 s of work may queue (the plan's 80 %
+headroom), so Retry-After values are long and most accepted requests wait; a short client
+deadline (``x-request-timeout-seconds: 2``) makes admission decide on almost every
+request, with 0.5 s of proxy margin out of 2 s. Both are shed mostly in the proxy
+(serve/proxy_admission.py), before the replica hop; each 503 is labelled with who gave it
+(``classify``). ``--overload-deadline 0`` runs only the first.
 
 The summaries (``burst_summary``, ``open_loop_summary``, ``mixed_summary``) and the
 markdown are pure functions of what was measured: tests/test_benchmarks.py feeds
