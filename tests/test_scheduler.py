@@ -258,3 +258,19 @@ def test_the_policy_explores_neighbours_and_follows_a_curve_that_changes_under_l
     assert sizes[-sched_mod.EXPLORE_EVERY:].count(4) >= sched_mod.EXPLORE_EVERY - 1  # settled, exploring rarely
     fixed = Scheduler(lambda items, params: items, Settings(max_batch_size=8, policy="fixed"), curve=curve_of({1: 48}))
     assert {fixed.next_batch_size(fixed.target_batch()) for _ in range(100)} == {8}
+
+
+def test_a_fixed_delay_over_short_predictions_does_not_shut_out_a_burst():
+    """The first requests of a burst wait out the arrivals (a fixed delay), not a slower engine."""
+    clock = FakeClock()
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=0.8), curve=curve_of({1: 25}), clock=clock)
+    for _ in range(20):  # predicted 0.1 s behind a short queue, took 1 s: a ratio of 10
+        ticket = sched.admit(1, clock.now + 60)
+        ticket.predicted_s = 0.1
+        clock.now += 1.0
+        sched.release(ticket, "deadline")  # calibrates as an answered one does (it took at least this long)
+    assert sched.slowdown == pytest.approx(2.0, abs=0.05)  # the cap, not 10 (and not the old cap of 4)
+    # 300 images at 40/s take 7.5 s by the curve; even at the capped slowdown, 15 s, they fit 0.8 x 30 s.
+    deadline = clock.now + 30.0
+    tickets = [sched.admit(1, deadline) for _ in range(300)]
+    assert len(tickets) == 300
