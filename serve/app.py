@@ -40,7 +40,7 @@ from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # no
 from detserve.serve.scheduler import (  # noqa: E402
     PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
 )  # fmt: skip
-from detserve.serve.proxy_admission import LoadReport, parse_timeout  # noqa: E402
+from detserve.serve.proxy_admission import TIMEOUT_HEADER, LoadReport, parse_timeout  # noqa: E402
 from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
 from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
 
@@ -86,7 +86,7 @@ class UserConfig(BaseModel):
 
 
 #: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
-DEADLINE_HEADER = "x-request-timeout-seconds"
+DEADLINE_HEADER = TIMEOUT_HEADER.decode()
 
 
 def replica_cpus() -> int:

@@ -452,8 +452,11 @@ def build_api(server) -> FastAPI:
         max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
     ) -> JSONResponse:
         images = await read_images(request, server.request_limits)
-        # Every answer tells the proxy's admission this replica's load (serve/proxy_admission.py; the proxy strips it).
-        load = {LOAD_HEADER.decode(): server.load_report(len(images)).header()}
+
+        def load() -> dict[str, str]:
+            """This replica's load as it answers, for the proxy's admission (serve/proxy_admission.py; the proxy strips it)."""
+            return {LOAD_HEADER.decode(): server.load_report(len(images)).header()}
+
         try:
             params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
             # A Response, so FastAPI does not validate and re-serialise the body through
@@ -461,14 +464,14 @@ def build_api(server) -> FastAPI:
             # and tests/test_fuzz.py checks that the answers keep to it.
             body = await server.detect(images, params, *server.request_deadline(request))
         except ApiError as exc:
-            exc.headers = {**(exc.headers or {}), **load}
+            exc.headers = {**(exc.headers or {}), **load()}
             raise
         except asyncio.CancelledError:
             # Ray cancels the handler when the client disconnects; images not
             # yet decoded or batched are dropped with it (see README, "Serve").
             log.info("detserve: the client went away; its %d image(s) were dropped", len(images))
             raise
-        return JSONResponse(body, headers=load)
+        return JSONResponse(body, headers=load())
 
     @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(500))
     async def stats() -> dict:

@@ -147,9 +147,10 @@ class RouteAdmission:
             while self._deadlines and self._deadlines[0][1] not in self.in_flight:
                 heapq.heappop(self._deadlines)
             earliest = min(deadline, self._deadlines[0][0]) if self._deadlines else deadline
-            latest = max([deadline, *(d for d, _ in self.in_flight.values())])  # only on the way to a refusal
-            late = late_by(now, self.in_flight_images + images, rate, earliest, report.headroom, report.margin_s, latest)
-            if late is not None:
+            plan = (now, self.in_flight_images + images, rate, earliest, report.headroom, report.margin_s)
+            if late_by(*plan) is not None:
+                # Refused: only now the Retry-After's bound, the latest deadline in flight (a scan of them all).
+                late = late_by(*plan, max([deadline, *(d for d, _ in self.in_flight.values())]))
                 self.refused += 1
                 retry_after_s = self.retry_slots.book(now, late[1], images, rate, deadline - now)
                 return Refusal(retry_after_s, late[0], earliest - now, self.in_flight_images)

@@ -299,12 +299,12 @@ class Scheduler:
                              f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
         deadlines = [deadline, *(t.deadline for t in self.tickets)]
         earliest = min(deadlines)
-        late = late_by(now, self.outstanding + n_images, self.effective_images_per_s() or math.inf, earliest, s.headroom,
-                       s.margin_s, max(deadlines))  # fmt: skip
+        rate = self.effective_images_per_s() or math.inf
+        late = late_by(now, self.outstanding + n_images, rate, earliest, s.headroom, s.margin_s, max(deadlines))
         if late is not None:
             self.counts["shed"] += 1
             predicted_s, retry_after_s = late
-            retry_after_s = self.retry_slots.book(now, retry_after_s, n_images, self.effective_images_per_s(), deadline - now)
+            retry_after_s = self.retry_slots.book(now, retry_after_s, n_images, rate, deadline - now)
             raise Overloaded(retry_after_s, predicted_s, deadline - now,
                              f"the {self.outstanding} images queued ahead would take {predicted_s:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
