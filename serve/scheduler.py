@@ -27,10 +27,15 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   admitted too much under a burst admits less at once, not after a wave of 408s.
 - **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
   measured at warm-up and updated by every batch; one batch in
-  ``EXPLORE_EVERY`` runs a neighbouring size so that its figure stays current. The batch size is the one
+  ``EXPLORE_EVERY`` runs a neighbouring size so that its figure stays current
+  (a bigger one only from a backlog), and a size not run for ``STALE_AFTER``
+  batches is not chosen on its old figure. From a backlog the batch size is the one
   with the lowest cost per image (within 5 %, the smallest, for latency), up
   to the configured cap: small batches on a CPU at 640 px, where activations
-  outgrow the cache, large ones on a GPU.
+  outgrow the cache, large ones on a GPU. A short queue (fewer than two such
+  batches ready) is not waiting on throughput: it goes the way that answers
+  its images soonest on average (:meth:`Scheduler.batch_size_now`): one at a
+  time where a pair costs more than 1.5 singles, all at once on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ SLOWDOWN_ALPHA = 0.2
 SLOWDOWN_MAX = 2.0
 #: One batch in this many tries the next measured size up or down (in turn), when enough images are ready.
 EXPLORE_EVERY = 16
+#: A size not run for this many batches is not chosen until it runs again. Its figure is from other times
+#: (another load, other images), and the current size's figure goes up with whatever else takes the cores: in
+#: the overload benchmark's mixed phase (a 64-photo request decoding beside the engine) batch 1 read 40 ms
+#: against a stale 2 x 28 ms from warm-up, and the policy switched to pairs that made a one-photo request wait
+#: for someone else's image. Neighbours explored every other ``EXPLORE_EVERY`` batches stay fresh.
+STALE_AFTER = 4 * EXPLORE_EVERY
 
 
 #: The replica answers this much before the proxy's own timeout would fire.
@@ -136,10 +147,18 @@ class CostCurve:
 
     seconds: dict[int, float] = field(default_factory=dict)
     alpha: float = 0.2
+    observations: int = 0
+    observed_at: dict[int, int] = field(default_factory=dict)  # size -> ``observations`` when it last ran
 
     def observe(self, size: int, seconds: float) -> None:
         old = self.seconds.get(size)
         self.seconds[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self.observations += 1
+        self.observed_at[size] = self.observations
+
+    def fresh(self, size: int) -> bool:
+        """Measured within the last ``STALE_AFTER`` batches (a figure set by hand counts as fresh)."""
+        return self.observations - self.observed_at.get(size, self.observations) <= STALE_AFTER
 
     def per_image(self, size: int) -> float | None:
         """Seconds per image at ``size``: measured, else the nearest measured size's."""
@@ -149,12 +168,29 @@ class CostCurve:
         return self.seconds[nearest] / nearest
 
     def best_batch(self, cap: int) -> int:
-        """The batch size with the lowest cost per image, up to ``cap`` (ties within 5 %: the smallest)."""
-        sizes = sorted(s for s in self.seconds if s <= cap)
+        """The batch size with the lowest cost per image, up to ``cap`` (ties within 5 %: the smallest), of the fresh figures."""
+        sizes = sorted(s for s in self.seconds if s <= cap and self.fresh(s))
         if not sizes:
             return 1 if not self.seconds else min(cap, max(1, min(self.seconds)))
         cheapest = min(self.seconds[s] / s for s in sizes)
         return next(s for s in sizes if self.seconds[s] / s <= cheapest * (1 + COST_TOLERANCE))
+
+    def batch_seconds(self, size: int) -> float | None:
+        """Seconds for one batch of ``size``, from the fresh figures: measured, else interpolated between neighbours,
+        else the smallest measured batch's time (below it: a smaller batch costs no more) or the largest's cost per
+        image (above it). None with no fresh figure."""
+        sizes = sorted(s for s in self.seconds if self.fresh(s))
+        if not sizes:
+            return None
+        if size <= sizes[0]:
+            return self.seconds[sizes[0]]
+        if size >= sizes[-1]:
+            return self.seconds[sizes[-1]] * size / sizes[-1]
+        hi = next(s for s in sizes if s >= size)
+        lo = max(s for s in sizes if s <= size)
+        if lo == hi:
+            return self.seconds[lo]
+        return self.seconds[lo] + (self.seconds[hi] - self.seconds[lo]) * (size - lo) / (hi - lo)
 
     def snapshot(self) -> dict[str, float]:
         return {str(s): round(1000 * self.seconds[s] / s, 3) for s in sorted(self.seconds)}
@@ -243,11 +279,51 @@ class Scheduler:
             return target
         i = sizes.index(target)
         up = (self._batches // EXPLORE_EVERY) % 2 == 1
-        if up and i + 1 < len(sizes) and self.ready_images() >= sizes[i + 1]:
+        # Up only from a backlog, twice the larger size: then its images would wait about as long in smaller
+        # batches anyway. With fewer ready, a bigger batch makes a request that would go next wait for someone
+        # else's images: in the overload benchmark's mixed phase (one photo beside a 64-photo request) these
+        # batches of 2 were most of the one-photo p99 tail, 80-115 ms against 36.
+        if up and i + 1 < len(sizes) and self.ready_images() >= 2 * sizes[i + 1]:
             return sizes[i + 1]
         if not up and i > 0:
             return sizes[i - 1]
         return target
+
+    def batch_size_now(self, target: int) -> int:
+        """How many ready images a lane takes now: from a backlog, :meth:`next_batch_size`; from a short queue, the
+        quickest way through it.
+
+        The cheapest size per image is what a backlog needs (throughput). A short queue is not waiting on
+        throughput: what it needs is the soonest answers, and one batch of everything ready is not always that.
+        When a pair costs more than 1.5 singles (a CPU, where the cost per image is flat or rises with the batch),
+        two ready images are answered sooner on average one after the other, and the one that is ready first
+        does not wait for the other. In the overload benchmark's mixed phase the curve chose pairs (batch 1 read
+        49 ms an image under the decode of 64 photos, batch 2 38) and a one-photo request rode in a pair with a
+        large request's image, 70-110 ms against 36 alone. On a GPU, where a batch of 4 costs about what one
+        image does, the same rule takes the whole queue at once.
+        """
+        size = self.next_batch_size(target)
+        ready = self.ready_images()
+        if self.settings.policy == "fixed" or ready >= 2 * size or ready <= 1:
+            return size
+        return self.quickest_batch(min(ready, size))
+
+    def quickest_batch(self, n: int) -> int:
+        """The batch size, up to ``n``, that answers ``n`` ready images soonest on average, back to back in one lane.
+
+        A bigger size must be ``COST_TOLERANCE`` quicker to win (the smaller answers its first images sooner).
+        """
+        best, best_s = n, math.inf
+        for size in range(1, n + 1):
+            seconds = self.curve.batch_seconds(size)
+            if seconds is None:
+                return n
+            batches = -(-n // size)
+            last = n - size * (batches - 1)
+            mean_s = seconds * (size * batches * (batches - 1) / 2 + last * batches) / n
+            if mean_s < best_s * (1 - COST_TOLERANCE):
+                best, best_s = size, mean_s
+        return best
 
     def images_per_s(self) -> float | None:
         size = self.target_batch()
@@ -386,7 +462,7 @@ class Scheduler:
             target = self.target_batch()
             if self.settings.batch_wait_s > 0 and self.ready_images() < target:
                 await asyncio.sleep(self.settings.batch_wait_s)  # let a GPU batch fill
-            batch = self.take_batch(self.next_batch_size(target))
+            batch = self.take_batch(self.batch_size_now(target))
             if not batch:
                 continue
             items = [t.items[i] for t, i in batch]

@@ -26,7 +26,7 @@ from schemathesis.checks import (
 )
 
 from detserve.runtime.images import ImageError, Limits, decode, frame_count
-from detserve.serve.http import ApiError, RequestLimits, read_images
+from detserve.serve.http import ApiError, RequestLimits, _json_images, _json_images_parsed, read_images
 
 EXAMPLES = int(os.environ.get("DETSERVE_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -144,6 +144,54 @@ def test_the_request_parser_raises_only_api_error(request_body, chunk):
         assert 400 <= exc.status < 500 and exc.code and exc.message
     else:
         assert 1 <= len(images) <= limits.max_images and all(isinstance(i, bytes) for i in images)
+
+
+@st.composite
+def json_bodies(draw) -> bytes:
+    """Bodies near the documented JSON shape: spacing, data: URLs, odd strings, then maybe a few bytes changed."""
+    space = st.sampled_from(["", " ", "\n", "\t ", "\r\n", "\x0b", "\u00a0"])
+    texts = st.one_of(
+        st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode()),
+        st.binary(max_size=48).map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()),
+        st.sampled_from(["", "data:", "data:,", "QUJD=", "QU JD", "QUJD\\n", "\u00e9", "QU\x01JD", "data:\x01,QUJD", "=QUJD"]),
+        st.text(max_size=12),
+    )
+    items = draw(st.lists(texts, max_size=4))
+    sep = draw(space)
+    key = draw(st.sampled_from(['"images"', '"images"', '"images"', '"Images"', '"\\u0069mages"']))
+    extra = draw(st.sampled_from(["", "", ', "x": 1', ', "images": []', ","]))
+    inner = ("," + sep).join(f'"{t}"' for t in items)
+    body = f"{sep}{{{sep}{key}{sep}:{sep}[{sep}{inner}{sep}]{extra}{sep}}}{draw(space)}".encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):
+        pos = draw(st.integers(0, max(0, len(body) - 1)))
+        body = body[:pos] + draw(st.binary(max_size=3)) + body[pos + draw(st.integers(0, 3)) :]
+    return body
+
+
+def _outcome(parse, body: bytes):
+    try:
+        result = parse(body)
+        return asyncio.run(result) if asyncio.iscoroutine(result) else result
+    except ApiError as exc:
+        return (exc.status, exc.code, exc.message)
+
+
+@FUZZ
+@given(json_bodies())
+def test_the_json_fast_path_answers_every_body_as_json_loads_does(body):
+    # _json_images skips json.loads for bodies of the documented shape (so one large request does
+    # not stall the event loop); for every body it must give the same images, or the same error.
+    assert _outcome(_json_images, bytearray(body)) == _outcome(_json_images_parsed, body)
+
+
+def test_the_json_fast_path_takes_the_documented_shape():
+    images = [b"\x89PNG..", b"\xff\xd8\xff"]
+    body = ('{ "images" : [ "%s",\n"data:image/jpeg;base64,%s" ] }' % tuple(base64.b64encode(i).decode() for i in images)).encode()
+    from detserve.serve.http import _image_strings
+
+    assert _image_strings(bytearray(body)) is not None  # the fast path, not the fallback
+    assert asyncio.run(_json_images(bytearray(body))) == images
+    assert _image_strings(bytearray(b'{"images": ["QUJD"], "images": []}')) is None
 
 
 # ---- schemathesis: the app against its own spec -----------------------------------------

@@ -274,3 +274,46 @@ def test_a_fixed_delay_over_short_predictions_does_not_shut_out_a_burst():
     deadline = clock.now + 30.0
     tickets = [sched.admit(1, deadline) for _ in range(300)]
     assert len(tickets) == 300
+
+
+def test_a_short_queue_goes_the_quickest_way_and_a_backlog_the_cheapest():
+    # Under a 64-photo request's decode, batch 1 read 49 ms an image and batch 2 38: the curve's choice is 2.
+    cpu = Scheduler(lambda items, params: items, Settings(max_batch_size=8, lanes=1), curve=curve_of({1: 49, 2: 38}))
+    assert cpu.target_batch() == 2
+    cpu.ready_images = lambda: 2  # one photo of a small request, one of the large one
+    # A pair (76 ms) answers them later on average than two singles (49 and 98 ms): one at a time.
+    assert cpu.batch_size_now(cpu.target_batch()) == 1
+    cpu.ready_images = lambda: 40  # a backlog: throughput decides, the cheapest per image
+    assert cpu.batch_size_now(cpu.target_batch()) == 2
+    # A GPU-like curve, a batch of 4 costs little more than 1: a short queue is taken whole.
+    gpu = Scheduler(lambda items, params: items, Settings(max_batch_size=8, lanes=1), curve=curve_of({1: 10, 2: 5.5, 4: 3, 8: 1.6}))
+    assert gpu.target_batch() == 8
+    gpu.ready_images = lambda: 3
+    assert gpu.batch_size_now(gpu.target_batch()) == 3
+    gpu.ready_images = lambda: 7
+    assert gpu.batch_size_now(gpu.target_batch()) == 7
+    assert gpu.quickest_batch(7) == 7 and cpu.quickest_batch(2) == 1
+
+
+def test_a_size_not_run_for_a_while_is_not_chosen_on_its_old_figure():
+    from detserve.serve import scheduler as sched_mod
+
+    curve = CostCurve()
+    for size, ms in ((1, 30), (2, 56)):  # warm-up: a pair is cheaper per image
+        curve.observe(size, ms / 1000)
+    assert curve.best_batch(8) == 2
+    for _ in range(sched_mod.STALE_AFTER + 1):  # then only singles run, slower now (other work on the cores)
+        curve.observe(1, 0.040)
+    assert not curve.fresh(2) and curve.best_batch(8) == 1  # 28 ms from warm-up against 40 now: not comparable
+    curve.observe(2, 0.070)  # measured again now: 35 an image, cheaper than 40
+    assert curve.best_batch(8) == 2
+
+
+def test_exploring_a_bigger_batch_waits_for_a_backlog():
+    from detserve.serve import scheduler as sched_mod
+
+    sched = Scheduler(lambda items, params: items, Settings(max_batch_size=8, lanes=1), curve=curve_of({1: 30, 2: 31}))
+    sched.ready_images = lambda: 3  # fewer than two batches of 2: a pair would make the first image wait
+    assert {sched.next_batch_size(1) for _ in range(4 * sched_mod.EXPLORE_EVERY)} == {1}
+    sched.ready_images = lambda: 4
+    assert 2 in {sched.next_batch_size(1) for _ in range(4 * sched_mod.EXPLORE_EVERY)}
