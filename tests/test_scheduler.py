@@ -22,9 +22,10 @@ def test_batch_policy_follows_the_measured_cost_per_image():
     # GPU: a bigger batch costs less per image.
     assert curve_of({1: 5, 2: 3, 4: 1.5, 8: 0.8, 16: 0.5}).best_batch(16) == 16
     assert curve_of({1: 5, 2: 3, 4: 1.5, 8: 0.8, 16: 0.5}).best_batch(8) == 8  # the cap is a cap
-    # Flat within 5 %: the smallest, for latency.
+    # Flat within 15 % (the noise of the figures): the smallest, for latency.
     assert curve_of({1: 20.0, 2: 19.5, 4: 19.2, 8: 19.9}).best_batch(8) == 1
     assert curve_of({1: 20.0, 2: 15.0, 4: 14.8, 8: 14.5}).best_batch(8) == 2
+    assert curve_of({1: 20.0, 2: 18.0, 4: 17.6}).best_batch(8) == 1  # 12 % cheaper: within the noise
     assert probe_sizes(8) == [1, 2, 4, 8] and probe_sizes(6) == [1, 2, 4, 6] and probe_sizes(1) == [1]
 
 
@@ -299,13 +300,13 @@ def test_a_size_not_run_for_a_while_is_not_chosen_on_its_old_figure():
     from detserve.serve import scheduler as sched_mod
 
     curve = CostCurve()
-    for size, ms in ((1, 30), (2, 56)):  # warm-up: a pair is cheaper per image
+    for size, ms in ((1, 30), (2, 50)):  # warm-up: a pair is cheaper per image
         curve.observe(size, ms / 1000)
     assert curve.best_batch(8) == 2
     for _ in range(sched_mod.STALE_AFTER + 1):  # then only singles run, slower now (other work on the cores)
         curve.observe(1, 0.040)
-    assert not curve.fresh(2) and curve.best_batch(8) == 1  # 28 ms from warm-up against 40 now: not comparable
-    curve.observe(2, 0.070)  # measured again now: 35 an image, cheaper than 40
+    assert not curve.fresh(2) and curve.best_batch(8) == 1  # 25 ms from warm-up against 40 now: not comparable
+    curve.observe(2, 0.064)  # measured again now: 32 an image, cheaper than 40
     assert curve.best_batch(8) == 2
 
 
