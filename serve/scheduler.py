@@ -12,7 +12,8 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   than the whole queue drains, so the check holds for every request, not only
   the newest.
 - **Fairness.** Batches are made of images, not requests: each batch takes one
-  ready image from each request in turn, so a 64-image request cannot starve a
+  ready image from each request in turn, and a request with nothing run yet
+  goes ahead of those already served, so a 64-image request cannot starve a
   one-image request that arrives behind it. A request's images may run in
   several batches; its results come back whole and in input order.
 - **Deadlines.** The caller bounds a request by its deadline and then
@@ -403,10 +404,25 @@ class Scheduler:
         ticket.items[index] = item
         ticket.ready.append(index)
         if ticket not in self.active:
-            self.active.append(ticket)
+            self._join(ticket)
         self._ensure_lanes()
         assert self._wake is not None
         self._wake.set()
+
+    def _join(self, ticket: Ticket) -> None:
+        """Put a ticket with a ready image in the line: one with nothing run yet goes ahead of those already served.
+
+        Plain round-robin put a one-photo request behind a large request whose next photo became ready while
+        the lane ran its last one, so it waited for two of them (one in flight, one ahead). Now it waits for
+        the one in flight only. Newcomers keep their arrival order among themselves, and a large request
+        still gets every turn that no newcomer is waiting for; admission already plans for all the queued
+        work being done before the earliest deadline, whatever the order, so it still finishes in time.
+        """
+        if ticket.started:
+            self.active.append(ticket)
+            return
+        position = next((i for i, t in enumerate(self.active) if t.started), len(self.active))
+        self.active.insert(position, ticket)
 
     async def wait(self, ticket: Ticket) -> list[Any]:
         """The results of every image of ``ticket``, in input order (the caller bounds it by the deadline)."""

@@ -318,3 +318,23 @@ def test_exploring_a_bigger_batch_waits_for_a_backlog():
     assert {sched.next_batch_size(1) for _ in range(4 * sched_mod.EXPLORE_EVERY)} == {1}
     sched.ready_images = lambda: 4
     assert 2 in {sched.next_batch_size(1) for _ in range(4 * sched_mod.EXPLORE_EVERY)}
+
+
+def test_a_newcomer_waits_only_for_the_batch_in_flight():
+    """Round-robin alone put a one-photo request behind the large one's next photo too: two batches, not one."""
+    engine = Engine(ms=30)
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            sched = Scheduler(engine, Settings(max_batch_size=1, lanes=1), executor=pool, curve=curve_of({1: 30}))
+            big = asyncio.create_task(submit(sched, "big", 12))  # all 12 ready: the large request always has one waiting
+            await asyncio.sleep(0.1)  # a few of its batches have run
+            ran_before = len(engine.batches)
+            small_results, _ = await submit(sched, "small", 1)
+            big_results, _ = await big
+            return ran_before, small_results, big_results
+
+    ran_before, small_results, big_results = asyncio.run(main())
+    assert small_results == ["small:0"] and big_results == [f"big:{i}" for i in range(12)]
+    at = next(i for i, b in enumerate(engine.batches) if ("small", 0) in b)
+    assert 1 <= ran_before and at - ran_before <= 1, (ran_before, at)  # at most the one that was running
