@@ -166,6 +166,10 @@ class CostCurve:
         """Measured within the last ``STALE_AFTER`` batches (a figure set by hand counts as fresh)."""
         return self.observations - self.observed_at.get(size, self.observations) <= STALE_AFTER
 
+    def fresh_sizes(self, cap: int | None = None) -> list[int]:
+        """The sizes with a fresh figure, up to ``cap``, smallest first."""
+        return sorted(s for s in self.seconds if (cap is None or s <= cap) and self.fresh(s))
+
     def per_image(self, size: int) -> float | None:
         """Seconds per image at ``size``: measured, else the nearest measured size's."""
         if not self.seconds:
@@ -175,7 +179,7 @@ class CostCurve:
 
     def best_batch(self, cap: int) -> int:
         """The batch size with the lowest cost per image, up to ``cap`` (ties within 15 %: the smallest), of the fresh figures."""
-        sizes = sorted(s for s in self.seconds if s <= cap and self.fresh(s))
+        sizes = self.fresh_sizes(cap)
         if not sizes:
             return 1 if not self.seconds else min(cap, max(1, min(self.seconds)))
         cheapest = min(self.seconds[s] / s for s in sizes)
@@ -185,7 +189,7 @@ class CostCurve:
         """Seconds for one batch of ``size``, from the fresh figures: measured, else interpolated between neighbours,
         else the smallest measured batch's time (below it: a smaller batch costs no more) or the largest's cost per
         image (above it). None with no fresh figure."""
-        sizes = sorted(s for s in self.seconds if self.fresh(s))
+        sizes = self.fresh_sizes()
         if not sizes:
             return None
         if size <= sizes[0]:
@@ -319,11 +323,11 @@ class Scheduler:
 
         A bigger size must be ``COST_TOLERANCE`` quicker to win (the smaller answers its first images sooner).
         """
+        if not self.curve.fresh_sizes():
+            return n  # nothing measured lately to judge by: all of them, as a plain batch would
         best, best_s = n, math.inf
         for size in range(1, n + 1):
             seconds = self.curve.batch_seconds(size)
-            if seconds is None:
-                return n
             batches = -(-n // size)
             last = n - size * (batches - 1)
             mean_s = seconds * (size * batches * (batches - 1) / 2 + last * batches) / n
