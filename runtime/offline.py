@@ -98,11 +98,12 @@ def ray_auth_enabled() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
 
 
-def _private_dir(folder: Path) -> Path:
+def private_dir(folder: Path) -> Path:
+    """``folder``, made owner-only (0700); refuses a link or a folder of another user (someone could read or plant files in it)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.lstat()
     if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-        raise RuntimeError(f"{folder} is a link or belongs to another user; remove it or set DETSERVE_RAY_TMP to a folder of your own")
+        raise RuntimeError(f"{folder} is a link or belongs to another user; remove it (DETSERVE_RAY_TMP moves the Ray run folder elsewhere)")
     os.chmod(folder, 0o700)
     return folder
 
@@ -113,7 +114,7 @@ def ray_token_file(run_dir: Path | None = None) -> Path:
     Reused on later starts so that a second cluster, or a driver attached to the
     first, sharing the run directory keeps working; delete it to rotate the token.
     """
-    path = _private_dir(ray_auth_dir(run_dir)) / "token"
+    path = private_dir(ray_auth_dir(run_dir)) / "token"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from detserve.runtime import offline
+from detserve.serve import ingress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,7 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
     ``http://127.0.0.1:<metrics_port>/metrics``: ``DETSERVE_METRICS_PORT``, 8080 by default.
     """
     env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
+    env.update(ingress.apply())  # Serve reads its ingress switches at import, in every Ray process: before Ray starts
     import ray
 
     _require_loopback_ray()

@@ -238,7 +238,10 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
     """Head (no CPUs) + two 1-CPU workers; one replica per worker; kill a worker under load."""
     from detserve.runtime import offline
 
+    from detserve.serve import ingress
+
     env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
+    env.update(ingress.apply())  # the same ingress as `detserve serve`: every node inherits it
     import ray
     from ray.cluster_utils import Cluster
 

@@ -55,6 +55,10 @@ def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(secured_ap
     # The scan covers Ray's own processes, not only this one.
     names = {Path(one.process).name for one in found}
     assert {"gcs_server", "raylet"} <= names, names
+    from detserve.serve import ingress
+
+    if ingress.chosen() == "haproxy":  # HAProxy and its stats and Prometheus listeners, bound *:8404 and :9101 by Ray's template
+        assert sum(Path(one.process).name == "haproxy" for one in found) >= 3, found
     # Cross-check with the system-wide table (a different psutil path).
     tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
     system = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree}
