@@ -73,6 +73,13 @@ EXPLORE_EVERY = 16
 #: against a stale 2 x 28 ms from warm-up, and the policy switched to pairs that made a one-photo request wait
 #: for someone else's image. Neighbours explored every other ``EXPLORE_EVERY`` batches stay fresh.
 STALE_AFTER = 4 * EXPLORE_EVERY
+#: Admission plans with the median batch time of a size's last this-many batches, not with the EWMA the batch
+#: policy uses. The EWMA follows a dip within ten batches, and a dip is what a burst makes: while the replica's
+#: own HTTP server takes in 300 connections at once (the HAProxy ingress), its batches ran at about half speed
+#: for a second and a half. Planned at that speed, a burst's last third was refused, then all of it was answered
+#: in 7 s by the speed that came back. The median of 128 batches ignores such a dip and follows a lasting change
+#: within about 64 batches; ``slowdown`` (measured on requests, up to 2x) still covers what the curve misses.
+STEADY_BATCHES = 128
 
 
 #: The replica answers this much before the proxy's own timeout would fire.
@@ -155,10 +162,22 @@ class CostCurve:
     alpha: float = 0.2
     observations: int = 0
     observed_at: dict[int, int] = field(default_factory=dict)  # size -> ``observations`` when it last ran
+    runs: dict[int, int] = field(default_factory=dict)  # size -> batches measured (a figure set by hand counts once)
+    recent: dict[int, collections.deque] = field(default_factory=dict)  # size -> its last STEADY_BATCHES batch times
 
     def observe(self, size: int, seconds: float) -> None:
+        """Fold in one batch: the mean of a size's first ``1 / alpha`` batches, then the EWMA.
+
+        A plain EWMA from the first figure kept a rarely run size near its warm-up figure, measured alone, for
+        dozens of its batches; an explored size runs one batch in ``2 * EXPLORE_EVERY``, so its figure under load
+        took hundreds of batches to show. The mean lets its first few batches under load count in full.
+        """
         old = self.seconds.get(size)
-        self.seconds[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        runs = self.runs.get(size, 0 if old is None else 1)
+        weight = max(self.alpha, 1 / (runs + 1))
+        self.seconds[size] = seconds if old is None else (1 - weight) * old + weight * seconds
+        self.runs[size] = runs + 1
+        self.recent.setdefault(size, collections.deque(maxlen=STEADY_BATCHES)).append(seconds)
         self.observations += 1
         self.observed_at[size] = self.observations
 
@@ -176,6 +195,15 @@ class CostCurve:
             return None
         nearest = min(self.seconds, key=lambda s: (abs(s - size), s))
         return self.seconds[nearest] / nearest
+
+    def steady_per_image(self, size: int) -> float | None:
+        """Seconds per image at ``size`` for admission: the median of its recent batches (``STEADY_BATCHES``) once
+        there are 8, else :meth:`per_image`."""
+        times = self.recent.get(size)
+        if not times or len(times) < 8:
+            return self.per_image(size)
+        ordered = sorted(times)
+        return ordered[len(ordered) // 2] / size
 
     def best_batch(self, cap: int) -> int:
         """The batch size with the lowest cost per image, up to ``cap`` (ties within 15 %: the smallest), of the fresh figures."""
@@ -336,8 +364,9 @@ class Scheduler:
         return best
 
     def images_per_s(self) -> float | None:
+        """The replica's capacity at its target batch size, from the curve's steady figure (``STEADY_BATCHES``)."""
         size = self.target_batch()
-        per_image = self.curve.per_image(size)
+        per_image = self.curve.steady_per_image(size)
         return None if not per_image else self.settings.lanes / per_image
 
     def effective_images_per_s(self) -> float | None:

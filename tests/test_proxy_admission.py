@@ -144,7 +144,7 @@ def _asgi(route_headers: list[tuple[bytes, bytes]], calls: list):
     return app
 
 
-def _call(middleware, path: str = "/yolo/predict", method: str = "POST"):
+def _call(middleware, path: str = "/yolo/predict", method: str = "POST", headers: tuple = ((b"content-length", b"1000"),)):
     sent: list[dict] = []
 
     async def receive():
@@ -153,7 +153,7 @@ def _call(middleware, path: str = "/yolo/predict", method: str = "POST"):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "headers": [(b"content-length", b"1000")]}
+    scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
     asyncio.run(middleware(scope, receive, send))
     return sent
 
@@ -194,3 +194,18 @@ def test_the_replica_reports_its_load_on_answers_and_on_its_own_refusals(local_c
         settings.max_queued_images = old
     assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
     assert LoadReport.parse(shed.headers["x-detserve-load"]) is not None and shed.headers["retry-after"]
+
+
+def test_a_raw_image_body_counts_as_one_image_whatever_its_size():
+    calls: list = []
+    middleware = ProxyAdmission(_asgi([(b"x-detserve-load", report(1000.0).header().encode())], calls))
+    _call(middleware)  # learns 1000 bytes per image
+    route = middleware.routes["/yolo/predict"]
+    counted: list[int] = []
+    decide = route.decide
+    route.decide = lambda length, timeout, images=None: counted.append(images or route.estimate_images(length)) or decide(length, timeout, images)
+    big = (b"content-length", b"3000")  # three times the average photo
+    _call(middleware, headers=(big, (b"content-type", b"image/jpeg")))
+    route.bytes_per_image = 1000.0  # (the raw answer above taught it 1400)
+    _call(middleware, headers=(big, (b"content-type", b"multipart/form-data; boundary=x")))
+    assert counted == [1, 3]  # a raw body is one image; a multipart one is estimated from its size

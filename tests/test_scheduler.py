@@ -36,8 +36,13 @@ def test_measure_curve_times_each_size_and_every_batch_updates_it():
     assert set(curve.seconds) == {1, 2, 4}
     assert 0.002 <= curve.per_image(4) < 0.02
     before = curve.seconds[4]
-    curve.observe(4, before * 11)  # EWMA: one slow batch moves it, does not replace it
-    assert before < curve.seconds[4] < before * 11
+    curve.observe(4, before * 11)  # one slow batch moves it, does not replace it
+    assert curve.seconds[4] == pytest.approx(before * 6)  # the mean of the two
+    for _ in range(3):  # the first batches under load count in full: the mean of all five ...
+        curve.observe(4, before * 11)
+    assert curve.seconds[4] == pytest.approx(before * 9)
+    curve.observe(4, before)  # ... then the EWMA: a batch's weight stays at alpha
+    assert curve.seconds[4] == pytest.approx(0.8 * before * 9 + 0.2 * before)
 
 
 class FakeClock:
@@ -338,3 +343,19 @@ def test_a_newcomer_waits_only_for_the_batch_in_flight():
     assert small_results == ["small:0"] and big_results == [f"big:{i}" for i in range(12)]
     at = next(i for i, b in enumerate(engine.batches) if ("small", 0) in b)
     assert 1 <= ran_before and at - ran_before <= 1, (ran_before, at)  # at most the one that was running
+
+
+def test_admission_plans_with_the_steady_figure_a_burst_dip_does_not_move():
+    from detserve.serve import scheduler as sched_mod
+
+    sched = Scheduler(lambda items, params: items, Settings(max_batch_size=1, lanes=1), curve=CostCurve())
+    for _ in range(sched_mod.STEADY_BATCHES):
+        sched.curve.observe(1, 0.030)
+    assert sched.images_per_s() == pytest.approx(1 / 0.030)
+    for _ in range(40):  # a burst's intake: batches at half speed for a while
+        sched.curve.observe(1, 0.060)
+    assert sched.curve.per_image(1) > 0.059  # the EWMA (the batch policy's figure) has followed the dip ...
+    assert sched.images_per_s() == pytest.approx(1 / 0.030)  # ... admission's has not: the dip is not the drain rate
+    for _ in range(sched_mod.STEADY_BATCHES // 2):  # a lasting change: now most of the recent batches
+        sched.curve.observe(1, 0.060)
+    assert sched.images_per_s() == pytest.approx(1 / 0.060)
