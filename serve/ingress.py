@@ -134,9 +134,9 @@ def rewrite(config: str, error_dir: Path) -> str:
 def loopback_config(path: Path) -> None:
     """Rewrite the config Ray wrote at ``path`` in place (under Ray's own lock file), with the error files beside it."""
     for status in ERROR_STATUSES:
-        target = path.parent / f"detserve-{status}.http"
-        if not target.exists() or target.read_bytes() != error_file(status):
-            target.write_bytes(error_file(status))
+        target, wanted = path.parent / f"detserve-{status}.http", error_file(status)
+        if not target.exists() or target.read_bytes() != wanted:
+            target.write_bytes(wanted)
     with open(str(path) + ".lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = path.read_text()

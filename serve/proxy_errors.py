@@ -30,6 +30,13 @@ starts); other routes get ``DEFAULT_MAX_BODY_BYTES``. Ray's proxy logs each cut
 upload at INFO as "Client for request ... disconnected": the disconnect it sees
 is this middleware's.
 
+Under the HAProxy ingress (serve/ingress.py, the default) Ray installs the same
+middlewares in each replica's own HTTP server, where HAProxy delivers the
+request. The body limit then cuts the upload in the replica's process, before
+the app reads it; the replica's memory stays flat under oversized chunked
+uploads there too (tests/test_serve.py, which runs on the default ingress).
+HAProxy's own errors get the same JSON from the error files ingress.py writes.
+
 Not covered: errors uvicorn makes before any ASGI app runs (a request line that
 is not HTTP gets its ``400 Invalid HTTP request``); no middleware sees those.
 """
@@ -166,7 +173,8 @@ def _too_large(length: int | None, limit: int) -> tuple[str, str]:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: refuse a body over the route's limit in the proxy, before the replica receives it.
+    """Pure ASGI middleware: refuse a body over the route's limit in the HTTP server that takes the request in
+    (Ray's proxy, or under HAProxy the replica's own), before the app reads it.
 
     Content-Length over the limit: a 413 at once, the app is not called. Otherwise the
     bytes are counted as they arrive; past the limit the client gets the 413 and the app

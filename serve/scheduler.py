@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,8 +163,12 @@ class CostCurve:
     alpha: float = 0.2
     observations: int = 0
     observed_at: dict[int, int] = field(default_factory=dict)  # size -> ``observations`` when it last ran
-    runs: dict[int, int] = field(default_factory=dict)  # size -> batches measured (a figure set by hand counts once)
     recent: dict[int, collections.deque] = field(default_factory=dict)  # size -> its last STEADY_BATCHES batch times
+
+    def __post_init__(self) -> None:
+        # A figure set by hand counts as one batch measured.
+        for size, seconds in self.seconds.items():
+            self.recent.setdefault(size, collections.deque(maxlen=STEADY_BATCHES)).append(seconds)
 
     def observe(self, size: int, seconds: float) -> None:
         """Fold in one batch: the mean of a size's first ``1 / alpha`` batches, then the EWMA.
@@ -173,11 +178,10 @@ class CostCurve:
         took hundreds of batches to show. The mean lets its first few batches under load count in full.
         """
         old = self.seconds.get(size)
-        runs = self.runs.get(size, 0 if old is None else 1)
-        weight = max(self.alpha, 1 / (runs + 1))
+        recent = self.recent.setdefault(size, collections.deque(maxlen=STEADY_BATCHES))
+        weight = max(self.alpha, 1 / (len(recent) + 1))  # len(recent): the batches so far (capped far past 1/alpha)
         self.seconds[size] = seconds if old is None else (1 - weight) * old + weight * seconds
-        self.runs[size] = runs + 1
-        self.recent.setdefault(size, collections.deque(maxlen=STEADY_BATCHES)).append(seconds)
+        recent.append(seconds)
         self.observations += 1
         self.observed_at[size] = self.observations
 
@@ -202,8 +206,7 @@ class CostCurve:
         times = self.recent.get(size)
         if not times or len(times) < 8:
             return self.per_image(size)
-        ordered = sorted(times)
-        return ordered[len(ordered) // 2] / size
+        return statistics.median_high(times) / size
 
     def best_batch(self, cap: int) -> int:
         """The batch size with the lowest cost per image, up to ``cap`` (ties within 15 %: the smallest), of the fresh figures."""
