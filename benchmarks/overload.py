@@ -53,7 +53,7 @@ from detserve.benchmarks.run import (
     APP, ROOT, _loadavg, detserve_requests, end_own_children, log, machine_info, model_info, resolve_model, start_detserve, versions,
 )  # fmt: skip
 from detserve.serve.app import DEADLINE_HEADER  # the client's deadline (Ray's proxy honours it too)
-from detserve.serve.proxy_admission import REFUSED_HERE
+from detserve.serve.proxy_admission import REFUSED_BY_HEADER, REFUSED_HERE
 
 #: The issue's targets: goodput at 2x arrival, and a small request's latency beside a large one.
 GOODPUT_TARGET = 0.9
@@ -86,7 +86,7 @@ class Reply:
     seconds: float
     retry_after: str | None = None
     code: str | None = None
-    shed_by: str | None = None  # for a 503: "proxy" (detserve's admission there), "replica" (its scheduler) or "ray-queue"
+    shed_by: str | None = None  # for a 503: "haproxy", "proxy" (detserve's admission there), "replica" (its scheduler) or "ray-queue"
 
 
 # --- summaries (pure) ---------------------------------------------------------------
@@ -112,7 +112,9 @@ def classify(status: int, headers: Any, body: bytes) -> tuple[str | None, str | 
         return retry_after, "not-json", None
     shed_by = None
     if status == 503 and code == "overloaded":
-        if REFUSED_HERE in message:
+        if headers is not None and headers.get(REFUSED_BY_HEADER) == "haproxy":
+            shed_by = "haproxy"  # detserve's admission in HAProxy (serve/haproxy_admission.lua)
+        elif REFUSED_HERE in message:
             shed_by = "proxy"  # detserve's admission in front of the replica
         else:
             shed_by = "replica" if message.startswith(REPLICA_SHED_PREFIX) else "ray-queue"

@@ -152,8 +152,8 @@ class _Metrics:
 @serve.deployment(
     name="DetectionServer",
     # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
-    # Ray's own queue in front of it only ever sees overflow beyond this.
-    max_ongoing_requests=512,
+    # Ray's own queue in front of it only ever sees overflow beyond this (deploy.yaml says why 2048).
+    max_ongoing_requests=2048,
     max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     health_check_period_s=10,

@@ -49,6 +49,16 @@ _WILDCARD_BIND = re.compile(r"^(\s*bind\s+)\*?(:\d+)")
 _ERRORFILE = re.compile(r"^[ \t]*errorfile[ \t]+\d+[ \t]+\S+\n", re.MULTILINE)
 _DEFAULTS = re.compile(r"^defaults\n", re.MULTILINE)
 _NOT_FOUND = re.compile(r"^(\s*)http-request return status 404 content-type text/plain .*$", re.MULTILINE)
+_GLOBAL = re.compile(r"^global\n", re.MULTILINE)
+#: An application's backend: every ``backend`` but Ray's 404 one, its router-pinned twins and gRPC's.
+_APP_BACKEND = re.compile(r"^backend (?!default_backend$|default_grpc_backend$|grpc_fallback_backend$)(?!\S+-via-ingress-request-router$)\S+\n", re.MULTILINE)
+#: detserve's admission in HAProxy (serve/haproxy_admission.lua), written beside the config.
+ADMISSION_LUA = "detserve-admission.lua"
+ADMISSION_RULES = (
+    "    # detserve: refuse here what the replicas would refuse (serve/haproxy_admission.lua)\n"
+    "    http-request lua.detserve_admit if METH_POST\n"
+    "    http-response lua.detserve_heard if { res.hdr(x-detserve-admit) -m found }\n"
+)
 
 
 def chosen(environ=os.environ) -> str:
@@ -116,7 +126,10 @@ def error_file(status: int) -> bytes:
 
 
 def rewrite(config: str, error_dir: Path) -> str:
-    """Ray's HAProxy config, kept to loopback and to the JSON contract; a rewritten config comes back unchanged."""
+    """Ray's HAProxy config, kept to loopback and to the JSON contract, with detserve's admission in each app's
+    backend; a rewritten config comes back unchanged."""
+    if ADMISSION_LUA in config:
+        return config
     lines, section = [], ""
     for line in config.splitlines(keepends=True):
         if line[:1].strip():
@@ -128,13 +141,17 @@ def rewrite(config: str, error_dir: Path) -> str:
     config = _DEFAULTS.sub(lambda m: m.group(0) + ours, config, count=1)
     message = "no application is served at %[path,json(utf8s)]: GET /-/routes lists the route prefixes; detection is POST <prefix>/predict (e.g. /yolo/predict)"
     not_found = json.dumps({"error": {"code": "not_found", "message": "MESSAGE"}}).replace("MESSAGE", message)
-    return _NOT_FOUND.sub(lambda m: f"{m.group(1)}http-request return status 404 content-type application/json lf-string '{not_found}'", config)
+    config = _NOT_FOUND.sub(lambda m: f"{m.group(1)}http-request return status 404 content-type application/json lf-string '{not_found}'", config)
+    config = _GLOBAL.sub(lambda m: f"{m.group(0)}    lua-load {error_dir / ADMISSION_LUA}\n", config, count=1)
+    return _APP_BACKEND.sub(lambda m: m.group(0) + ADMISSION_RULES, config)
 
 
 def loopback_config(path: Path) -> None:
     """Rewrite the config Ray wrote at ``path`` in place (under Ray's own lock file), with the error files beside it."""
-    for status in ERROR_STATUSES:
-        target, wanted = path.parent / f"detserve-{status}.http", error_file(status)
+    lua = (Path(__file__).with_name("haproxy_admission.lua")).read_bytes()
+    files = {f"detserve-{status}.http": error_file(status) for status in ERROR_STATUSES} | {ADMISSION_LUA: lua}
+    for name, wanted in files.items():
+        target = path.parent / name
         if not target.exists() or target.read_bytes() != wanted:
             target.write_bytes(wanted)
     with open(str(path) + ".lock", "w") as lock:

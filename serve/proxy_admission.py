@@ -29,9 +29,13 @@ tell it:
   which answers it 422 ``deadline_too_short`` with the reason.
 
 Under the HAProxy ingress (serve/ingress.py, the default) this middleware runs
-in each replica's own HTTP server instead, in front of the app: a refusal then
-costs no Python hop at all, and each replica counts its own requests against
-its own rate (HAProxy spreads them).
+in each replica's own HTTP server instead, in front of the app, and each
+replica counts its own requests against its own rate (HAProxy spreads them).
+A refusal there still costs the replica's HTTP server the request, so every
+/predict answer also tells HAProxy when this replica next has room
+(``x-detserve-admit``, :meth:`RouteAdmission.outlook`), and HAProxy refuses
+what arrives before then itself (serve/haproxy_admission.lua), with the same
+rule for a one-image request: most refusals then never reach Python.
 
 With several proxies (one per node), each counts only its own requests against
 the whole capacity, so each is more lenient than one would be; the replicas'
@@ -44,11 +48,12 @@ import heapq
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from detserve.serve.scheduler import RetrySlots, late_by, request_budget_s, retry_after_header
+from detserve.serve.scheduler import PROXY_MARGIN_S, RetrySlots, late_by, request_budget_s, retry_after_header
 
 #: The response header a replica reports its load in (stripped by the proxy).
 LOAD_HEADER = b"x-detserve-load"
@@ -60,6 +65,12 @@ FRESH_S = 5.0
 REFUSED_HERE = "refused at the ingress, before the app"
 #: EWMA weight of a new bytes-per-image figure.
 BYTES_ALPHA = 0.2
+#: The response header that tells HAProxy when this replica next has room (serve/haproxy_admission.lua strips it).
+ADMIT_HEADER = b"x-detserve-admit"
+#: HAProxy's own refusals carry this header, ``haproxy`` (serve/haproxy_admission.lua).
+REFUSED_BY_HEADER = "x-detserve-refused-by"
+#: Set in every Ray process when HAProxy is the ingress (serve/ingress.py); then ADMIT_HEADER is sent.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,31 @@ class RouteAdmission:
             heapq.heappush(self._deadlines, (deadline, token))
         return token
 
+    def outlook(self, now: float, done_images: int = 0, wall_offset_s: float = 0.0) -> str:
+        """For HAProxy (``ADMIT_HEADER``): when a one-image request would next be admitted, as :meth:`decide` rules.
+
+        ``finish``: when the images in flight (less ``done_images``, the request being answered) and one more
+        are done, if nothing else is admitted: a request due by ``now' + budget`` is admitted once
+        ``finish - now' <= headroom * budget``. ``until``: before it, a request in flight would miss its own
+        deadline (``finish > now' + headroom * (deadline - now')``). Both are wall-clock seconds (HAProxy's
+        clock; ``wall_offset_s`` = ``time.time() - clock()``). With no measured rate yet, ``rate=0``: admit.
+        """
+        rate, report = self.images_per_s(now), self.latest
+        if rate is None or report is None:
+            return "finish=0;until=0;budget=0;headroom=0;margin=0;alone=0;rate=0"
+        finish = now + (max(0, self.in_flight_images - done_images) + 1) / rate + report.margin_s
+        while self._deadlines and self._deadlines[0][1] not in self.in_flight:
+            heapq.heappop(self._deadlines)
+        until = -math.inf
+        if self._deadlines:
+            earliest, h = self._deadlines[0][0], report.headroom
+            until = earliest if h >= 1 else min(earliest, (finish - h * earliest) / (1 - h))
+        wall = wall_offset_s
+        return (f"finish={finish + wall:.3f};until={max(0.0, until + wall):.3f};"
+                f"budget={request_budget_s(report.request_timeout_s, None):.3f};headroom={report.headroom:g};"
+                f"margin={PROXY_MARGIN_S:g};"
+                f"alone={1 / rate + report.margin_s:.4f};rate={rate:.4g}")  # fmt: skip
+
     def leave(self, token: int) -> None:
         _, images = self.in_flight.pop(token)
         self.in_flight_images -= images
@@ -197,9 +233,16 @@ def refusal_body(refusal: Refusal) -> tuple[dict, bytes]:
 class ProxyAdmission:
     """Pure ASGI middleware for Ray's proxy: :class:`RouteAdmission` on every ``POST .../predict``."""
 
-    def __init__(self, app):
+    def __init__(self, app, haproxy: bool | None = None):
         self.app = app
         self.routes: dict[str, RouteAdmission] = {}
+        #: behind HAProxy (in a replica's own HTTP server): every answer carries ADMIT_HEADER
+        self.haproxy = os.environ.get(HAPROXY_ENV) == "1" if haproxy is None else haproxy
+
+    def admit_header(self, route: RouteAdmission, done_images: int = 0) -> list[tuple[bytes, bytes]]:
+        if not self.haproxy:
+            return []
+        return [(ADMIT_HEADER, route.outlook(route.clock(), done_images, time.time() - route.clock()).encode())]
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
@@ -216,7 +259,7 @@ class ProxyAdmission:
         if isinstance(verdict, Refusal):
             extra, payload = refusal_body(verdict)
             response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-            response_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+            response_headers += [(k.encode(), v.encode()) for k, v in extra.items()] + self.admit_header(route)
             await send({"type": "http.response.start", "status": 503, "headers": response_headers})
             await send({"type": "http.response.body", "body": payload})
             return
@@ -231,7 +274,7 @@ class ProxyAdmission:
                             route.heard(report, content_length)
                     else:
                         kept.append((key, value))
-                message = {**message, "headers": kept}
+                message = {**message, "headers": kept + self.admit_header(route, route.in_flight[verdict][1])}
             await send(message)
 
         try:

@@ -31,6 +31,8 @@ def test_every_app_is_a_detserve_app_with_valid_args_and_batching(which):
         user = UserConfig(**deployment.user_config)
         # Requests must reach the replica to be admitted by deadline: far more may be in flight than one batch.
         assert deployment.max_ongoing_requests >= 16 * user.max_batch_size
+        # Every request admission may hold, and as many arriving: none waits in Ray's FIFO queue, outside the scheduler.
+        assert deployment.max_ongoing_requests >= 2 * AppArgs(**app.args).max_queued_images
         assert deployment.max_queued_requests > 0
         # The replica's deadline is the proxy's timeout, so its JSON 408/503 always comes first.
         assert AppArgs(**app.args).request_timeout_s == config.http_options.request_timeout_s

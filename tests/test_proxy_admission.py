@@ -209,3 +209,81 @@ def test_a_raw_image_body_counts_as_one_image_whatever_its_size():
     route.bytes_per_image = 1000.0  # (the raw answer above taught it 1400)
     _call(middleware, headers=(big, (b"content-type", b"multipart/form-data; boundary=x")))
     assert counted == [1, 3]  # a raw body is one image; a multipart one is estimated from its size
+
+
+def haproxy_waits(outlook: str, now: float, client_timeout_s: float | None) -> bool:
+    """serve/haproxy_admission.lua's rule (``wait_for``), from the header alone: True when HAProxy refuses."""
+    r = {k: float(v) for k, v in (part.split("=") for part in outlook.split(";"))}
+    if r["rate"] <= 0:
+        return False
+    budget = r["budget"]
+    if client_timeout_s is not None and 0 < client_timeout_s and client_timeout_s - r["margin"] < budget:
+        budget = max(0.0, client_timeout_s - r["margin"])
+    if r["alone"] > budget:
+        return False
+    return max(r["until"] - now, r["finish"] - now - r["headroom"] * budget) > 1e-6
+
+
+def test_what_haproxy_is_told_refuses_exactly_what_the_proxy_would_refuse():
+    # The header HAProxy decides from (RouteAdmission.outlook) gives, for a one-image request at any later moment
+    # with no admission in between, the decision the middleware itself would make then: the same rule, moved.
+    import collections
+    import random
+
+    rng = random.Random(7)
+    outcomes = collections.Counter()
+    for _ in range(1500):
+        clock = Clock()
+        route = RouteAdmission(clock=clock)
+        route.heard(report(rng.uniform(2, 40), timeout=rng.choice([3.0, 10.0, 30.0])), None)
+        for _ in range(rng.randrange(0, 80)):  # a queue of mixed deadlines, arriving over a second
+            clock.now += rng.uniform(0, 0.02)
+            route.decide(None, rng.choice([None, 1.0, 2.0, 5.0, 60.0]))
+        header = route.outlook(clock.now)
+        later = rng.uniform(0, 1.5)
+        timeout = rng.choice([None, 0.3, 1.0, 2.0, 4.0, 60.0])
+        # The middleware's decision at now + later, as if the queue had drained at its rate meanwhile.
+        drained = RouteAdmission(clock=clock, rates=dict(route.rates), latest=route.latest)
+        rate = route.images_per_s(clock.now)
+        left = route.in_flight_images - rate * later
+        for deadline, images in route.in_flight.values():
+            drained.in_flight[len(drained.in_flight)] = (deadline, images)
+            drained._deadlines.append((deadline, len(drained.in_flight) - 1))
+        drained._deadlines.sort()
+        drained.in_flight_images = left  # fractional: exactly what the rule computes with
+        clock.now += later
+        live = [d for d, _ in route.in_flight.values() if d > clock.now]
+        if left < 0 or len(live) < len(route.in_flight):
+            continue  # by then a request in flight is answered or past its deadline: outside the header's promise
+        refused = isinstance(drained.decide(None, timeout), Refusal)
+        assert haproxy_waits(header, clock.now, timeout) == refused, (header, later, timeout)
+        outcomes[refused] += 1
+    assert outcomes[True] > 100 and outcomes[False] > 100, outcomes  # both sides of the rule, many times
+
+
+def test_every_answer_behind_haproxy_says_when_there_is_room_and_the_python_proxy_sends_nothing():
+    from detserve.serve.proxy_admission import ADMIT_HEADER, LOAD_HEADER
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(LOAD_HEADER, report(4.0).header().encode())]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def one(middleware) -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"x"}
+
+        scope = {"type": "http", "method": "POST", "path": "/yolo/predict", "headers": [(b"content-type", b"image/jpeg")]}
+        await middleware(scope, receive, send)
+        return dict(sent[0]["headers"])
+
+    behind = ProxyAdmission(app, haproxy=True)
+    headers = asyncio.run(one(behind))
+    assert LOAD_HEADER not in headers
+    fields = dict(part.split("=") for part in headers[ADMIT_HEADER].decode().split(";"))
+    assert float(fields["rate"]) == 4.0 and float(fields["budget"]) == 2.0 and float(fields["headroom"]) == 0.8
+    assert ADMIT_HEADER not in asyncio.run(one(ProxyAdmission(app, haproxy=False)))
