@@ -350,8 +350,13 @@ PREDICT_PARAMETERS = {
 }
 
 
-def check_query(request: Request) -> None:
-    """Unknown and repeated query parameters are mistakes (a typo'd ``conf`` would be silently ignored)."""
+async def check_query(request: Request) -> None:
+    """Unknown and repeated query parameters are mistakes (a typo'd ``conf`` would be silently ignored).
+
+    ``async``, so FastAPI runs it on the event loop: a plain ``def`` dependency goes through anyio's worker
+    threads, and each such call scans every task of the loop (anyio's ``find_root_task``). With 700 requests
+    queued (2x overload, 30 s deadline) that scan was a fifth of the replica's Python time.
+    """
     names = [name for name, _ in request.query_params.multi_items()]
     unknown = sorted(set(names) - set(PREDICT_PARAMETERS))
     if unknown:

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import math
 import statistics
 import time
@@ -259,6 +261,7 @@ class Ticket:
     started: int = 0  # images handed to a batch
     done: int = 0
     closed: bool = False  # finished, failed, timed out or cancelled: nothing more runs for it
+    in_line: bool = False  # in one of the scheduler's lines (fresh or served); a closed one is skipped there
     future: asyncio.Future | None = None
     admitted_at: float = 0.0
     predicted_s: float = 0.0  # admitted_at -> last image done, as the cost curve alone predicts it (no slowdown)
@@ -294,7 +297,17 @@ class Scheduler:
         self.clock = clock
         self.outstanding = 0  # images admitted and not yet answered (decoding, queued or running)
         self.tickets: set[Ticket] = set()
-        self.active: collections.deque[Ticket] = collections.deque()  # tickets with ready images, round-robin
+        # Tickets with ready images, in the order of their next turn: those with nothing run yet, in arrival
+        # order, ahead of those already served, round-robin (``_join``). Two deques, so that every step is O(1):
+        # with 700 requests queued (2x overload, 30 s deadline) scans of one line were 6 % of the replica's
+        # Python time.
+        self.fresh: collections.deque[Ticket] = collections.deque()
+        self.served: collections.deque[Ticket] = collections.deque()
+        self._ready = 0  # ready images over all tickets in the lines
+        # The admitted tickets' deadlines, soonest and latest first (heaps; released tickets are skipped).
+        self._soonest: list[tuple[float, int, Ticket]] = []
+        self._latest: list[tuple[float, int, Ticket]] = []
+        self._order = itertools.count()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
         self.slowdown = 1.0  # measured time / predicted time, EWMA (see Calibration above)
@@ -415,10 +428,9 @@ class Scheduler:
             raise Overloaded(0.0, alone, deadline - now,
                              f"{n_images} images take about {alone:.2f} s here even with nothing queued, "
                              f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
-        deadlines = [deadline, *(t.deadline for t in self.tickets)]
-        earliest = min(deadlines)
+        earliest, latest = self._deadline_bounds(deadline)
         rate = self.effective_images_per_s() or math.inf
-        late = late_by(now, self.outstanding + n_images, rate, earliest, s.headroom, s.margin_s, max(deadlines))
+        late = late_by(now, self.outstanding + n_images, rate, earliest, s.headroom, s.margin_s, latest)
         if late is not None:
             self.counts["shed"] += 1
             predicted_s, retry_after_s = late
@@ -430,8 +442,20 @@ class Scheduler:
                         admitted_at=now, predicted_s=self.curve_drain_s(n_images))  # fmt: skip
         self.outstanding += n_images
         self.tickets.add(ticket)
+        order = next(self._order)
+        heapq.heappush(self._soonest, (deadline, order, ticket))
+        heapq.heappush(self._latest, (-deadline, order, ticket))
         self.counts["admitted"] += 1
         return ticket
+
+    def _deadline_bounds(self, deadline: float) -> tuple[float, float]:
+        """The earliest and the latest deadline among the admitted tickets and ``deadline``."""
+        for heap in (self._soonest, self._latest):
+            while heap and heap[0][2].closed:
+                heapq.heappop(heap)
+        earliest = min(deadline, self._soonest[0][0]) if self._soonest else deadline
+        latest = max(deadline, -self._latest[0][0]) if self._latest else deadline
+        return earliest, latest
 
     def add(self, ticket: Ticket, index: int, item: Any) -> None:
         """Image ``index`` of ``ticket`` is prepared: it may join the next batch."""
@@ -439,7 +463,8 @@ class Scheduler:
             return
         ticket.items[index] = item
         ticket.ready.append(index)
-        if ticket not in self.active:
+        self._ready += 1
+        if not ticket.in_line:
             self._join(ticket)
         self._ensure_lanes()
         assert self._wake is not None
@@ -454,11 +479,8 @@ class Scheduler:
         still gets every turn that no newcomer is waiting for; admission already plans for all the queued
         work being done before the earliest deadline, whatever the order, so it still finishes in time.
         """
-        if ticket.started:
-            self.active.append(ticket)
-            return
-        position = next((i for i, t in enumerate(self.active) if t.started), len(self.active))
-        self.active.insert(position, ticket)
+        ticket.in_line = True
+        (self.served if ticket.started else self.fresh).append(ticket)
 
     async def wait(self, ticket: Ticket) -> list[Any]:
         """The results of every image of ``ticket``, in input order (the caller bounds it by the deadline)."""
@@ -479,27 +501,32 @@ class Scheduler:
             self.calibrate(ticket, self.clock() - ticket.admitted_at)
         # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
         self.outstanding -= ticket.n - ticket.started
-        ticket.ready.clear()
+        self._ready -= len(ticket.ready)
+        ticket.ready.clear()  # it stays in its line, closed, until a lane passes it (take_batch)
         self.tickets.discard(ticket)
-        if ticket in self.active:
-            self.active.remove(ticket)
         if ticket.future is not None and not ticket.future.done():
             ticket.future.cancel()
 
     # ---- batching --------------------------------------------------------
     def take_batch(self, size: int) -> list[tuple[Ticket, int]]:
-        """Up to ``size`` ready images, one from each request in turn (round-robin)."""
+        """Up to ``size`` ready images, one from each request in turn: new requests first, then round-robin."""
         batch: list[tuple[Ticket, int]] = []
-        while len(batch) < size and self.active:
-            ticket = self.active.popleft()
+        while len(batch) < size and (self.fresh or self.served):
+            ticket = (self.fresh or self.served).popleft()
+            if not ticket.ready:  # released while in line
+                ticket.in_line = False
+                continue
             batch.append((ticket, ticket.ready.popleft()))
+            self._ready -= 1
             ticket.started += 1
             if ticket.ready:
-                self.active.append(ticket)  # back of the line: the next request goes first
+                self.served.append(ticket)  # back of the line: the next request goes first
+            else:
+                ticket.in_line = False
         return batch
 
     def ready_images(self) -> int:
-        return sum(len(t.ready) for t in self.active)
+        return self._ready
 
     def _ensure_lanes(self) -> None:
         loop = asyncio.get_running_loop()
@@ -513,7 +540,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            while not self.active:
+            while not self._ready:
                 self._wake.clear()
                 await self._wake.wait()
             target = self.target_batch()

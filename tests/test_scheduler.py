@@ -359,3 +359,34 @@ def test_admission_plans_with_the_steady_figure_a_burst_dip_does_not_move():
     for _ in range(sched_mod.STEADY_BATCHES // 2):  # a lasting change: now most of the recent batches
         sched.curve.observe(1, 0.060)
     assert sched.images_per_s() == pytest.approx(1 / 0.060)
+
+
+def test_the_lines_new_requests_first_then_round_robin_released_ones_skipped():
+    # The order of turns, step by step (no lane runs: this test takes the batches), and the O(1) bookkeeping behind it.
+    async def main():
+        sched = Scheduler(lambda items, params: items, Settings(max_batch_size=8, lanes=1), curve=curve_of({1: 1}))
+        sched._wake = asyncio.Event()
+        sched._ensure_lanes = lambda: None
+        now = time.monotonic()
+        a, b = sched.admit(3, now + 30), sched.admit(1, now + 10)
+        for i in range(3):
+            sched.add(a, i, ("a", i))
+        assert [(t, i) for t, i in sched.take_batch(1)] == [(a, 0)]  # arrival order among new requests
+        sched.add(b, 0, ("b", 0))
+        c = sched.admit(1, now + 20)
+        sched.add(c, 0, ("c", 0))
+        # b and c have nothing run yet: both go ahead of a, which was served already.
+        assert sched.take_batch(3) == [(b, 0), (c, 0), (a, 1)]
+        d = sched.admit(2, now + 5)
+        sched.add(d, 0, ("d", 0))
+        sched.add(d, 1, ("d", 1))
+        assert sched.ready_images() == 3 == sum(len(t.ready) for t in (a, b, c, d))
+        assert sched._deadline_bounds(now + 60) == (now + 5, now + 60)
+        sched.release(d, "cancelled")  # in line, released: its turn is skipped, its images are gone
+        assert sched.ready_images() == 1 and sched.take_batch(8) == [(a, 2)] and sched.ready_images() == 0
+        assert not sched.fresh and not sched.served
+        for t in (a, b, c):
+            sched.release(t)
+        assert sched._deadline_bounds(now + 60) == (now + 60, now + 60)  # released deadlines no longer count
+
+    asyncio.run(main())
