@@ -249,7 +249,7 @@ def start_detserve(args: dict[str, Any], options: dict[str, Any], request_timeou
 def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
 
-    ``lanes``: engine calls at once in its one replica, as many as each peer's workers.
+    ``lanes``: engine calls at once in each replica (``DETSERVE_OPTIONS["num_replicas"]``); replicas x lanes = each peer's workers.
     ``direct``: also measure HTTP straight to the replica (Ray's direct ingress), without the proxy process.
     """
     from detserve.serve.run import shutdown
@@ -261,7 +261,7 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
         "args": {"model": str(folder), "threads": 1, "lanes": lanes},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
-        "settings": f"1 replica, {lanes} engine lane(s) + {lanes + 1} decode threads, the scheduler's measured batch policy (cap "
+        "settings": f"{DETSERVE_OPTIONS['num_replicas']} replica(s), each {lanes} engine lane(s) + {lanes + 1} decode threads, the scheduler's measured batch policy (cap "
         f"{DEFAULT_MAX_BATCH_SIZE}, batch_wait_timeout_s={DEFAULT_BATCH_WAIT_S}), admission by deadline; raw image/jpeg body",
     }
     began = time.monotonic()
@@ -455,7 +455,8 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     calibrate("raw")
     stage("raw", do_raw)
     calibrate("detserve")
-    stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=peer_workers, direct=direct))
+    lanes = max(1, peer_workers // DETSERVE_OPTIONS["num_replicas"])
+    stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=lanes, direct=direct))
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
@@ -524,6 +525,8 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
+    parser.add_argument("--detserve-replicas", type=int, default=1,
+                        help="detserve's replicas (processes); the --peer-workers lanes are shared among them (default 1)")  # fmt: skip
     parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
     parser.add_argument("--batch-policy", choices=("measured", "fixed"), help="detserve's user_config batch_policy (default: the shipped one, measured)")
     parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
@@ -550,6 +553,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])
+    if args.detserve_replicas > 1:
+        DETSERVE_OPTIONS["num_replicas"] = args.detserve_replicas
     if args.batch_policy:
         DETSERVE_OPTIONS["user_config"] = {**DETSERVE_OPTIONS["user_config"], "batch_policy": args.batch_policy}
     if args.p99_budgets:
