@@ -158,6 +158,11 @@ class RouteAdmission:
         otherwise it is estimated from the Content-Length.
         """
         now = self.clock()
+        # An estimate counts in the queue, but a request is refused only as if it held what it surely holds:
+        # one image, or the count its headers give. Refused by its estimate, 12 photos of 12 MP counted as the
+        # app's limit of 64 (the bytes per image were learnt from small ones), and a request the replica
+        # would admit was turned away from an empty queue.
+        sure = images or 1
         images = images or self.estimate_images(content_length)
         rate, report = self.images_per_s(now), self.latest
         deadline = now + request_budget_s(report.request_timeout_s, client_timeout_s) if report else math.inf
@@ -167,12 +172,12 @@ class RouteAdmission:
             while self._deadlines and self._deadlines[0][1] not in self.in_flight:
                 heapq.heappop(self._deadlines)
             earliest = min(deadline, self._deadlines[0][0]) if self._deadlines else deadline
-            plan = (now, self.in_flight_images + images, rate, earliest, report.headroom, report.margin_s)
+            plan = (now, self.in_flight_images + sure, rate, earliest, report.headroom, report.margin_s)
             if late_by(*plan) is not None:
                 # Refused: only now the Retry-After's bound, the latest deadline in flight (a scan of them all).
                 late = late_by(*plan, max([deadline, *(d for d, _ in self.in_flight.values())]))
                 self.refused += 1
-                retry_after_s = self.retry_slots.book(now, late[1], images, rate, deadline - now)
+                retry_after_s = self.retry_slots.book(now, late[1], sure, rate, deadline - now)
                 return Refusal(retry_after_s, late[0], earliest - now, self.in_flight_images)
         token = next(self._tokens)
         self.in_flight[token] = (deadline, images)

@@ -287,3 +287,12 @@ def test_every_answer_behind_haproxy_says_when_there_is_room_and_the_python_prox
     fields = dict(part.split("=") for part in headers[ADMIT_HEADER].decode().split(";"))
     assert float(fields["rate"]) == 4.0 and float(fields["budget"]) == 2.0 and float(fields["headroom"]) == 0.8
     assert ADMIT_HEADER not in asyncio.run(one(ProxyAdmission(app, haproxy=False)))
+
+
+def test_an_estimate_counts_in_the_queue_but_never_refuses_more_than_one_sure_image():
+    # 12 photos of 12 MP after small ones: the body size says 64 images (the app's limit), the request holds 12.
+    route = RouteAdmission(clock=Clock())
+    route.heard(report(40.0, images=4), 400_000)  # 100 kB an image; 2 s budget, 0.8 of it planned: 64 do not fit
+    token = route.decide(20_000_000, None)
+    assert isinstance(token, int) and route.in_flight_images == 64  # the replica decides from the real count
+    assert isinstance(route.decide(None, None), Refusal)  # behind it, the queue it may hold is full
