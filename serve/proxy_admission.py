@@ -186,11 +186,10 @@ class RouteAdmission:
             heapq.heappush(self._deadlines, (deadline, token))
         return token
 
-    def outlook(self, now: float, done_images: int = 0, wall_offset_s: float = 0.0) -> str:
+    def outlook(self, now: float, wall_offset_s: float = 0.0) -> str:
         """For HAProxy (``ADMIT_HEADER``): when a one-image request would next be admitted, as :meth:`decide` rules.
 
-        ``finish``: when the images in flight (less ``done_images``, the request being answered) and one more
-        are done, if nothing else is admitted: a request due by ``now' + budget`` is admitted once
+        ``finish``: when the images in flight and one more are done, if nothing else is admitted: a request due by ``now' + budget`` is admitted once
         ``finish - now' <= headroom * budget``. ``until``: before it, a request in flight would miss its own
         deadline (``finish > now' + headroom * (deadline - now')``). Both are wall-clock seconds (HAProxy's
         clock; ``wall_offset_s`` = ``time.time() - clock()``). With no measured rate yet, ``rate=0``: admit.
@@ -198,7 +197,7 @@ class RouteAdmission:
         rate, report = self.images_per_s(now), self.latest
         if rate is None or report is None:
             return "finish=0;until=0;budget=0;headroom=0;margin=0;alone=0;rate=0"
-        finish = now + (max(0, self.in_flight_images - done_images) + 1) / rate + report.margin_s
+        finish = now + (self.in_flight_images + 1) / rate + report.margin_s
         while self._deadlines and self._deadlines[0][1] not in self.in_flight:
             heapq.heappop(self._deadlines)
         until = -math.inf
@@ -244,10 +243,10 @@ class ProxyAdmission:
         #: behind HAProxy (in a replica's own HTTP server): every answer carries ADMIT_HEADER
         self.haproxy = os.environ.get(HAPROXY_ENV) == "1" if haproxy is None else haproxy
 
-    def admit_header(self, route: RouteAdmission, done_images: int = 0) -> list[tuple[bytes, bytes]]:
+    def admit_header(self, route: RouteAdmission) -> list[tuple[bytes, bytes]]:
         if not self.haproxy:
             return []
-        return [(ADMIT_HEADER, route.outlook(route.clock(), done_images, time.time() - route.clock()).encode())]
+        return [(ADMIT_HEADER, route.outlook(route.clock(), time.time() - route.clock()).encode())]
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
@@ -269,7 +268,10 @@ class ProxyAdmission:
             await send({"type": "http.response.body", "body": payload})
             return
 
+        left = False  # the request leaves the count when its answer starts: its images and deadline are done
+
         async def _send(message):
+            nonlocal left
             if message["type"] == "http.response.start":
                 kept = []
                 for key, value in message.get("headers", []):
@@ -279,10 +281,13 @@ class ProxyAdmission:
                             route.heard(report, content_length)
                     else:
                         kept.append((key, value))
-                message = {**message, "headers": kept + self.admit_header(route, route.in_flight[verdict][1])}
+                route.leave(verdict)
+                left = True
+                message = {**message, "headers": kept + self.admit_header(route)}
             await send(message)
 
         try:
             await self.app(scope, receive, _send)
         finally:
-            route.leave(verdict)
+            if not left:
+                route.leave(verdict)
