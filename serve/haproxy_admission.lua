@@ -41,13 +41,8 @@ local function parse(value)
     return report
 end
 
-local function first_header(headers, name)
-    local values = headers[name]
-    return values and values[0]
-end
-
 core.register_action("detserve_heard", {"http-res"}, function(txn)
-    local value = first_header(txn.http:res_get_headers(), HEADER)
+    local value = txn.f:res_hdr(HEADER)  -- one fetch, not a table of every header
     txn.http:res_del_header(HEADER)
     if value == nil then
         return
@@ -106,7 +101,7 @@ core.register_action("detserve_admit", {"http-req"}, function(txn)
         return  -- HAProxy's own 503 (no replica) applies
     end
     local now = now_s()
-    local client_s = tonumber(first_header(txn.http:req_get_headers(), "x-request-timeout-seconds") or "")
+    local client_s = tonumber(txn.f:req_hdr("x-request-timeout-seconds") or "")
     if client_s ~= nil and client_s ~= client_s then
         client_s = nil  -- NaN
     end

@@ -169,9 +169,7 @@ class RouteAdmission:
         # A request that could not make its deadline even alone goes on: the replica answers it 422 with the reason.
         hopeless = rate is not None and report is not None and images / rate + report.margin_s > deadline - now
         if rate is not None and report is not None and not hopeless:
-            while self._deadlines and self._deadlines[0][1] not in self.in_flight:
-                heapq.heappop(self._deadlines)
-            earliest = min(deadline, self._deadlines[0][0]) if self._deadlines else deadline
+            earliest = min(deadline, self._earliest_in_flight())
             plan = (now, self.in_flight_images + sure, rate, earliest, report.headroom, report.margin_s)
             if late_by(*plan) is not None:
                 # Refused: only now the Retry-After's bound, the latest deadline in flight (a scan of them all).
@@ -189,8 +187,8 @@ class RouteAdmission:
     def outlook(self, now: float, wall_offset_s: float = 0.0) -> str:
         """For HAProxy (``ADMIT_HEADER``): when a one-image request would next be admitted, as :meth:`decide` rules.
 
-        ``finish``: when the images in flight and one more are done, if nothing else is admitted: a request due by ``now' + budget`` is admitted once
-        ``finish - now' <= headroom * budget``. ``until``: before it, a request in flight would miss its own
+        ``finish``: when the images in flight and one more are done, if nothing else is admitted: a request due
+        by ``now' + budget`` is admitted once ``finish - now' <= headroom * budget``. ``until``: before it, a request in flight would miss its own
         deadline (``finish > now' + headroom * (deadline - now')``). Both are wall-clock seconds (HAProxy's
         clock; ``wall_offset_s`` = ``time.time() - clock()``). With no measured rate yet, ``rate=0``: admit.
         """
@@ -198,17 +196,20 @@ class RouteAdmission:
         if rate is None or report is None:
             return "finish=0;until=0;budget=0;headroom=0;margin=0;alone=0;rate=0"
         finish = now + (self.in_flight_images + 1) / rate + report.margin_s
-        while self._deadlines and self._deadlines[0][1] not in self.in_flight:
-            heapq.heappop(self._deadlines)
+        earliest, h = self._earliest_in_flight(), report.headroom
         until = -math.inf
-        if self._deadlines:
-            earliest, h = self._deadlines[0][0], report.headroom
+        if math.isfinite(earliest):
             until = earliest if h >= 1 else min(earliest, (finish - h * earliest) / (1 - h))
-        wall = wall_offset_s
-        return (f"finish={finish + wall:.3f};until={max(0.0, until + wall):.3f};"
+        return (f"finish={finish + wall_offset_s:.3f};until={max(0.0, until + wall_offset_s):.3f};"
                 f"budget={request_budget_s(report.request_timeout_s, None):.3f};headroom={report.headroom:g};"
                 f"margin={PROXY_MARGIN_S:g};"
                 f"alone={1 / rate + report.margin_s:.4f};rate={rate:.4g}")  # fmt: skip
+
+    def _earliest_in_flight(self) -> float:
+        """The earliest deadline of the requests in flight (inf with none); finished ones leave the heap here."""
+        while self._deadlines and self._deadlines[0][1] not in self.in_flight:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else math.inf
 
     def leave(self, token: int) -> None:
         _, images = self.in_flight.pop(token)
