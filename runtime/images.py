@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -113,6 +114,8 @@ def decode_reduced(data: ImageInput, limits: Limits = Limits(), min_side: int | 
             full_w, full_h = image.size
             if min_side and image.format == "JPEG" and min(full_w, full_h) >= 2 * min_side:
                 image.draft(image.mode if image.mode in ("L", "RGB") else None, (min_side, min_side))
+            elif (array := _jpeg_without_gil(data, image)) is not None:
+                return array, array.shape[:2]
             image.load()
     except ImageError:
         raise
@@ -139,6 +142,49 @@ def decode_reduced(data: ImageInput, limits: Limits = Limits(), min_side: int | 
     # EXIF orientation may have turned the (reduced) pixels a quarter: turn the full size with them.
     swapped = (array.shape[1], array.shape[0]) != image.size
     return array, ((full_w, full_h) if swapped else (full_h, full_w))
+
+
+#: What ImageOps.exif_transpose does for each EXIF orientation, as OpenCV calls (tests/test_images.py: equal for all 8).
+_ORIENT = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: cv2.transpose,
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+def _jpeg_without_gil(data: bytes, header: Image.Image) -> np.ndarray | None:
+    """A plain 8-bit JPEG (YCbCr or gray) decoded by OpenCV, or None for Pillow to decode it.
+
+    Both decode with libjpeg-turbo's defaults (islow IDCT, fancy upsampling),
+    so the pixels are Pillow's to the bit (tests/test_images.py checks
+    subsamplings, progressive, gray, every orientation). What differs is the
+    GIL: every OpenCV call here runs without it, while Pillow holds it to copy
+    the decoded pixels out (``tobytes``: some 20 ms for a 9 MP photo), and a
+    server's engine lanes and event loop wait for it meanwhile.
+
+    Pillow keeps anything else: CMYK, 12-bit, MPO, and files that do not end
+    in the EOI marker (truncated ones, which Pillow refuses and libjpeg would
+    fill with gray). A file OpenCV cannot decode also goes back to Pillow, for
+    its error.
+    """
+    if header.format != "JPEG" or header.mode not in ("RGB", "L") or getattr(header, "bits", 8) != 8 or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        orientation = header.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not lose the image itself (as in _from_pil)
+        orientation = 1
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        return None
+    if array is None or array.shape[:2] != (header.height, header.width):
+        return None
+    turn = _ORIENT.get(orientation)
+    return np.ascontiguousarray(turn(array) if turn else array)
 
 
 def _corrupt() -> ImageError:

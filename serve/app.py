@@ -64,6 +64,8 @@ class AppArgs(BaseModel):
     threads: int = Field(1, ge=1, description="intra-op threads per engine call")
     lanes: int | None = Field(None, ge=1, description="engine calls at once; default: the CPUs Ray gives the replica (at least 1)")
     decode_threads: int | None = Field(None, ge=1, description="decode/prepare threads; default: lanes + 1")
+    express_lane: bool = Field(True, description="one more engine call, for new requests only, while every lane runs a large "
+                               "request's continuing images (serve/scheduler.py, 'Express lane')")
     request_timeout_s: float = Field(30.0, gt=0, description="the deadline of a request without its own; keep it at http_options.request_timeout_s")
     max_queued_images: int = Field(1024, ge=1, description="admitted images not yet answered, per replica (memory bound)")
     max_body_bytes: int = 50 * 1024 * 1024
@@ -84,6 +86,10 @@ class UserConfig(BaseModel):
         "measured", description="measured: the cheapest size per image up to the cap; fixed: always aim for max_batch_size"
     )
 
+
+#: An answer with at most this many boxes is encoded on the event loop (some 2 µs a box): the hop to a thread
+#: and back cost more than that, on a replica whose cores the engine already keeps busy.
+INLINE_ENCODE_BOXES = 64
 
 #: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
 DEADLINE_HEADER = TIMEOUT_HEADER.decode()
@@ -182,14 +188,16 @@ class DetectionServer:
         self.request_limits = RequestLimits(self.args.max_body_bytes, self.args.max_images)
         lanes = self.args.lanes or replica_cpus()
         # Cores accounted for: ``lanes`` engine calls at once (one intra-op thread
-        # each by default) plus decode threads that fill the gaps between them.
+        # each by default) plus decode threads that fill the gaps between them. The
+        # express lane's thread runs only beside a large request's batches, one small batch at a time.
+        settings = Settings(lanes=lanes, express=self.args.express_lane)
         self.decode_pool = ThreadPoolExecutor(self.args.decode_threads or lanes + 1, thread_name_prefix="decode")
-        self.engine_pool = ThreadPoolExecutor(lanes, thread_name_prefix="engine")
+        self.engine_pool = ThreadPoolExecutor(lanes + settings.express, thread_name_prefix="engine")
         self.metrics = _Metrics()
         self.stage_seconds: collections.Counter[str] = collections.Counter()
         self.detector.warmup()
         self.info = self.detector.describe()
-        self.scheduler = Scheduler(self._run_batch, Settings(lanes=lanes), executor=self.engine_pool)
+        self.scheduler = Scheduler(self._run_batch, settings, executor=self.engine_pool)
         self._measure_cost_curve()
         self.replica_tag = _replica_tag()
         log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
@@ -288,7 +296,10 @@ class DetectionServer:
                 raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
-        body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.encode, items, detections)  # off the loop
+        if sum(map(len, detections)) <= INLINE_ENCODE_BOXES:
+            body = self.encode(items, detections)
+        else:  # off the loop: other requests go on meanwhile
+            body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.encode, items, detections)
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 

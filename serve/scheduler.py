@@ -16,6 +16,15 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   goes ahead of those already served, so a 64-image request cannot starve a
   one-image request that arrives behind it. A request's images may run in
   several batches; its results come back whole and in input order.
+- **Express lane.** A batch in flight cannot be interrupted, so fresh-first
+  ordering alone still left a one-photo request waiting for the large
+  request's image that had just taken the lane: a whole batch, nearly every
+  time with a closed-loop client (it sends its next photo just after the lane
+  moved on). While every lane runs a continuing (bulk) batch, one more engine
+  call may run, for requests with nothing run yet only, and no new bulk batch
+  starts until it is done (it had shared the cores with the next one). It is
+  never used under a load of small requests (their batches are fresh ones), so
+  it borrows a core for at most one small batch beside each large request's batch.
 - **Deadlines.** The caller bounds a request by its deadline and then
   releases it (``release(ticket, "deadline")``): its images that have not
   started are dropped, not run for nobody. A cancelled request (client gone)
@@ -281,6 +290,9 @@ class Settings:
     batch_wait_s: float = 0.0  # wait this long for a batch to fill when fewer images than the target are ready
     max_queued_images: int = 1024  # memory bound: admitted images not yet answered, exactly
     lanes: int = 1  # engine calls that may run at once (threads in the engine pool)
+    # One more engine call, only for requests with nothing run yet, only while every lane runs a large request's
+    # continuing images (the express lane, ``Scheduler._lane``). The executor then needs lanes + 1 threads.
+    express: bool = True
     policy: str = "measured"  # "measured": the cheapest size per image up to the cap; "fixed": always aim for the cap
     margin_s: float = 0.05  # answer this much before the deadline (encode + HTTP hop)
     headroom: float = 0.8  # plan queued work into this share of the time left (the rest absorbs what no curve sees)
@@ -324,6 +336,9 @@ class Scheduler:
         self._batches = 0
         self._wake: asyncio.Event | None = None
         self._lanes: list[asyncio.Task] = []
+        self._express_lane: asyncio.Task | None = None
+        self._bulk_running = 0  # lanes (not the express one) running a batch of continuing images only
+        self._express_running = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- prediction ------------------------------------------------------
@@ -528,10 +543,13 @@ class Scheduler:
             ticket.future.cancel()
 
     # ---- batching --------------------------------------------------------
-    def take_batch(self, size: int) -> list[tuple[Ticket, int]]:
-        """Up to ``size`` ready images, one from each request in turn: new requests first, then round-robin."""
+    def take_batch(self, size: int, fresh_only: bool = False) -> list[tuple[Ticket, int]]:
+        """Up to ``size`` ready images, one from each request in turn: new requests first, then round-robin.
+
+        ``fresh_only``: from requests with nothing run yet only (the express lane).
+        """
         batch: list[tuple[Ticket, int]] = []
-        while len(batch) < size and (self.fresh or self.served):
+        while len(batch) < size and (self.fresh or (self.served and not fresh_only)):
             ticket = (self.fresh or self.served).popleft()
             if not ticket.ready:  # released while in line
                 ticket.in_line = False
@@ -549,6 +567,20 @@ class Scheduler:
     def ready_images(self) -> int:
         return self._ready
 
+    def express_due(self) -> bool:
+        """Whether the express lane should run now: every lane is on bulk work and a new request has an image ready."""
+        return self.settings.express and self._bulk_running >= self.settings.lanes and self._fresh_waiting()
+
+    def _bulk_held(self) -> bool:
+        """While an express batch runs, a lane starts no new bulk batch: the small one gets the cores."""
+        return self._express_running and not self._fresh_waiting()
+
+    def _fresh_waiting(self) -> bool:
+        """Whether a request with nothing run yet has an image ready (the fresh line, less released tickets)."""
+        while self.fresh and not self.fresh[0].ready:  # released while in line
+            self.fresh.popleft().in_line = False
+        return bool(self.fresh)
+
     def waiting_requests(self) -> int:
         """Requests with at least one image ready."""
         return self._waiting
@@ -556,24 +588,34 @@ class Scheduler:
     def _ensure_lanes(self) -> None:
         loop = asyncio.get_running_loop()
         if self._wake is None or self._loop is not loop:  # a replica has one loop; tests may bring several
-            self._wake, self._loop, self._lanes = asyncio.Event(), loop, []
+            self._wake, self._loop, self._lanes, self._express_lane = asyncio.Event(), loop, [], None
         self._lanes = [task for task in self._lanes if not task.done()]
         while len(self._lanes) < self.settings.lanes:
-            self._lanes.append(asyncio.get_running_loop().create_task(self._lane()))
+            self._lanes.append(loop.create_task(self._lane()))
+        if self.settings.express and (self._express_lane is None or self._express_lane.done()):
+            self._express_lane = loop.create_task(self._lane(express=True))
 
-    async def _lane(self) -> None:
+    async def _lane(self, express: bool = False) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            while not self._ready:
+            while not (self.express_due() if express else self._ready and not self._bulk_held()):
                 self._wake.clear()
                 await self._wake.wait()
             target = self.target_batch()
-            if self.settings.batch_wait_s > 0 and self.ready_images() < target:
+            if not express and self.settings.batch_wait_s > 0 and self.ready_images() < target:
                 await asyncio.sleep(self.settings.batch_wait_s)  # let a GPU batch fill
-            batch = self.take_batch(self.batch_size_now(target))
+            # Bulk: no new request is waiting, so every image this lane takes is a continuing one. The express
+            # lane may run beside it.
+            bulk = not express and not self._fresh_waiting()
+            batch = self.take_batch(self.batch_size_now(target), fresh_only=express)
             if not batch:
                 continue
+            if bulk:
+                self._bulk_running += 1
+                self._wake.set()  # the express lane looks again
+            if express:
+                self._express_running = True
             items = [t.items[i] for t, i in batch]
             params = [t.params for t, _ in batch]
             start = self.clock()
@@ -581,6 +623,12 @@ class Scheduler:
                 results = await loop.run_in_executor(self.executor, self.run_batch, items, params)
             except Exception as exc:  # run_batch isolates failures per item; this is a bug guard
                 results = [exc] * len(batch)
+            finally:
+                if bulk:
+                    self._bulk_running -= 1
+                if express:
+                    self._express_running = False
+                    self._wake.set()  # bulk work held back meanwhile may go on
             self.curve.observe(len(batch), self.clock() - start)
             self.batch_sizes[len(batch)] += 1
             for (ticket, index), result in zip(batch, results):

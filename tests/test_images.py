@@ -6,8 +6,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+from detserve.runtime import images as imagelib
 from detserve.runtime.images import ImageError, Limits, decode
 from tests.conftest import encode
 
@@ -42,6 +43,65 @@ def test_exif_orientation_is_applied(orientation, expect):
     Image.fromarray(image).save(buf, format="PNG", exif=exif)
     out = decode(buf.getvalue())
     np.testing.assert_array_equal(out, expect(image))
+
+
+def photo_like(h: int = 157, w: int = 203, seed: int = 3) -> np.ndarray:
+    """Odd sides, edges and noise: what exercises every IDCT, upsampling and colour path of a JPEG decoder."""
+    noise = np.random.default_rng(seed).integers(0, 60, (h, w, 3))
+    return np.clip(np.asarray(Image.fromarray(gradient(h, w)).rotate(17)) + noise, 0, 255).astype(np.uint8)
+
+
+def pillow_pixels(data: bytes) -> np.ndarray:
+    """Pillow alone: the decoder every box of detserve was first made equal with."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def jpeg(image: np.ndarray, mode: str = "RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).convert(mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "save",
+    [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"subsampling": 2, "quality": 40},
+     {"progressive": True}, {"progressive": True, "subsampling": 0, "quality": 97}, {"optimize": True}],
+)  # fmt: skip
+def test_a_plain_jpeg_decodes_without_the_gil_to_pillows_own_pixels(save):
+    data = jpeg(photo_like(), **save)
+    assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is not None  # OpenCV's path was taken
+    np.testing.assert_array_equal(decode(data), pillow_pixels(data))
+
+
+def test_a_gray_jpeg_decodes_without_the_gil_to_pillows_own_pixels():
+    data = jpeg(photo_like(), "L")
+    assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is not None
+    out = decode(data)
+    np.testing.assert_array_equal(out, pillow_pixels(data))
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+@pytest.mark.parametrize("orientation", range(0, 10))
+def test_every_exif_orientation_of_a_jpeg_turns_as_pillow_turns_it(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg(photo_like(61, 90), exif=exif.tobytes())
+    out = decode(data)
+    np.testing.assert_array_equal(out, pillow_pixels(data))
+    assert out.shape[:2] == ((90, 61) if orientation in (5, 6, 7, 8) else (61, 90))
+
+
+def test_jpegs_opencv_does_not_take_go_to_pillow():
+    cmyk, whole = jpeg(photo_like(), "CMYK"), jpeg(photo_like())
+    trailing, truncated = whole + b"\0" * 16, whole[: len(whole) * 2 // 3]
+    for data in (cmyk, trailing, truncated):
+        assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is None
+    np.testing.assert_array_equal(decode(cmyk), pillow_pixels(cmyk))
+    np.testing.assert_array_equal(decode(trailing), pillow_pixels(whole))
+    with pytest.raises(ImageError) as err:  # libjpeg would pad it with gray; Pillow refuses it
+        decode(truncated)
+    assert err.value.code == "corrupt_image"
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F"])

@@ -126,11 +126,19 @@ class Engine:
         self.ms = ms
         self.batches: list[list[tuple[str, int]]] = []
         self.lock = threading.Lock()
+        self.running = self.most_at_once = 0
+        self.spans: list[tuple[float, float, list[tuple[str, int]]]] = []  # (start, end, items) per batch
 
     def __call__(self, items, params):
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        start = time.monotonic()
         time.sleep(self.ms / 1000 * len(items))
         with self.lock:
+            self.running -= 1
             self.batches.append(list(items))
+            self.spans.append((start, time.monotonic(), list(items)))
         return [f"{name}:{i}" for name, i in items]
 
 
@@ -151,8 +159,8 @@ def test_a_small_request_is_not_starved_by_a_large_one_and_results_stay_in_order
     batch_s = 2 * engine.ms / 1000  # batches of 2
 
     async def main():
-        with ThreadPoolExecutor(1) as pool:
-            sched = Scheduler(engine, Settings(max_batch_size=2, lanes=1), executor=pool, curve=curve_of({2: 20}))
+        with ThreadPoolExecutor(1) as pool:  # no express lane: fresh-first order alone
+            sched = Scheduler(engine, Settings(max_batch_size=2, lanes=1, express=False), executor=pool, curve=curve_of({2: 20}))
             big = asyncio.create_task(submit(sched, "big", 64))
             await asyncio.sleep(3 * batch_s)  # the big request is well under way
             small_results, small_s = await submit(sched, "small", 1)
@@ -168,6 +176,45 @@ def test_a_small_request_is_not_starved_by_a_large_one_and_results_stay_in_order
     shared = [b for b in engine.batches if ("small", 0) in b]
     assert len(shared) == 1 and len(shared[0]) == 2  # the small image rode in a batch beside a big one
     assert sched.outstanding == 0 and not sched.tickets
+
+
+def test_the_express_lane_runs_a_new_request_beside_a_large_requests_batch_and_never_under_small_requests():
+    engine = Engine(ms=60)
+    batch_s = engine.ms / 1000
+
+    async def main():
+        with ThreadPoolExecutor(2) as pool:  # lanes + 1 threads
+            sched = Scheduler(engine, Settings(max_batch_size=1, lanes=1), executor=pool, curve=curve_of({1: 60}))
+            big = asyncio.create_task(submit(sched, "big", 12))
+            smalls = []
+            for k in range(3):  # each arrives while one of the big request's images holds the lane
+                await asyncio.sleep(2.5 * batch_s)
+                smalls.append(await submit(sched, f"small{k}", 1))
+            big_results, _ = await big
+            return smalls, big_results, sched
+
+    smalls, big_results, sched = asyncio.run(main())
+    assert big_results == [f"big:{i}" for i in range(12)]
+    for k, (results, seconds) in enumerate(smalls):
+        assert results == [f"small{k}:0"]
+        # Without the express lane it waits for the big image in flight first (test above): up to 2 batch times.
+        assert seconds < 1.5 * batch_s, (k, seconds)
+    assert engine.most_at_once == 2 and sched.outstanding == 0
+    # While a small request's express batch runs, no new batch of the big request starts: the small one gets the cores.
+    for start, end, items in engine.spans:
+        if items[0][0].startswith("small"):
+            assert not [s for s, _, big in engine.spans if big[0][0] == "big" and start < s < end], (start, end)
+
+    # Small requests alone are never bulk work: one engine call at a time, as many as the lanes.
+    engine = Engine(ms=20)
+
+    async def small_load():
+        with ThreadPoolExecutor(2) as pool:
+            sched = Scheduler(engine, Settings(max_batch_size=1, lanes=1), executor=pool, curve=curve_of({1: 20}))
+            await asyncio.gather(*(submit(sched, f"r{i}", 1) for i in range(10)), submit(sched, "pair", 2))
+
+    asyncio.run(small_load())
+    assert engine.most_at_once == 1 and len(engine.batches) == 12
 
 
 def test_images_of_a_released_request_are_dropped_not_run():
