@@ -57,25 +57,19 @@ def pillow_pixels(data: bytes) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
-def jpeg(image: np.ndarray, mode: str = "RGB", **save) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).convert(mode).save(buf, format="JPEG", **save)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     "save",
     [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"subsampling": 2, "quality": 40},
      {"progressive": True}, {"progressive": True, "subsampling": 0, "quality": 97}, {"optimize": True}],
 )  # fmt: skip
 def test_a_plain_jpeg_decodes_without_the_gil_to_pillows_own_pixels(save):
-    data = jpeg(photo_like(), **save)
+    data = _jpeg(photo_like(), **save)
     assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is not None  # OpenCV's path was taken
     np.testing.assert_array_equal(decode(data), pillow_pixels(data))
 
 
 def test_a_gray_jpeg_decodes_without_the_gil_to_pillows_own_pixels():
-    data = jpeg(photo_like(), "L")
+    data = _jpeg(photo_like(), mode="L")
     assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is not None
     out = decode(data)
     np.testing.assert_array_equal(out, pillow_pixels(data))
@@ -84,16 +78,14 @@ def test_a_gray_jpeg_decodes_without_the_gil_to_pillows_own_pixels():
 
 @pytest.mark.parametrize("orientation", range(0, 10))
 def test_every_exif_orientation_of_a_jpeg_turns_as_pillow_turns_it(orientation):
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    data = jpeg(photo_like(61, 90), exif=exif.tobytes())
+    data = _jpeg(photo_like(61, 90), orientation)
     out = decode(data)
     np.testing.assert_array_equal(out, pillow_pixels(data))
     assert out.shape[:2] == ((90, 61) if orientation in (5, 6, 7, 8) else (61, 90))
 
 
 def test_jpegs_opencv_does_not_take_go_to_pillow():
-    cmyk, whole = jpeg(photo_like(), "CMYK"), jpeg(photo_like())
+    cmyk, whole = _jpeg(photo_like(), mode="CMYK"), _jpeg(photo_like())
     trailing, truncated = whole + b"\0" * 16, whole[: len(whole) * 2 // 3]
     for data in (cmyk, trailing, truncated):
         assert imagelib._jpeg_without_gil(data, Image.open(io.BytesIO(data))) is None
@@ -185,15 +177,15 @@ def test_bad_bytes_stay_a_clean_error_after_ultralytics_patches_pil():
     np.testing.assert_array_equal(decode(encode(gradient())), gradient())
 
 
-def _jpeg(array: np.ndarray, orientation: int | None = None) -> bytes:
+def _jpeg(array: np.ndarray, orientation: int | None = None, mode: str = "RGB", **save) -> bytes:
+    """``array`` as a JPEG in ``mode`` (quality 90 unless ``save`` says), with an EXIF orientation if given."""
     out = io.BytesIO()
-    image = Image.fromarray(array)
-    if orientation is None:
-        image.save(out, "JPEG", quality=90)
-    else:
+    save = {"quality": 90, **save}
+    if orientation is not None:
         exif = Image.Exif()
         exif[0x0112] = orientation
-        image.save(out, "JPEG", quality=90, exif=exif)
+        save["exif"] = exif
+    Image.fromarray(array).convert(mode).save(out, "JPEG", **save)
     return out.getvalue()
 
 
