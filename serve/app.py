@@ -40,9 +40,10 @@ from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # no
 from detserve.serve.scheduler import (  # noqa: E402
     PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
 )  # fmt: skip
-from detserve.serve.proxy_admission import TIMEOUT_HEADER, LoadReport, parse_timeout  # noqa: E402
-from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
-from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
+from detserve.serve.proxy_admission import LoadReport  # noqa: E402
+from detserve.serve import client_deadline, protocol  # noqa: E402
+from detserve.serve.arrival import RECEIVED_AT_HEADER  # noqa: E402
+from detserve.serve.http import RequestLimits, build_api, image_error  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -91,8 +92,8 @@ class UserConfig(BaseModel):
 #: and back cost more than that, on a replica whose cores the engine already keeps busy.
 INLINE_ENCODE_BOXES = 64
 
-#: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
-DEADLINE_HEADER = TIMEOUT_HEADER.decode()
+#: The client's own deadline, in seconds (Ray honours the same header for its own timer).
+DEADLINE_HEADER = protocol.TIMEOUT_HEADER
 
 
 def replica_cpus() -> int:
@@ -122,9 +123,17 @@ def waited_since_proxy(request: Request) -> float:
     return max(0.0, time.time() - stamp) if math.isfinite(stamp) else 0.0
 
 
-def header_timeout(request: Request) -> float | None:
-    """The client's deadline from the ``x-request-timeout-seconds`` header, if it gave a usable one."""
-    return parse_timeout(request.headers.get(DEADLINE_HEADER))
+def header_timeout(request: Request, max_s: float) -> float | None:
+    """The client's deadline from the ``x-request-timeout-seconds`` header (None without one); raises the 422 of
+    a value that cannot be used, as the ingress does (serve/client_deadline.py)."""
+    problem = client_deadline.check({k.encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}, max_s)
+    if problem is not None:
+        raise problem
+    return protocol.client_timeout_s(request.headers.get(DEADLINE_HEADER), max_s)
+
+
+def images_text(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def resolve_model(model: str) -> Path:
@@ -264,9 +273,9 @@ class DetectionServer:
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
-                raise ApiError(422, "deadline_too_short", f"{exc.reason}: give a longer {DEADLINE_HEADER}, or fewer images") from None
-            raise ApiError(
-                503, "overloaded",
+                raise protocol.error("deadline_too_short", self._too_short_message(len(images), exc.predicted_s, budget_s)) from None
+            raise protocol.error(
+                "overloaded",
                 f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
                 "(the Retry-After header), or send fewer images per request",
                 headers={"Retry-After": retry_after_header(exc.retry_after_s)},
@@ -280,10 +289,11 @@ class DetectionServer:
         except TimeoutError:
             reason = "deadline"
             self.metrics.errors.inc(tags={"kind": "deadline"})
-            raise ApiError(
-                408, "deadline_exceeded",
-                f"the request was not answered within its deadline ({len(images)} images, "
-                f"{self.scheduler.outstanding} queued); retry, or give a longer {DEADLINE_HEADER} header",
+            raise protocol.error(
+                "deadline_exceeded",
+                f"the request ({images_text(len(images))}) was not answered within {self._deadline_text(budget_s)}; "
+                f"its images not yet run were dropped ({self.scheduler.outstanding} others queued): retry, "
+                f"or give a longer {DEADLINE_HEADER} header",
             ) from None  # fmt: skip
         except asyncio.CancelledError:
             reason = "cancelled"  # the client went away: what has not run is dropped
@@ -293,7 +303,7 @@ class DetectionServer:
         for det in detections:
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
-                raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
+                raise protocol.error("inference_failed", f"the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
         if sum(map(len, detections)) <= INLINE_ENCODE_BOXES:
@@ -352,14 +362,15 @@ class DetectionServer:
     ) -> dict:
         """``handle.predict.remote(image_or_list)``: bytes, PIL images or HxWx3 uint8 arrays; same result as HTTP.
 
-        Bad input raises ``ValueError`` with the same message the HTTP API gives;
-        an overloaded server raises ``ValueError("overloaded: ...")`` at once.
+        Errors raise the HTTP API's exceptions (serve/protocol.py: ``BadImage``, ``TooLarge``,
+        ``Overloaded`` at once when the server is busy, ``DeadlineExceeded`` ...), with the same
+        ``code`` and message; all are ``DetserveError``, a ``ValueError``. ``timeout_s`` is checked
+        as the ``x-request-timeout-seconds`` header is.
         """
         batch = images if isinstance(images, list) else [images]
-        try:
-            return await self.detect(batch, self.detector.params(conf=conf, iou=iou, max_det=max_det), self.deadline(timeout_s))
-        except ApiError as exc:
-            raise ValueError(f"{exc.code}: {exc.message}") from None
+        timeout_s = protocol.client_timeout_s(timeout_s, self.args.request_timeout_s, name="timeout_s")
+        params = self.detector.params(conf=conf, iou=iou, max_det=max_det)
+        return await self.detect(batch, params, self.deadline(timeout_s), self.budget_s(timeout_s))
 
     # ---- HTTP (routes, errors and OpenAPI: serve/http.py) ---------------------
     def __serve_build_asgi_app__(self):
@@ -367,8 +378,23 @@ class DetectionServer:
 
     def request_deadline(self, request: Request) -> tuple[float, float]:
         """(deadline, budget_s) for an HTTP request: counted from when the proxy received it."""
-        timeout_s = header_timeout(request)
+        timeout_s = header_timeout(request, self.args.request_timeout_s)
         return self.deadline(timeout_s, waited_since_proxy(request)), self.budget_s(timeout_s)
+
+    def _deadline_text(self, budget_s: float | None) -> str:
+        """The deadline a request had, in the client's numbers: its header's, or the server's request timeout."""
+        server = self.args.request_timeout_s
+        if budget_s is not None and budget_s < self.budget_s(None):  # the client asked for less than the server's
+            return f"the {budget_s + PROXY_MARGIN_S:g} s its {DEADLINE_HEADER} gave"
+        return f"the server's request timeout of {server:g} s"
+
+    def _too_short_message(self, n_images: int, alone_s: float, budget_s: float | None) -> str:
+        """422 ``deadline_too_short``: what these images cost on an idle replica, against the time the deadline leaves."""
+        budget = self.budget_s(None) if budget_s is None else budget_s
+        return (f"{images_text(n_images)} take about {alone_s:.2f} s here even with nothing queued, more than "
+                f"{self._deadline_text(budget_s)} leaves for the work ({budget:.2f} s, once the server's "
+                f"{PROXY_MARGIN_S:g} s margin for the answer's way back is taken): give a longer {DEADLINE_HEADER}, "
+                "or send fewer images per request")  # fmt: skip
 
     def load_report(self, images: int) -> LoadReport:
         """What the proxy's admission needs from this replica, sent with every /predict answer (serve/proxy_admission.py)."""

@@ -8,6 +8,7 @@ replica starts, a curl line that works as printed, and a clean shutdown.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -58,22 +59,36 @@ def placement_problems(config, cpus: float) -> list[str]:
 
 
 def proxy_body_limits(config) -> dict[str, int]:
-    """{route prefix: max_body_bytes} of every application of ``config``: the limits the proxy enforces (serve/proxy_errors.py)."""
+    """{route prefix: max_body_bytes} of every application of ``config``: the limits the ingress enforces (serve/body_limit.py)."""
     from detserve.serve.app import AppArgs
 
     return {app.route_prefix: AppArgs(**(app.args or {})).max_body_bytes for app in config.applications if app.route_prefix}
 
 
+def route_timeouts(config) -> dict[str, float]:
+    """{route prefix: request_timeout_s} of every application of ``config``: the longest deadline each accepts
+    (serve/client_deadline.py)."""
+    from detserve.serve.app import AppArgs
+
+    return {app.route_prefix: AppArgs(**(app.args or {})).request_timeout_s for app in config.applications if app.route_prefix}
+
+
 def set_proxy_body_limits(limits: dict[str, int]) -> None:
-    """Hand the proxy its body limits; call before :func:`start_ray` (the proxy reads them from Ray's environment).
+    """Hand the ingress its body limits; call before :func:`start_ray` (it reads them from Ray's environment).
 
     A ``DETSERVE_PROXY_BODY_LIMITS`` already set by the user wins.
     """
-    import json
-
-    from detserve.serve.proxy_errors import LIMITS_ENV
+    from detserve.serve.route_limits import LIMITS_ENV
 
     os.environ.setdefault(LIMITS_ENV, json.dumps(limits, sort_keys=True))
+
+
+def set_route_timeouts(timeouts: dict[str, float]) -> None:
+    """Hand the ingress each route's request timeout; call before :func:`start_ray`. A ``DETSERVE_ROUTE_TIMEOUTS``
+    already set by the user wins."""
+    from detserve.serve.route_limits import TIMEOUTS_ENV
+
+    os.environ.setdefault(TIMEOUTS_ENV, json.dumps(timeouts, sort_keys=True))
 
 
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
@@ -319,7 +334,9 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
     from detserve.runtime.defaults import sample_path
     from detserve.runtime.progress import console, step
 
-    set_proxy_body_limits(proxy_body_limits(load_config(config_path)))
+    config = load_config(config_path)
+    set_proxy_body_limits(proxy_body_limits(config))
+    set_route_timeouts(route_timeouts(config))
     with step("Starting Ray on 127.0.0.1"):
         start_ray()
     # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a

@@ -30,7 +30,8 @@ from schemathesis.checks import (
 
 from detserve.runtime import images as imagelib
 from detserve.runtime.images import ImageError, Limits, decode, frame_count
-from detserve.serve.http import ApiError, RequestLimits, _json_images, _json_images_parsed, read_images
+from detserve.serve.protocol import DetserveError
+from detserve.serve.http import RequestLimits, _json_images, _json_images_parsed, read_images
 
 EXAMPLES = int(os.environ.get("DETSERVE_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -267,7 +268,7 @@ def test_the_request_parser_raises_only_api_error(request_body, chunk):
     limits = RequestLimits(max_body_bytes=64 * 1024, max_images=4)
     try:
         images = asyncio.run(read_images(_Request(ctype, body, chunk), limits))
-    except ApiError as exc:
+    except DetserveError as exc:
         assert 400 <= exc.status < 500 and exc.code and exc.message
     else:
         assert 1 <= len(images) <= limits.max_images and all(isinstance(i, bytes) for i in images)
@@ -299,7 +300,7 @@ def _outcome(parse, body: bytes):
     try:
         result = parse(body)
         return asyncio.run(result) if asyncio.iscoroutine(result) else result
-    except ApiError as exc:
+    except DetserveError as exc:
         return (exc.status, exc.code, exc.message)
 
 

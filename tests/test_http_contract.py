@@ -52,7 +52,7 @@ CASES = {
     "truncated png": (dict(content=png(300, 200, "red")[:120], headers=PNG_CT), 400, "corrupt_image"),
     "text/plain": (dict(content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
     "json not json": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "bad_json"),
-    "json wrong shape": (dict(json={"images": "x"}), 422, "bad_json"),
+    "json wrong shape": (dict(json={"images": "x"}), 422, "bad_json_shape"),
     "json bad base64": (dict(json={"images": ["!!"]}), 400, "bad_base64"),
     "json too many": (dict(json={"images": [base64.b64encode(png()).decode()] * 5}), 413, "too_many_images"),
     "multipart no boundary": (dict(content=b"x", headers={"content-type": "multipart/form-data"}), 400, "bad_multipart"),
@@ -286,7 +286,7 @@ def test_docs_are_served_entirely_by_the_app(local_client):
     ],
 )
 def test_proxy_middleware_turns_rays_text_errors_into_the_contract(status, text, headers, code):
-    from detserve.serve.proxy_errors import JsonErrors
+    from detserve.serve.ray_errors import JsonErrors
 
     async def ray_like(scope, receive, send):
         if status is None:
@@ -304,7 +304,7 @@ def test_proxy_middleware_turns_rays_text_errors_into_the_contract(status, text,
 
 
 def test_proxy_middleware_leaves_json_and_rays_own_endpoints_alone():
-    from detserve.serve.proxy_errors import JsonErrors
+    from detserve.serve.ray_errors import JsonErrors
 
     async def app(scope, receive, send):
         ctype = b"application/json" if scope["path"] == "/app" else b"text/plain"
@@ -318,16 +318,16 @@ def test_proxy_middleware_leaves_json_and_rays_own_endpoints_alone():
 
 def test_the_offline_environment_installs_the_proxy_middleware():
     from detserve.runtime.offline import environment
-    from detserve.serve import proxy_errors
+    from detserve.serve import middleware
 
     module, _, name = environment()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
-    assert f"{module}:{name}" == proxy_errors.IMPORT_PATH and callable(getattr(proxy_errors, name))
+    assert f"{module}:{name}" == middleware.IMPORT_PATH and callable(getattr(middleware, name))
 
 
 def test_the_proxy_stamps_arrival_time_and_replaces_a_clients_own_stamp():
     import time
 
-    from detserve.serve.proxy_errors import RECEIVED_AT_HEADER, ArrivalTime
+    from detserve.serve.arrival import RECEIVED_AT_HEADER, ArrivalTime
 
     seen = {}
 
@@ -370,7 +370,7 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted
 
 
-# ---- the body limit in the proxy (serve/proxy_errors.py BodyLimit), before the replica receives a byte ----
+# ---- the body limit at the ingress (serve/body_limit.py), before the app receives a byte ----
 
 
 def _ray_like(forwarded: list, answer_after_bytes: int | None = None):
@@ -407,7 +407,7 @@ def _chunked(n: int, size: int = 40) -> list[dict]:
 
 
 def test_the_proxy_refuses_a_content_length_over_the_routes_limit_without_calling_the_app():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     called = []
 
@@ -419,11 +419,12 @@ def test_the_proxy_refuses_a_content_length_over_the_routes_limit_without_callin
     assert not called and pulled == 0  # not a byte read, nothing forwarded to a replica
     assert sent[0]["status"] == 413 and dict(sent[0]["headers"])[b"content-type"] == b"application/json"
     error = json.loads(sent[1]["body"])["error"]
-    assert error["code"] == "body_too_large" and "101 bytes; the limit is 100" in error["message"]
+    assert error["code"] == "body_too_large" and "101 bytes (its Content-Length); the limit is 100" in error["message"]
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"  # the rest of the upload is not read
 
 
 def test_the_proxy_cuts_a_chunked_body_at_the_limit_and_what_the_app_sends_after_is_dropped():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, pulled = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
@@ -433,7 +434,7 @@ def test_the_proxy_cuts_a_chunked_body_at_the_limit_and_what_the_app_sends_after
 
 
 def test_a_body_within_the_limit_and_rays_own_endpoints_pass_untouched():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(2)))
@@ -444,7 +445,7 @@ def test_a_body_within_the_limit_and_rays_own_endpoints_pass_untouched():
 
 
 def test_an_app_that_answers_at_its_own_lower_limit_keeps_its_answer():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded, answer_after_bytes=50), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
@@ -453,17 +454,17 @@ def test_an_app_that_answers_at_its_own_lower_limit_keeps_its_answer():
 
 
 def test_each_route_gets_the_limit_of_its_longest_prefix():
-    from detserve.serve.proxy_errors import DEFAULT_MAX_BODY_BYTES, limit_for
+    from detserve.serve.route_limits import DEFAULT_MAX_BODY_BYTES, limit_for
 
-    limits = {"/": 10, "/yolo": 20, "/yolo/big/": 30}
-    assert limit_for("/yolo/predict", limits) == 20 and limit_for("/yolo", limits) == 20
-    assert limit_for("/yolo/big/predict", limits) == 30 and limit_for("/yolo/big", limits) == 30
-    assert limit_for("/yolox/predict", limits) == 10 and limit_for("/other", limits) == 10
-    assert limit_for("/other", {"/yolo": 20}) == DEFAULT_MAX_BODY_BYTES
+    limits, default = {"/": 10, "/yolo": 20, "/yolo/big/": 30}, DEFAULT_MAX_BODY_BYTES
+    assert limit_for("/yolo/predict", limits, default) == 20 and limit_for("/yolo", limits, default) == 20
+    assert limit_for("/yolo/big/predict", limits, default) == 30 and limit_for("/yolo/big", limits, default) == 30
+    assert limit_for("/yolox/predict", limits, default) == 10 and limit_for("/other", limits, default) == 10
+    assert limit_for("/other", {"/yolo": 20}, default) == DEFAULT_MAX_BODY_BYTES
 
 
 def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give():
-    from detserve.serve.proxy_errors import LIMITS_ENV, body_limits_from_env
+    from detserve.serve.route_limits import LIMITS_ENV, body_limits_from_env
 
     assert body_limits_from_env({}) == {}
     assert body_limits_from_env({LIMITS_ENV: '{"/yolo": 52428800}'}) == {"/yolo": 52428800}
@@ -473,10 +474,12 @@ def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give(
 
 
 def test_detserve_serve_hands_the_proxy_each_apps_limit_and_the_body_limit_is_outermost():
-    from detserve.serve import proxy_errors
+    from detserve.serve import route_limits
     from detserve.serve.app import AppArgs
+    from detserve.serve.body_limit import BodyLimit
+    from detserve.serve.middleware import middlewares
     from detserve.serve.run import ROOT, load_config, proxy_body_limits
 
     assert proxy_body_limits(load_config(ROOT / "deploy.yaml")) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
-    assert proxy_errors.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
-    assert proxy_errors.middlewares()[-1].cls is proxy_errors.BodyLimit  # Ray wraps in list order: the last sees requests first
+    assert route_limits.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
+    assert middlewares()[-1].cls is BodyLimit  # Ray wraps in list order: the last sees requests first

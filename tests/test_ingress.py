@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from detserve.serve import ingress
-from detserve.serve.proxy_errors import error_for
+from detserve.serve.ray_errors import error_for
 
 
 def ray_config(folder: Path, host: str) -> Path:

@@ -114,7 +114,7 @@ BAD_INPUTS = [
     ("truncated", "image/jpeg", "", 400, "corrupt_image"),
     (b"x", "text/plain", "", 415, "unsupported_media_type"),
     (b'{"images": ["!!!"]}', "application/json", "", 400, "bad_base64"),
-    (b'{"images": "nope"}', "application/json", "", 422, "bad_json"),
+    (b'{"images": "nope"}', "application/json", "", 422, "bad_json_shape"),
     (b"{not json", "application/json", "", 400, "bad_json"),
     ("png", "image/png", "?conf=2", 422, "invalid_parameter"),
     ("png", "image/png", "?max_det=0", 422, "invalid_parameter"),
