@@ -1,7 +1,7 @@
 """Decode anything a user may hand us into one form: an HxWx3 uint8 RGB array.
 
-Bytes (JPEG, PNG, WebP, BMP, TIFF, GIF), paths, PIL images and numpy arrays all
-come out the same way: EXIF orientation applied, every PIL mode (L, LA, P, RGBA,
+Bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, AVIF: :data:`FORMATS`, and no other of
+Pillow's formats), paths, PIL images and numpy arrays all come out the same way: EXIF orientation applied, every PIL mode (L, LA, P, RGBA,
 CMYK, YCbCr, 16-bit, float) converted to 8-bit RGB. A multi-frame file
 (animated GIF, multi-page TIFF) gives its first frame; ``frame_count`` says
 how many there were. Size limits are checked
@@ -32,6 +32,13 @@ PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 16 * 1024 * 1
 
 ImageInput = bytes | bytearray | memoryview | str | Path | Image.Image | np.ndarray
 
+#: The file formats decode reads, as their names are written to users. Pillow opens some 40 formats; the others
+#: (EPS, which runs Ghostscript; PSD, ICO, PCX, TGA, JPEG 2000 ...) are refused as not an image: fewer parsers
+#: face untrusted bytes, and ``not_an_image`` says exactly what is accepted.
+FORMAT_NAMES = ("JPEG", "PNG", "WebP", "BMP", "TIFF", "GIF", "AVIF")
+#: The same, as Pillow's format ids (MPO: a JPEG with more pictures after the first, as phones write them).
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF")
+
 
 class ImageError(ValueError):
     """An input that is not a usable image. ``code`` is stable, for HTTP errors."""
@@ -49,7 +56,7 @@ class Limits:
 
 
 def _pil_open(fp):
-    """PIL's own ``Image.open``, even after Ultralytics has patched it.
+    """PIL's own ``Image.open`` of one of :data:`FORMATS`, even after Ultralytics has patched it.
 
     Ultralytics replaces ``Image.open`` with a wrapper that, on an unreadable
     file, runs ``check_requirements("pi-heif")`` (a pip install when
@@ -59,7 +66,13 @@ def _pil_open(fp):
     opener = Image.open
     if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
         opener = getattr(sys.modules.get(opener.__module__), "_image_open", opener)
-    return opener(fp)
+    return opener(fp, formats=_available_formats())
+
+
+def _available_formats() -> list[str]:
+    """:data:`FORMATS` that this Pillow has a decoder for (AVIF needs a Pillow built with libavif)."""
+    Image.init()
+    return [name for name in FORMATS if name in Image.OPEN]
 
 
 def decode(data: ImageInput, limits: Limits = Limits()) -> np.ndarray:
@@ -119,11 +132,15 @@ def decode_reduced(data: ImageInput, limits: Limits = Limits(), min_side: int | 
             image.load()
     except ImageError:
         raise
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses a header past twice its own limit before ours is checked: say the size all the same.
+        size = _bomb_size(exc)
+        if size is not None:
+            raise _too_many_pixels(*size, limits.max_pixels) from None
         raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
     except UnidentifiedImageError:
         raise ImageError(
-            "not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
+            "not_an_image", f"the data is not an image detserve can read ({', '.join(FORMAT_NAMES)})"
         ) from None
     except ValueError as exc:
         if "MAX_TEXT" in str(exc) or "text chunk" in str(exc):
@@ -269,10 +286,22 @@ def _check_pixels(width: int, height: int, limits: Limits) -> None:
     if width < 1 or height < 1:
         raise ImageError("empty", f"the image has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise ImageError(
-            "too_many_pixels",
-            f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
-        )
+        raise _too_many_pixels(width, height, limits.max_pixels)
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> ImageError:
+    return ImageError("too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {limit}")
+
+
+def _bomb_size(exc: Image.DecompressionBombError) -> tuple[int, int] | None:
+    """The (width, height) Pillow refused in ``_decompression_bomb_check(size)``: its frame holds it; None if not found."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    size = tb.tb_frame.f_locals.get("size") if tb is not None else None
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        return size
+    return None
 
 
 def _from_pil(image: Image.Image) -> np.ndarray:

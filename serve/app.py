@@ -188,6 +188,9 @@ class _Metrics:
 class DetectionServer:
     def __init__(self, args: dict[str, Any] | None = None):
         from detserve.adapters import adapter_for
+        from detserve.serve.replica_grpc import bind_to_node_address
+
+        bind_to_node_address()  # before Serve starts this replica's gRPC server (serve/replica_grpc.py)
 
         self.args = AppArgs(**(args or {}))
         folder = resolve_model(self.args.model)
@@ -391,7 +394,7 @@ class DetectionServer:
     def _too_short_message(self, n_images: int, alone_s: float, budget_s: float | None) -> str:
         """422 ``deadline_too_short``: what these images cost on an idle replica, against the time the deadline leaves."""
         budget = self.budget_s(None) if budget_s is None else budget_s
-        return (f"{images_text(n_images)} take about {alone_s:.2f} s here even with nothing queued, more than "
+        return (f"the work for {images_text(n_images)} takes about {alone_s:.2f} s here even with nothing queued, more than "
                 f"{self._deadline_text(budget_s)} leaves for the work ({budget:.2f} s, once the server's "
                 f"{PROXY_MARGIN_S:g} s margin for the answer's way back is taken): give a longer {DEADLINE_HEADER}, "
                 "or send fewer images per request")  # fmt: skip

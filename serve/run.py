@@ -91,17 +91,27 @@ def set_route_timeouts(timeouts: dict[str, float]) -> None:
     os.environ.setdefault(TIMEOUTS_ENV, json.dumps(timeouts, sort_keys=True))
 
 
+#: One node: HAProxy runs beside the replicas and takes a stopping replica out of its config at once, so the
+#: replica need not stay reachable for Ray's deregistration window of 30 s, which held an idle Ctrl-C for 33 s.
+#: A stopping replica still finishes what it admitted (graceful_shutdown_timeout_s, 30 s in deploy.yaml): the
+#: drain is bounded by the work admitted, not by a fixed wait. Not for `ray start` clusters, whose other nodes'
+#: HAProxy needs the window (serve/ingress.py's exports leave Ray's default).
+SINGLE_NODE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """A private, loopback-only Ray for this process, with token authentication on.
 
-    Every Ray listener (GCS, raylet, object manager, workers, agents, metrics) is
-    on 127.0.0.1, except each Serve replica's gRPC port (see :func:`exposed_listeners`).
+    Every listener of the process tree (GCS, raylet, object manager, workers, agents,
+    metrics, HAProxy, each replica's HTTP and gRPC servers) is on 127.0.0.1
+    (:func:`exposed_listeners` names any that is not).
     The token is ``<run dir>/auth/token`` (0600); :func:`attach` finds it there.
     Ray's Prometheus endpoint (Serve's and detserve's metrics) listens on
     ``http://127.0.0.1:<metrics_port>/metrics``: ``DETSERVE_METRICS_PORT``, 8080 by default.
     """
     env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
     env.update(ingress.apply())  # Serve reads its ingress switches at import, in every Ray process: before Ray starts
+    env.update({key: os.environ.setdefault(key, value) for key, value in SINGLE_NODE_ENV.items()})
     import ray
 
     _require_loopback_ray()
@@ -123,6 +133,9 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
         configure_logging=True,
         _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
     )
+    from detserve.serve.worker_logs import drop_known_noise
+
+    drop_known_noise()
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()
@@ -191,20 +204,25 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening TCP socket of the process tree."""
+    """One socket of the process tree that takes connections or datagrams: a listening TCP socket, a bound UDP one."""
 
     host: str
     port: int
     pid: int
     process: str
+    kind: str = "tcp"  # or "udp"
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return address if self.kind == "tcp" else f"{address}/udp"
 
 
 def listeners() -> list[Listener]:
-    """Every listening TCP socket of this process and its descendants (Ray's processes are all descendants)."""
+    """Every listening TCP socket and bound UDP socket of this process and its descendants (Ray's processes are all
+    descendants; HAProxy too)."""
+    import socket
+
     import psutil
 
     me = psutil.Process()
@@ -215,29 +233,34 @@ def listeners() -> list[Listener]:
             conns = proc.net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        found += [Listener(c.laddr.ip, c.laddr.port, proc.pid, name) for c in conns if c.status == psutil.CONN_LISTEN]
+        for c in conns:
+            if c.type == socket.SOCK_STREAM and c.status == psutil.CONN_LISTEN:
+                found.append(Listener(c.laddr.ip, c.laddr.port, proc.pid, name))
+            elif c.type == socket.SOCK_DGRAM and c.laddr:
+                found.append(Listener(c.laddr.ip, c.laddr.port, proc.pid, name, "udp"))
     return found
 
 
 def exposed_listeners() -> list[Listener]:
-    """The listeners beyond loopback. With detserve's Ray these are only the Serve replicas' gRPC ports.
+    """The listeners beyond loopback: none with ``detserve serve`` on its defaults (docs/security.md).
 
-    Ray 2.60 binds each replica's inter-deployment gRPC server to ``[::]:0``
-    (ray/serve/_private/replica.py), with no setting to change it; Ray's token
-    interceptor guards it, so with token auth on a call without the token is refused.
+    Two used to be: each Serve replica's gRPC server, which Ray 2.60 binds to ``[::]:0``
+    (serve/replica_grpc.py binds it to the node's address instead), and HAProxy's UDP
+    socket for its syslog target (serve/ingress.py drops the target). Anything listed
+    here is named in the start banner with what guards it.
     """
     return [one for one in listeners() if not _is_loopback(one.host)]
 
 
 def exposure_line() -> str:
-    """One line for the start banner or log: what is not on loopback, and what guards it."""
+    """One line for the start banner: every socket on loopback, or what is not and what guards it."""
     exposed = exposed_listeners()
     if not exposed:
-        return "Ray listens on 127.0.0.1 only."
-    ports = ", ".join(f"{one.address} ({one.process})" for one in exposed)
+        return "Every socket of the server is on 127.0.0.1 (docs/security.md)."
+    ports = ", ".join(f"{one.address} ({Path(one.process).name})" for one in exposed)
     if offline.ray_auth_enabled():
-        return f"Not on loopback (Ray hard-codes it): Serve replica gRPC {ports}; they require the Ray token."
-    return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen on all interfaces: anyone who reaches them can call the replicas."
+        return f"Not on loopback: {ports}. Ray's RPC ports require the Ray token (docs/security.md says why each is there)."
+    return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen beyond loopback: anyone who reaches them can call them."
 
 
 def log_level() -> str:
@@ -294,12 +317,12 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     if not targets:
         raise ValueError(f"no application of {config_path} matches --app {' '.join(only or [])}: choose from {', '.join(a.name for a in config.applications)}")
     serve.run_many(targets)  # one call: the apps start side by side, Serve is connected to once
-    logging.getLogger("detserve").warning(exposure_line())
     return [t.route_prefix for t in targets]
 
 
-def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path) -> list[str]:
-    """The lines printed once the server is ready: URLs, a curl per app that works as printed, docs, metrics."""
+def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path, listening: str = "") -> list[str]:
+    """The lines printed once the server is ready: URLs, a curl per app that works as printed, docs, metrics, and
+    ``listening`` (:func:`exposure_line`)."""
     import shlex
 
     reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached on loopback
@@ -313,6 +336,7 @@ def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: P
     lines += [
         f"  metrics    http://127.0.0.1:{metrics_port}/metrics  (detserve_*, ray_serve_*)",
         f"  status     detserve status --url {base}",
+        *([f"  listening  {listening}"] if listening else []),
         "",
         "Ctrl-C stops the server and Ray. More logs: DETSERVE_LOG_LEVEL=INFO.",
     ]
@@ -351,7 +375,7 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
         raise
     metrics_port = int(os.environ.get("DETSERVE_METRICS_PORT", "8080"))
     console.rule("[bold green]ready[/]")
-    for line in banner(routes, host, port, metrics_port, sample_path()):
+    for line in banner(routes, host, port, metrics_port, sample_path(), exposure_line()):
         console.print(line, markup=False, highlight=False)
     console.rule()
     try:

@@ -183,6 +183,120 @@ def test_the_body_limit_stops_reading_a_chunked_upload_as_it_arrives(local_clien
     sent, pulled = asyncio.run(_call(local_client.app, _scope(headers=[("content-type", ctype), ("transfer-encoding", "chunked")]), messages))
     assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "body_too_large"
     assert pulled <= LIMIT // chunk + 2, pulled  # never more than the limit (+ one chunk) was read
+    # The message says what had arrived when the body was cut, not "over N bytes; the limit is N"; the connection closes.
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert f"the limit of {LIMIT} bytes: {(pulled) * chunk + len(head)} bytes had arrived" in message, message
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"
+
+
+# ---- the client's deadline header (serve/protocol.py client_timeout_s, serve/client_deadline.py) ----------------
+
+UNUSABLE_DEADLINES = ["0", "-1", "abc", "nan", "inf", "1e9", "31", "1e1"]
+
+
+@pytest.mark.parametrize("sent", UNUSABLE_DEADLINES)
+def test_an_unusable_deadline_header_is_refused_by_the_app_before_the_body_is_read(local_client, sent):
+    messages = [{"type": "http.request", "body": png(), "more_body": True}]  # never completed: it must not be read
+    scope = _scope(headers=[("content-type", "image/png"), ("x-request-timeout-seconds", sent)])
+    out, pulled = asyncio.run(_call(local_client.app, scope, messages))
+    error = json.loads(out[1]["body"])["error"]
+    assert out[0]["status"] == 422 and error["code"] == "invalid_deadline" and pulled == 0
+    assert error["message"].startswith(f"x-request-timeout-seconds: {sent} ") and "at most 30" in error["message"]
+
+
+@pytest.mark.parametrize("sent", UNUSABLE_DEADLINES)
+def test_an_unusable_deadline_header_is_refused_at_the_ingress_before_admission_and_ray(sent):
+    from detserve.serve.client_deadline import ClientDeadline
+
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+
+    scope = _scope("/yolo/predict", headers=[("content-type", "image/png"), ("x-request-timeout-seconds", sent)])
+    out, pulled = asyncio.run(_call(ClientDeadline(app, {"/yolo": 30.0}), scope, []))
+    assert not called and pulled == 0 and out[0]["status"] == 422
+    assert json.loads(out[1]["body"])["error"]["code"] == "invalid_deadline"
+
+
+def test_a_deadline_the_margin_eats_is_refused_at_once_in_the_clients_numbers(local_client):
+    from detserve.serve.client_deadline import ClientDeadline
+
+    for sent in ("0.001", "0.3", "0.5"):
+        headers = {"content-type": "image/png", "x-request-timeout-seconds": sent}
+        r = local_client.post("/predict", content=png(), headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "deadline_too_short", r.text
+        message = r.json()["error"]["message"]
+        assert f"x-request-timeout-seconds: {sent} leaves no time" in message and "0.00 s away" not in message
+        out, _ = asyncio.run(_call(ClientDeadline(lambda *a: None), _scope(headers=list(headers.items())), []))
+        assert out[0]["status"] == 422 and json.loads(out[1]["body"])["error"]["message"] == message  # the ingress says the same
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    for sent in ("0.6", "2", "30"):  # usable: on to the app
+        asyncio.run(_call(ClientDeadline(app), _scope(headers=[("x-request-timeout-seconds", sent)]), []))
+    assert len(passed) == 3
+    asyncio.run(_call(ClientDeadline(app), _scope("/-/healthz", headers=[("x-request-timeout-seconds", "abc")]), []))
+    assert passed[-1] == "/-/healthz"  # Ray's own endpoints are not ours to judge
+
+
+def test_a_deadline_too_short_for_the_images_says_so_in_the_clients_numbers(local_client):
+    files = [("f", (f"{i}.png", png(), "image/png")) for i in range(4)]
+    r = local_client.post("/predict", files=files, headers={"x-request-timeout-seconds": "0.51"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "deadline_too_short", r.text
+    message = r.json()["error"]["message"]
+    assert "4 images" in message and "the 0.51 s its x-request-timeout-seconds gave" in message, message
+    r = local_client.post("/predict", content=png(), headers={"content-type": "image/png", "x-request-timeout-seconds": "0.501"})
+    assert "1 image " in r.json()["error"]["message"] and "images" not in r.json()["error"]["message"].split("take")[0], r.text
+
+
+def test_rays_408_speaks_of_the_clients_deadline_when_the_client_gave_one():
+    from detserve.serve.ray_errors import JsonErrors
+
+    async def ray_408(scope, receive, send):
+        await send({"type": "http.response.start", "status": 408, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Request abc timed out after 30.0s."})
+
+    sent, _ = asyncio.run(_call(JsonErrors(ray_408), _scope("/x", headers=[("x-request-timeout-seconds", "0.7")]), []))
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert "the 0.7 s its x-request-timeout-seconds header gave" in message and "30.0" not in message
+    sent, _ = asyncio.run(_call(JsonErrors(ray_408), _scope("/x"), []))
+    assert "the server's request timeout of 30.0 s" in json.loads(sent[1]["body"])["error"]["message"]
+
+
+def test_a_header_that_claims_60000_by_60000_gets_its_size_in_the_413(local_client):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    r = local_client.post("/predict", content=header, headers=PNG_CT)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"
+    assert "60000x60000 = 3600000000 pixels" in r.json()["error"]["message"], r.text
+
+
+def test_not_an_image_names_exactly_the_formats_that_decode(local_client):
+    from detserve.runtime.images import FORMAT_NAMES
+
+    r = local_client.post("/predict", content=b"hello", headers=PNG_CT)
+    assert r.json()["error"]["code"] == "not_an_image" and "AVIF" in r.json()["error"]["message"]
+    assert all(name in r.json()["error"]["message"] for name in FORMAT_NAMES)
+    from detserve.serve.protocol import BY_CODE
+
+    assert f"({', '.join(FORMAT_NAMES)})" in BY_CODE["not_an_image"].meaning  # the registry says the same
+    for fmt in ("AVIF", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(buf, format=fmt)
+        assert local_client.post("/predict", content=buf.getvalue(), headers=PNG_CT).status_code == 200, fmt
+    for fmt in ("TGA", "PPM", "ICO", "PCX"):  # Pillow reads them; detserve does not say it does, and refuses them
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(buf, format=fmt)
+        r = local_client.post("/predict", content=buf.getvalue(), headers=PNG_CT)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_an_image", fmt
 
 
 @pytest.fixture
