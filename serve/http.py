@@ -93,13 +93,23 @@ async def read_images(request: Request, limits: RequestLimits) -> list[bytes]:
         if not boundary:
             raise error("bad_multipart", 'the Content-Type multipart/form-data has no boundary: let your HTTP client build the body (curl -F file=@img.jpg)')
         collector = _MultipartImages(boundary, limits.max_images)
-        await _stream(request, limits.max_body_bytes, collector.write)
-        images = collector.finish()
+        try:
+            await _stream(request, limits.max_body_bytes, collector.write)
+            images = collector.finish()
+        except BaseException:
+            collector.files = []  # what the parts held goes now, whoever keeps this frame (the error's traceback)
+            raise
+        finally:
+            collector.close()
     else:
         # Grown chunk by chunk as it arrives, not joined at the end: one join of a 36 MiB body held
         # the event loop (and every other request on the replica) for about 90 ms here.
         body = bytearray()
-        await _stream(request, limits.max_body_bytes, body.extend)
+        try:
+            await _stream(request, limits.max_body_bytes, body.extend)
+        except BaseException:
+            body = None  # the error's traceback keeps this frame a while: not the upload it had read
+            raise
         if not body:
             raise error("empty", f"the request body is empty: {USAGE}")
         if content_type == "application/json":
@@ -128,9 +138,11 @@ async def _stream(request: Request, limit: int, sink) -> None:
     except ClientDisconnect:
         # The client went away, or the ingress's body limit cut the upload (serve/body_limit.py): either way the
         # caller drops what the sink holds.
+        sink = None  # noqa: F841  (this frame lives on in the error's traceback; the body need not)
         _give_memory_back(size)
         raise ClientGone() from None
     except DetserveError:
+        sink = None  # noqa: F841
         _give_memory_back(size)
         raise
 
@@ -183,6 +195,12 @@ class _MultipartImages:
             "on_header_field": self._field, "on_header_value": self._value, "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished, "on_end": self._finished,
         })  # fmt: skip
+
+    def close(self) -> None:
+        """Drop the parser: its callbacks are bound methods of this object, a cycle that only the cyclic GC would
+        free (and Serve freezes the GC at start), keeping a refused upload's parts in memory long after."""
+        self.parser = None
+        self._part = None
 
     def write(self, chunk: bytes) -> None:
         try:

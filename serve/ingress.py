@@ -83,7 +83,8 @@ def body_limit_rule(limit: int) -> str:
     body = protocol.error_body(code, message).decode().replace("123456789", "%[req.hdr_val(content-length)]")
     return (
         "    # detserve: a body over the route's limit never reaches a replica (serve/body_limit.py)\n"
-        f"    http-request return status 413 content-type application/json hdr Connection close lf-string '{body}'"
+        f"    http-request return status 413 content-type application/json hdr Connection close"
+        f" hdr {protocol.REFUSED_BY_HEADER} haproxy lf-string '{body}'"
         f" if {{ req.hdr_val(content-length) gt {limit} }}\n"
         # The replica's own 413 (a chunked body cut at the limit) closes its connection; the client's closes too.
         "    http-response set-header Connection close if { status 413 }\n"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 #: The client's deadline for one request, in seconds (see :func:`client_timeout_s`).
 TIMEOUT_HEADER = "x-request-timeout-seconds"
-#: Seconds to wait before retrying a 503 (and a 408), as HTTP defines it.
+#: Seconds to wait before retrying a 503, as HTTP defines it.
 RETRY_AFTER_HEADER = "retry-after"
-#: ``haproxy`` on a 503 that HAProxy answered itself (serve/haproxy_admission.lua).
+#: ``haproxy`` on an error HAProxy answered itself: admission's 503 (serve/haproxy_admission.lua), the body limit's 413.
 REFUSED_BY_HEADER = "x-detserve-refused-by"
 #: Internal: a replica's load, on each /predict answer, for the admission in front of it (stripped there).
 LOAD_HEADER = "x-detserve-load"
@@ -47,8 +47,9 @@ class Header:
 HEADERS: tuple[Header, ...] = (
     Header(TIMEOUT_HEADER, "client", "the request's deadline in seconds: a plain decimal number greater than 0 and at most "
            "the server's request timeout (30 s by default); anything else is refused with 422 `invalid_deadline`"),
-    Header(RETRY_AFTER_HEADER, "server", "on a 503 (and a 408): seconds after which a retry should find room"),
-    Header(REFUSED_BY_HEADER, "server", "`haproxy` on a 503 that HAProxy answered without reaching a replica"),
+    Header(RETRY_AFTER_HEADER, "server", "on a 503: whole seconds after which a retry should find room"),
+    Header(REFUSED_BY_HEADER, "server", "`haproxy` on an error HAProxy answered itself, without reaching a replica "
+           "(a 503 of admission, a 413 of the body limit)"),
     Header(LOAD_HEADER, "internal", "a replica's load, for the admission in front of it"),
     Header(ADMIT_HEADER, "internal", "when a replica next has room, for HAProxy's admission"),
     Header(RECEIVED_AT_HEADER, "internal", "when the server received the request; deadlines count from it"),
@@ -325,7 +326,7 @@ def lua_prelude() -> str:
 
     ``detserve.error_body(code, message)`` writes the JSON body as :func:`error_body` does; ``detserve.status``
     holds each code's status; ``detserve.overloaded_format`` is :func:`overloaded_message`'s text as a
-    ``string.format`` pattern (predicted seconds, deadline seconds, Retry-After, where).
+    ``string.format`` pattern of four arguments, in this order: predicted seconds, deadline seconds, where, Retry-After.
     """
     template = overloaded_message(1.5, 2.5, "RETRY", "WHERE").replace("%", "%%")
     for old, new in (("1.5 s", "%.1f s"), ("2.5 s", "%.1f s"), ("RETRY", "%s"), ("WHERE", "%s")):
@@ -349,4 +350,11 @@ def markdown_error_table() -> str:
     rows = ["| status | code | client exception | retry? | meaning |", "|---|---|---|---|---|"]
     for e in ERRORS:
         rows.append(f"| {e.status} | `{e.code}` | `{e.family}` | {'yes' if e.retryable else 'no'} | {e.meaning.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def markdown_header_table() -> str:
+    """The headers a client sends or sees (the internal ones never reach it) as a markdown table, for docs/http-api.md."""
+    rows = ["| header | sent by | meaning |", "|---|---|---|"]
+    rows += [f"| `{h.name}` | {h.sent_by} | {h.meaning} |" for h in HEADERS if h.sent_by != "internal"]
     return "\n".join(rows) + "\n"

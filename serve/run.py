@@ -295,7 +295,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
     http = config.http_options
-    logging_config = LoggingConfig(**{**config.logging_config.model_dump(), "log_level": log_level()})
+    logging_config = LoggingConfig(**{**(config.logging_config.model_dump() if config.logging_config else {}), "log_level": log_level()})
     serve_logger = logging.getLogger("ray.serve")
     serve_logger.setLevel(log_level())
     serve_logger.addFilter(_OwnServeNotice())

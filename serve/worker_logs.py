@@ -10,7 +10,7 @@ Two kinds of line there are noise on one machine, and alarming noise:
 - Serve's warning that ``HTTPOptions.host='127.0.0.1'`` "won't accept connections from
   HAProxy on other nodes" and its advice to bind 0.0.0.0: ``detserve serve`` runs one
   node, where HAProxy and every replica are on this machine;
-- at Ctrl-C, the raylet's note that ``ServeController.graceful_shutdown`` "failed" because
+- at Ctrl-C, the raylet's notes that a ``ServeController`` task "failed" because
   Serve killed the controller once it had shut down (``serve.shutdown`` does that).
 
 :func:`drop_known_noise` filters them out of what the driver prints. They stay in Ray's
@@ -26,7 +26,7 @@ NOISE = re.compile(
     r"^(Corrupt JPEG data: |Premature end of JPEG file$|Invalid SOS parameters for sequential JPEG$"
     r"|Warning: unknown JFIF revision number |Inconsistent progression sequence for component )"
     r"|HTTPOptions\.host=.* won't accept connections from HAProxy on other nodes"
-    r"|Task ServeController\.graceful_shutdown failed\. .*killed by `ray\.kill`"
+    r"|Task ServeController\.\w+ failed\. .*killed by `ray\.kill`"
 )
 
 

@@ -143,3 +143,9 @@ def test_a_usable_deadline_is_used():
     assert protocol.client_timeout_s(".5", 30) == 0.5 and protocol.client_timeout_s(2, 30) == 2.0
     with pytest.raises(protocol.BadRequest, match="timeout_s: nan is not a number"):
         protocol.client_timeout_s(float("nan"), 30, name="timeout_s")
+
+
+def test_the_http_api_doc_carries_the_registrys_tables_as_they_are():
+    doc = (ROOT / "docs" / "http-api.md").read_text()
+    assert protocol.markdown_error_table() in doc, "docs/http-api.md: paste protocol.markdown_error_table() again"
+    assert protocol.markdown_header_table() in doc, "docs/http-api.md: paste protocol.markdown_header_table() again"

@@ -8,9 +8,11 @@ HAProxy needs none, and ``detserve serve`` sets it to 0 (serve/run.py ``SINGLE_N
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -58,7 +60,8 @@ def test_ctrl_c_on_an_idle_detserve_serve_returns_within_10_s_and_leaves_no_proc
                 graceful_shutdown_timeout_s: 30
         """))
     port = free_port()
-    env = {**os.environ, "DETSERVE_RAY_TMP": str(tmp_path / "ray"), "DETSERVE_METRICS_PORT": str(free_port())}
+    run_dir = tempfile.mkdtemp(prefix="ds-ctrl-c-")  # short: Ray's unix socket paths under it have at most 107 bytes
+    env = {**os.environ, "DETSERVE_RAY_TMP": run_dir, "DETSERVE_METRICS_PORT": str(free_port())}
     env.pop("DETSERVE_PROXY_BODY_LIMITS", None)
     env.pop("DETSERVE_ROUTE_TIMEOUTS", None)
     log = tmp_path / "serve.log"
@@ -82,6 +85,7 @@ def test_ctrl_c_on_an_idle_detserve_serve_returns_within_10_s_and_leaves_no_proc
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
     text = log.read_text()
     assert took < 10, (took, text[-2000:])
     assert not left, left
