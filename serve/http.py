@@ -148,30 +148,22 @@ async def _stream(request: Request, limit: int, sink) -> None:
 
 
 #: Seconds after a large refused body before glibc is asked to give its memory back: by then the request's
-#: frames (and the exception's traceback, which holds them) have let go of the body.
+#: frames have let go of the body (the handler answering the error still held it). A trim costs a few ms.
 TRIM_AFTER_S = 0.25
-_trim_pending = False
 
 
 def _give_memory_back(size: int) -> None:
-    # glibc keeps the freed heap pages of a big refused body mapped; hand them back so the
-    # replica's RSS returns to its baseline (tests/test_serve.py measures it). One trim per
-    # burst of refusals.
-    global _trim_pending
-    if size < 4 * 1024 * 1024 or _trim_pending:
+    # glibc keeps the freed heap pages of a big refused body mapped (it trims only the top of its heaps
+    # by itself); hand them back so the replica's RSS returns to its baseline (tests/test_serve.py).
+    if size < 4 * 1024 * 1024:
         return
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop().call_later(TRIM_AFTER_S, _malloc_trim)
     except RuntimeError:  # no loop (a direct call): trim now
         _malloc_trim()
-        return
-    _trim_pending = True
-    loop.call_later(TRIM_AFTER_S, _malloc_trim)
 
 
 def _malloc_trim() -> None:
-    global _trim_pending
-    _trim_pending = False
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -481,7 +481,7 @@ def _refused_uploads(url: str, size: int, rounds: int, chunked: bool) -> list[tu
 @pytest.mark.parametrize(
     "size, limit",
     [pytest.param(20 * 1024 * 1024, LIMITED_BODY_BYTES, id="20MiB-over-2MiB"),
-     pytest.param(200 * 1024 * 1024, 50 * 1024 * 1024, id="200MiB-over-50MiB", marks=pytest.mark.slow)],
+     pytest.param(200 * 1024 * 1024, 50 * 1024 * 1024, id="200MiB-over-50MiB")],
 )  # fmt: skip
 def test_rejected_uploads_cost_the_replica_no_memory(serve_cluster, yolo_export, scenes, size, limit):
     """20 uploads with a Content-Length and 20 chunked ones, each far over the route's limit, all refused: the first in
