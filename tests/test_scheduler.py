@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, retry_after_header
+from detserve.serve.admission import RequestCost, RetrySlots, late_by, retry_after_header
+from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings, measure_curve, probe_sizes
 
 
 def curve_of(per_image_ms: dict[int, float]) -> CostCurve:
@@ -59,7 +60,7 @@ class FakeClock:
 def test_admission_by_predicted_drain_time_with_a_computed_retry_after():
     clock = FakeClock()
     # 100 ms per image, one lane: 10 images/s.
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
     deadline = clock.now + 3.0
     tickets = [sched.admit(1, deadline) for _ in range(30)]  # 30 images drain in exactly 3.0 s
     assert sched.outstanding == 30 and sched.predicted_drain_s() == pytest.approx(3.0)
@@ -79,34 +80,30 @@ def test_admission_by_predicted_drain_time_with_a_computed_retry_after():
 
 def test_retry_after_is_at_most_the_last_queued_deadline():
     """A slowed rate (the burst's dip) must not send clients away for longer than the queue can last."""
-    from detserve.serve.scheduler import late_by
-
     now = 1000.0
     # 300 images at 10/s is 30 s, but every queued request is answered or dropped within 4 s.
-    predicted, retry = late_by(now, 300, 10.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0)
+    predicted, retry = late_by(now, 30.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0)
     assert predicted == pytest.approx(30.0) and retry == pytest.approx(4.0)
-    assert late_by(now, 300, 10.0, now + 2.0, 1.0, 0.0)[1] == pytest.approx(28.0)  # no bound given: the drain alone
-    assert late_by(now, 10, 10.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0) is None
+    assert late_by(now, 30.0, now + 2.0, 1.0, 0.0)[1] == pytest.approx(28.0)  # no bound given: the drain alone
+    assert late_by(now, 1.0, now + 2.0, 1.0, 0.0, latest_deadline=now + 4.0) is None
 
     clock = FakeClock()
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
     sched.admit(30, clock.now + 3.0)
-    sched.slowdown = 4.0  # the rate fell to a quarter after the queue was admitted: it now drains in 12 s
+    sched.calibration.slowdown = 4.0  # the rate fell to a quarter after the queue was admitted: it now drains in 12 s
     with pytest.raises(Overloaded) as err:
         sched.admit(1, clock.now + 3.0)
     assert err.value.retry_after_s == pytest.approx(3.0)
 
 
 def test_refusals_book_retry_slots_at_the_service_rate_within_one_budget():
-    from detserve.serve.scheduler import RetrySlots
-
     slots = RetrySlots()
     # 10 images/s: each one-image refusal comes back 0.1 s after the one before, none before its own 0.5 s.
-    waits = [slots.book(100.0, 0.5, 1, 10.0, horizon_s=2.0) for _ in range(30)]
+    waits = [slots.book(100.0, 0.5, 0.1, horizon_s=2.0) for _ in range(30)]
     assert waits[:3] == pytest.approx([0.5, 0.6, 0.7]) and waits[20] == pytest.approx(2.5)
     assert max(waits) == pytest.approx(2.5)  # never past its own Retry-After plus one budget
-    assert slots.book(110.0, 0.5, 4, 10.0, horizon_s=2.0) == pytest.approx(0.5)  # the line has passed: its own again
-    assert slots.book(110.0, 0.0, 1, 10.0, horizon_s=2.0) == pytest.approx(0.9)  # after the 4-image slot
+    assert slots.book(110.0, 0.5, 0.4, horizon_s=2.0) == pytest.approx(0.5)  # the line has passed: its own again
+    assert slots.book(110.0, 0.0, 0.1, horizon_s=2.0) == pytest.approx(0.9)  # after the 4-image slot
 
 
 def test_the_queue_bound_holds_exactly():
@@ -254,42 +251,42 @@ def test_lanes_run_batches_at_once():
 def test_admission_calibrates_to_what_requests_really_took():
     clock = FakeClock()
     # The curve says 100 ms per image; in fact (decode, contention) requests take twice as long as predicted.
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
     assert sched.predicted_drain_s(10) == pytest.approx(1.0)
-    for _ in range(20):
+    for i in range(20):
         ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 1.0  # it was predicted to wait 1 s behind a queue, and took 2 s
-        clock.now += 2.0
+        ticket.predicted_s = 0.5 + 0.1 * i  # it was predicted to wait behind a queue, and took twice as long
+        clock.now += 2 * ticket.predicted_s
         sched.release(ticket, "deadline")
-    assert 1.8 < sched.slowdown <= 2.0
-    assert sched.predicted_drain_s(10) == pytest.approx(10 * 0.1 * sched.slowdown)
-    # Fewer are admitted at once: 30 images fit 3 s at the curve's rate, about 15 now.
+    assert sched.slowdown == pytest.approx(2.0) and sched.calibration.fixed_s == pytest.approx(0.0, abs=1e-9)
+    assert sched.predicted_drain_s(10) == pytest.approx(10 * 0.1 * 2.0)
+    # Fewer are admitted at once: 30 images fit 3 s at the curve's rate, 15 now.
     admitted: list = []
     deadline = clock.now + 3.0
     with pytest.raises(Overloaded):
         while True:
             admitted.append(sched.admit(1, deadline))
-    assert 13 <= len(admitted) <= 16
+    assert len(admitted) == 15
     for ticket in admitted:
         sched.release(ticket)
     # An idle request is judged hopeless by the engine alone, not by the slowdown (a 422 must mean "never").
-    sched2 = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
-    sched2.slowdown = 4.0
+    sched2 = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
+    sched2.calibration.slowdown = 4.0
     with pytest.raises(Overloaded) as err:
         sched2.admit(3, clock.now + 0.35)
     assert not err.value.hopeless  # 0.3 s alone fits; it is the slowdown that says "not now"
     # Requests faster than predicted bring it back down (never below 1).
-    for _ in range(40):
+    for i in range(40):
         ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 1.0
-        clock.now += 0.5
+        ticket.predicted_s = 0.5 + 0.1 * (i % 10)
+        clock.now += 0.5 * ticket.predicted_s
         sched.release(ticket, "deadline")
-    assert sched.slowdown == pytest.approx(1.0, abs=0.01)
+    assert sched.slowdown == pytest.approx(1.0)
 
 
 def test_headroom_keeps_part_of_the_time_left_for_what_the_curve_does_not_see():
     clock = FakeClock()
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=0.8), curve=curve_of({1: 100}), clock=clock)
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=0.8), curve=curve_of({1: 100}), clock=clock)
     admitted: list = []
     with pytest.raises(Overloaded):
         while True:
@@ -317,19 +314,22 @@ def test_the_policy_explores_neighbours_and_follows_a_curve_that_changes_under_l
 
 
 def test_a_fixed_delay_over_short_predictions_does_not_shut_out_a_burst():
-    """The first requests of a burst wait out the arrivals (a fixed delay), not a slower engine."""
+    """The first requests of a burst wait out the arrivals (a fixed delay), not a slower engine: the calibration
+    tells the two apart, so the rest of the burst is admitted at the engine's rate."""
     clock = FakeClock()
-    sched = Scheduler(lambda items, params: items, Settings(lanes=1, margin_s=0.0, headroom=0.8), curve=curve_of({1: 25}), clock=clock)
-    for _ in range(20):  # predicted 0.1 s behind a short queue, took 1 s: a ratio of 10
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=0.8), curve=curve_of({1: 25}), clock=clock)
+    for i in range(20):  # predicted 0.05-1 s behind a growing queue, each took 0.3 s more: ratios up to 7
         ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 0.1
-        clock.now += 1.0
-        sched.release(ticket, "deadline")  # calibrates as an answered one does (it took at least this long)
-    assert sched.slowdown == pytest.approx(2.0, abs=0.05)  # the cap, not 10 (and not the old cap of 4)
-    # 300 images at 40/s take 7.5 s by the curve; even at the capped slowdown, 15 s, they fit 0.8 x 30 s.
+        ticket.predicted_s = 0.05 * (i + 1)
+        clock.now += 0.3 + ticket.predicted_s
+        sched.release(ticket, "deadline")
+    assert sched.slowdown == pytest.approx(1.0) and sched.calibration.fixed_s == pytest.approx(0.3)
+    # 300 images at 40/s take 7.5 s by the curve, 7.8 s with the fixed delay: they fit 0.8 x 30 s with room to spare.
     deadline = clock.now + 30.0
     tickets = [sched.admit(1, deadline) for _ in range(300)]
     assert len(tickets) == 300
+    # A ratio would have read 1.3-7x and applied it to the whole queue.
+    assert sched.predicted_drain_s() == pytest.approx(0.3 + 7.5)
 
 
 def test_a_short_queue_goes_the_quickest_way_and_a_backlog_the_cheapest():
