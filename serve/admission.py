@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import math
 import random
-import statistics
 from dataclasses import dataclass, field
 
 #: The replica answers this much before the proxy's own timeout fires, so that the client gets detserve's 408
@@ -193,53 +192,72 @@ class RequestCost:
     pixels: int = 0
 
 
-#: Calibration: the requests it fits ``took = fixed_s + slowdown * predicted`` to, most recent last.
-CALIBRATION_WINDOW = 32
-#: A fit needs this many requests, with predictions this far apart (seconds, standard deviation): else the
-#: ratio of the means of those predicted to wait at least ``CALIBRATE_MIN_S``.
-FIT_MIN_REQUESTS = 8
-FIT_MIN_SPREAD_S = 0.1
-CALIBRATE_MIN_S = 0.05
-#: ``slowdown`` stays within [1, SLOWDOWN_MAX] and ``fixed_s`` within [0, FIXED_MAX_S].
-SLOWDOWN_MAX = 3.0
-FIXED_MAX_S = 1.0
+#: Throughput counts over a replica's most recent backlogged batches that hold at least this many images and
+#: this much backlogged time (seconds). Not less: a burst's first seconds are spent taking in its connections
+#: (the replica's HTTP server parses every request under the GIL), and the batches that end meanwhile ran at a
+#: fifth to a half of what the replica then did for the rest of the burst; over 2 s windows that dip refused a
+#: sixth of a 300-photo burst that was all answered 13 s before its deadline.
+THROUGHPUT_MIN_IMAGES = 32
+THROUGHPUT_MIN_S = 4.0
+#: Batches remembered for it (a replica of tiny fast batches measures over these, even if under THROUGHPUT_MIN_S).
+THROUGHPUT_BATCHES = 512
+#: A measurement counts for this long after its last batch (seconds); then the cost curve stands in again.
+THROUGHPUT_FRESH_S = 5.0
 
 
 @dataclass
-class Calibration:
-    """How long requests really take against what the cost curve predicted: ``took = fixed_s + slowdown * predicted``.
+class Throughput:
+    """Images a replica answers per second while it has a backlog: what admission plans a queue's drain with.
 
-    The curve sees the engine only: not decode, the event loop, or other processes on the same cores. A ratio
-    alone (took / predicted) read a fixed delay as a slower rate: a cold burst's first answers, predicted to wait
-    0.05-0.3 s behind a short queue, each took some 0.15 s more while the replica's HTTP server took in the other
-    connections, and the ratio of 2-4 applied to the whole queue refused requests the replica then answered in a
-    quarter of their deadline. A line through the recent requests separates the two: its slope is the rate's
-    slowdown, its intercept the fixed delay. With too few requests, or predictions too alike to fit a line, the
-    ratio of the means stands in.
+    The engine's cost curve sees the engine alone, measured at start. Under a burst the replica also decodes,
+    takes in connections and shares its cores, and the curve's figure was 1.5x too kind; the curve figures then
+    measured under the burst rose with the contention, and a slowdown learnt from requests (took / predicted)
+    multiplied the same contention in a second time: a cold burst of 300 mixed photos was predicted at 37 s
+    and refused a quarter of its requests, all of which the replica answered within 11 s. So the drain is
+    planned with what the replica really answers: images finished per second of time with a backlog (more
+    images admitted than its lanes run at once). Nothing is counted while the queue is shorter than that (a
+    lone request measures its own latency, not the replica's capacity); before the first backlog, and once
+    the last measured one is ``THROUGHPUT_FRESH_S`` old, the cost curve stands in.
     """
 
-    slowdown: float = 1.0
-    fixed_s: float = 0.0
-    pairs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CALIBRATION_WINDOW))
+    busy_s: float = 0.0  # time with a backlog, summed
+    busy_since: float | None = None  # the backlog's start, while there is one
+    images: int = 0  # images finished while there was a backlog, summed
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=THROUGHPUT_BATCHES))
+    rate: float | None = None  # over the most recent window, updated at each batch
 
-    def predict(self, curve_s: float) -> float:
-        """Seconds that work the curve puts at ``curve_s`` really takes."""
-        return self.fixed_s + self.slowdown * curve_s
+    def busy_until(self, now: float) -> float:
+        return self.busy_s + (now - self.busy_since if self.busy_since is not None else 0.0)
 
-    def observe(self, predicted_s: float, took_s: float) -> None:
-        """A request predicted (by the curve) to be answered ``predicted_s`` after admission took ``took_s``."""
-        if not (math.isfinite(predicted_s) and math.isfinite(took_s)) or predicted_s < 0:
+    def backlog(self, now: float, backlogged: bool) -> None:
+        """The queue changed: ``backlogged`` says whether it now holds more images than the lanes run at once."""
+        if backlogged and self.busy_since is None:
+            self.busy_since = now
+            if not self.samples:  # the first backlog: its time counts from here
+                self.samples.append((now, self.busy_s, self.images))
+        elif not backlogged and self.busy_since is not None:
+            self.busy_s += now - self.busy_since
+            self.busy_since = None
+
+    def finished(self, now: float, images: int) -> None:
+        """A batch of ``images`` ended; it counts if the replica had a backlog."""
+        if self.busy_since is None:
             return
-        self.pairs.append((predicted_s, took_s))
-        xs = [x for x, _ in self.pairs]
-        ys = [y for _, y in self.pairs]
-        if len(xs) >= FIT_MIN_REQUESTS and statistics.pstdev(xs) >= FIT_MIN_SPREAD_S:
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            slope = sum((x - mx) * (y - my) for x, y in self.pairs) / sum((x - mx) ** 2 for x in xs)
-            self.slowdown = min(max(slope, 1.0), SLOWDOWN_MAX)
-            self.fixed_s = min(max(my - self.slowdown * mx, 0.0), FIXED_MAX_S)
-            return
-        waited = [(x, y) for x, y in self.pairs if x >= CALIBRATE_MIN_S]
-        if waited:
-            ratio = sum(y for _, y in waited) / sum(x for x, _ in waited)
-            self.slowdown, self.fixed_s = min(max(ratio, 1.0), SLOWDOWN_MAX), 0.0
+        self.images += images
+        self.samples.append((now, self.busy_until(now), self.images))
+        self.rate = self._measure()
+
+    def _measure(self) -> float | None:
+        _, busy1, images1 = self.samples[-1]
+        for _, busy0, images0 in reversed(self.samples):
+            if busy1 - busy0 >= THROUGHPUT_MIN_S and images1 - images0 >= THROUGHPUT_MIN_IMAGES:
+                return (images1 - images0) / (busy1 - busy0)
+        _, busy0, images0 = self.samples[0]
+        full = len(self.samples) == self.samples.maxlen and busy1 > busy0
+        return (images1 - images0) / (busy1 - busy0) if full else None
+
+    def images_per_s(self, now: float) -> float | None:
+        """The measured rate; None before there is enough to go by, or once it is stale."""
+        if self.rate is None or now - self.samples[-1][0] > THROUGHPUT_FRESH_S:
+            return None
+        return self.rate

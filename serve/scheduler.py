@@ -30,11 +30,10 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   releases it (``release(ticket, "deadline")``): its images that have not
   started are dropped, not run for nobody. A cancelled request (client gone)
   is dropped the same way.
-- **Calibration.** The engine's cost curve does not see what else a request waits for: decode, the event
-  loop, other processes on the same cores. So the scheduler compares, for every answered request, the time
-  it took with the time the curve predicted, and fits ``took = fixed + slowdown * predicted`` to the recent
-  ones (:class:`detserve.serve.admission.Calibration`): a fixed delay (a burst's intake) is told apart from a
-  slower rate, and only the rate scales with the queue.
+- **Throughput.** The engine's cost curve does not see what else the replica does under load: decode, the
+  event loop, the proxy, other processes on the same cores. So a queue's drain is planned at the rate the
+  replica really answers images while it has a backlog (:class:`detserve.serve.admission.Throughput`); the
+  curve stands in before the first backlog and once the measured one is stale.
 - **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
   measured at warm-up and updated by every batch; one batch in
   ``EXPLORE_EVERY`` runs a neighbouring size so that its figure stays current
@@ -64,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detserve.serve.admission import (
-    ANSWER_BEFORE_TIMEOUT_S, Calibration, DecodeCost, Outlook, RequestCost, RetrySlots, late_by, open_at,
+    ANSWER_BEFORE_TIMEOUT_S, DecodeCost, Outlook, RequestCost, RetrySlots, Throughput, late_by, open_at,
 )  # fmt: skip
 
 #: A size within this share of the cheapest cost per image counts as as cheap (the largest such wins).
@@ -91,7 +90,7 @@ STALE_AFTER = 4 * EXPLORE_EVERY
 #: own HTTP server takes in 300 connections at once (the HAProxy ingress), its batches ran at about half speed
 #: for a second and a half. Planned at that speed, a burst's last third was refused, then all of it was answered
 #: in 7 s by the speed that came back. The median of 128 batches ignores such a dip and follows a lasting change
-#: within about 64 batches; the calibration (measured on requests) still covers what the curve misses.
+#: within about 64 batches; under a backlog the measured throughput (serve/admission.py) plans instead.
 STEADY_BATCHES = 128
 
 
@@ -221,7 +220,6 @@ class Ticket:
     in_line: bool = False  # in one of the scheduler's lines (fresh or served); a closed one is skipped there
     future: asyncio.Future | None = None
     admitted_at: float = 0.0
-    predicted_s: float = 0.0  # admitted_at -> last image done, as the cost curve alone predicts it (no slowdown)
 
 
 @dataclass
@@ -271,7 +269,7 @@ class Scheduler:
         self._order = itertools.count()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
-        self.calibration = Calibration()  # what requests really take against the curve (see Calibration above)
+        self.throughput = Throughput()  # images answered per second of backlog (see Calibration above)
         self.decode = DecodeCost()  # decode + prepare seconds per megapixel, by format (admission by pixels)
         self.retry_slots = RetrySlots()
         self._batches = 0
@@ -358,33 +356,27 @@ class Scheduler:
         per_image = self.curve.steady_per_image(size)
         return None if not per_image else self.settings.lanes / per_image
 
-    @property
-    def slowdown(self) -> float:
-        return self.calibration.slowdown
-
-    def curve_s(self, cost: RequestCost | None = None) -> float:
-        """Seconds until every admitted image, and ``cost``'s, is answered, by the cost curve alone: the queue at
-        the engine's rate, or this request's own decode (one image after another) and its last image, if longer."""
-        rate = self.images_per_s()
-        if rate is None:
-            return 0.0 if cost is None else cost.decode_s
-        images = self.outstanding + (cost.images if cost else 0)
-        own = cost.decode_s + 1 / rate if cost else 0.0
-        return max(images / rate, own)
+    def drain_rate(self) -> float | None:
+        """Images per second a queue drains at: what the replica answered over its recent backlog, else the curve's."""
+        return self.throughput.images_per_s(self.clock()) or self.images_per_s()
 
     def predicted_drain_s(self, cost: RequestCost | int | None = None) -> float:
-        """:meth:`curve_s` as requests really see it (:class:`Calibration`)."""
-        cost = RequestCost(cost) if isinstance(cost, int) else cost
-        return self.calibration.predict(self.curve_s(cost))
+        """Seconds until every admitted image, and ``cost``'s, is answered: the queue at :meth:`drain_rate`, or this
+        request's own decode (one image after another) and its last image, if longer."""
+        cost = RequestCost(cost) if isinstance(cost, int) else cost or RequestCost(0)
+        rate, engine = self.drain_rate(), self.images_per_s()
+        queue = (self.outstanding + cost.images) / rate if rate else 0.0
+        own = cost.decode_s + (1 / engine if engine and cost.images else 0.0)
+        return max(queue, own)
 
     def alone_s(self, cost: RequestCost) -> float:
         """Seconds ``cost`` takes on an idle replica: its images at the engine's rate, or its own decode and last image."""
         rate = self.images_per_s() or math.inf
         return max(cost.images / rate, cost.decode_s + 1 / rate) + self.settings.encode_s
 
-    def calibrate(self, ticket: Ticket, took_s: float) -> None:
-        """A request took ``took_s`` from admission to its last image (at least that, if it missed its deadline)."""
-        self.calibration.observe(ticket.predicted_s, took_s)
+    def _queue_changed(self) -> None:
+        """``outstanding`` moved: a backlog starts or ends (it is more images than the lanes run at once)."""
+        self.throughput.backlog(self.clock(), self.outstanding > self.settings.lanes)
 
     def outlook(self, replica: str, server_budget_s: float, wall_offset_s: float = 0.0) -> Outlook:
         """For the ingress (serve/admission.py): from when a one-image request would be admitted, as :meth:`admit`
@@ -393,7 +385,7 @@ class Scheduler:
         rate = self.images_per_s()
         if rate is None:  # nothing measured: the replica decides
             return Outlook(replica, 0.0, 0.0, 0.0, 0.0)
-        finish = now + self.calibration.predict((self.outstanding + 1) / rate) + s.encode_s
+        finish = now + (self.outstanding + 1) / (self.drain_rate() or rate) + s.encode_s
         earliest = self._earliest_deadline()
         at = open_at(now, finish, earliest, server_budget_s, s.headroom)
         if self.outstanding + 1 > s.max_queued_images:
@@ -423,26 +415,26 @@ class Scheduler:
             self.counts["shed"] += 1
             raise Overloaded(excess / min(rate, 1e9), self.predicted_drain_s(cost), deadline - now,
                              f"{self.outstanding} images are queued; the limit is {s.max_queued_images}")  # fmt: skip
-        # Idle, nothing queued, no slowdown: if even then it misses the plan, retrying will not help (a 422).
+        # Idle, nothing queued: if even then it misses the plan, retrying will not help (a 422).
         alone = self.alone_s(cost)
         budget = deadline - now if budget_s is None else budget_s
         if alone > s.headroom * budget:
             self.counts["shed"] += 1
             raise Overloaded(0.0, alone, deadline - now, self._too_much(cost, alone, budget), hopeless=True)
         earliest, latest = self._deadline_bounds(deadline)
-        predicted_s = self.curve_s(cost)
-        late = late_by(now, self.calibration.predict(predicted_s), earliest, s.headroom, s.encode_s, latest)
+        late = late_by(now, self.predicted_drain_s(cost), earliest, s.headroom, s.encode_s, latest)
         if late is not None:
             self.counts["shed"] += 1
             finish_s, retry_after_s = late
-            own_s = self.calibration.slowdown * n_images / rate
+            own_s = n_images / (self.drain_rate() or rate)
             retry_after_s = self.retry_slots.book(now, retry_after_s, own_s, deadline - now)
             raise Overloaded(retry_after_s, finish_s, deadline - now,
                              f"the {self.outstanding} images queued ahead would take {finish_s:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
         ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
-                        admitted_at=now, predicted_s=predicted_s)  # fmt: skip
+                        admitted_at=now)  # fmt: skip
         self.outstanding += n_images
+        self._queue_changed()
         self.tickets.add(ticket)
         order = next(self._order)
         heapq.heappush(self._soonest, (deadline, order, ticket))
@@ -514,10 +506,9 @@ class Scheduler:
         ticket.closed = True
         if reason:
             self.counts[reason] += 1
-        if reason == "deadline":  # it would have taken longer still: at least this much
-            self.calibrate(ticket, self.clock() - ticket.admitted_at)
         # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
         self.outstanding -= ticket.n - ticket.started
+        self._queue_changed()
         self._ready -= len(ticket.ready)
         if ticket.ready:
             self._waiting -= 1
@@ -614,17 +605,18 @@ class Scheduler:
                     self._express_running = False
                     self._wake.set()  # bulk work held back meanwhile may go on
             self.curve.observe(len(batch), self.clock() - start)
+            self.throughput.finished(self.clock(), len(batch))
             self.batch_sizes[len(batch)] += 1
             for (ticket, index), result in zip(batch, results):
                 self._finish(ticket, index, result)
 
     def _finish(self, ticket: Ticket, index: int, result: Any) -> None:
         self.outstanding -= 1  # every image handed to a batch is counted out here, once
+        self._queue_changed()
         ticket.results[index] = result
         ticket.done += 1
         if ticket.closed or ticket.done < ticket.n:
             return
-        self.calibrate(ticket, self.clock() - ticket.admitted_at)
         if ticket.future is None:
             ticket.future = asyncio.get_running_loop().create_future()
         if not ticket.future.done():
@@ -633,6 +625,7 @@ class Scheduler:
     # ---- what /stats shows -------------------------------------------------
     def stats(self) -> dict:
         rate = self.images_per_s()
+        measured = self.throughput.images_per_s(self.clock())
         return {
             "outstanding_images": self.outstanding,
             "ready_images": self.ready_images(),
@@ -643,8 +636,7 @@ class Scheduler:
             "ms_per_image_by_batch": self.curve.snapshot(),
             "images_per_s": None if rate is None else round(rate, 2),
             "predicted_drain_s": round(self.predicted_drain_s(), 3),
-            "slowdown": round(self.slowdown, 3),
-            "fixed_delay_s": round(self.calibration.fixed_s, 3),
+            "measured_images_per_s": None if measured is None else round(measured, 2),
             "decode_ms_per_mp": {fmt: round(1000 * v, 2) for fmt, v in sorted(self.decode.s_per_mp.items())},
             "counts": dict(self.counts),
         }

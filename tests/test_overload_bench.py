@@ -49,8 +49,8 @@ def test_a_burst_has_every_request_in_flight_at_once_and_keeps_each_retry_after(
         in_flight -= 1
         i = int(request.headers["x-i"])
         if i % 4 == 0:
-            body = {"error": {"code": "overloaded", "message": f"{overload.REPLICA_SHED_PREFIX}: 9 images queued"}}
-            return web.json_response(body, status=503, headers={"Retry-After": str(1 + i % 3)})
+            body = {"error": {"code": "overloaded", "message": "the server is busy: 9 images queued"}}
+            return web.json_response(body, status=503, headers={"Retry-After": str(1 + i % 3), "x-detserve-refused-by": "replica"})
         return web.json_response({"results": []})
 
     seen = {}

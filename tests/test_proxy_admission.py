@@ -52,16 +52,16 @@ def test_an_outlook_refuses_before_open_at_and_too_short_timeouts_unless_hopeles
     rate=st.floats(2.0, 80.0),
     headroom=st.sampled_from([0.6, 0.8, 1.0]),
     client=st.one_of(st.none(), st.floats(0.05, 60.0)),
-    slowdown=st.floats(1.0, 3.0),
-    fixed=st.floats(0.0, 0.5),
+    measured=st.one_of(st.none(), st.floats(1.0, 80.0)),
 )
-def test_the_outlook_refuses_exactly_what_admit_refuses_for_one_image(queued, rate, headroom, client, slowdown, fixed):
+def test_the_outlook_refuses_exactly_what_admit_refuses_for_one_image(queued, rate, headroom, client, measured):
     """At the moment it is sent, the outlook and the replica's own admit give the same verdict on one image,
-    whatever the queue, its deadlines, the calibration and the client's timeout: the ingress compares, the rule is one."""
+    whatever the queue, its deadlines, the measured throughput and the client's timeout: the ingress compares, the rule is one."""
     server_timeout = 30.0
     clock = Clock()
     sched = scheduler(rate, headroom, clock=clock)
-    sched.calibration.slowdown, sched.calibration.fixed_s = slowdown, fixed
+    if measured is not None:
+        sched.drain_rate = lambda: measured
     for images, timeout in queued:
         try:
             sched.admit(images, clock.now + request_budget_s(server_timeout, timeout))
@@ -109,6 +109,7 @@ def test_pixels_make_a_request_hopeless_at_once():
 def test_a_requests_own_decode_counts_even_behind_an_empty_queue():
     sched = scheduler(100.0, headroom=1.0)
     assert sched.predicted_drain_s(RequestCost(2, decode_s=1.5)) == pytest.approx(1.5 + 0.01)
+    assert sched.predicted_drain_s(RequestCost(0)) == 0.0
     assert sched.predicted_drain_s(RequestCost(200, decode_s=0.5)) == pytest.approx(2.0)
 
 

@@ -90,7 +90,7 @@ def test_retry_after_is_at_most_the_last_queued_deadline():
     clock = FakeClock()
     sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
     sched.admit(30, clock.now + 3.0)
-    sched.calibration.slowdown = 4.0  # the rate fell to a quarter after the queue was admitted: it now drains in 12 s
+    sched.drain_rate = lambda: 2.5  # the rate fell to a quarter after the queue was admitted: it now drains in 12 s
     with pytest.raises(Overloaded) as err:
         sched.admit(1, clock.now + 3.0)
     assert err.value.retry_after_s == pytest.approx(3.0)
@@ -248,40 +248,54 @@ def test_lanes_run_batches_at_once():
     assert elapsed < 8 * 0.05 * 0.8, elapsed  # two lanes: about half the serial time
 
 
-def test_admission_calibrates_to_what_requests_really_took():
+def test_a_backlog_is_planned_at_the_rate_the_replica_really_answers():
     clock = FakeClock()
-    # The curve says 100 ms per image; in fact (decode, contention) requests take twice as long as predicted.
+    # The curve says 100 ms per image; under load (decode, contention) the replica answers 5 images/s, not 10.
     sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
-    assert sched.predicted_drain_s(10) == pytest.approx(1.0)
-    for i in range(20):
-        ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 0.5 + 0.1 * i  # it was predicted to wait behind a queue, and took twice as long
-        clock.now += 2 * ticket.predicted_s
-        sched.release(ticket, "deadline")
-    assert sched.slowdown == pytest.approx(2.0) and sched.calibration.fixed_s == pytest.approx(0.0, abs=1e-9)
-    assert sched.predicted_drain_s(10) == pytest.approx(10 * 0.1 * 2.0)
-    # Fewer are admitted at once: 30 images fit 3 s at the curve's rate, 15 now.
-    admitted: list = []
-    deadline = clock.now + 3.0
+    tickets = [sched.admit(1, clock.now + 60) for _ in range(50)]
+    assert sched.predicted_drain_s() == pytest.approx(5.0)  # nothing measured yet: the curve
+    for ticket in tickets[:40]:  # a backlog throughout: one image every 0.2 s
+        clock.now += 0.2
+        sched.throughput.finished(clock.now, 1)
+        sched.release(ticket)
+        if ticket is tickets[18]:  # 19 images over 3.8 s: too few to go by
+            assert sched.throughput.images_per_s(clock.now) is None
+    assert sched.throughput.images_per_s(clock.now) == pytest.approx(5.0)
+    assert sched.predicted_drain_s() == pytest.approx(10 / 5.0) and sched.predicted_drain_s(5) == pytest.approx(15 / 5.0)
+    # Fewer are admitted: 3 s before the earliest deadline now holds 15 images in all, not 30.
+    deadline = clock.now + 3.01
     with pytest.raises(Overloaded):
         while True:
-            admitted.append(sched.admit(1, deadline))
-    assert len(admitted) == 15
-    for ticket in admitted:
-        sched.release(ticket)
-    # An idle request is judged hopeless by the engine alone, not by the slowdown (a 422 must mean "never").
-    sched2 = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=1.0), curve=curve_of({1: 100}), clock=clock)
-    sched2.calibration.slowdown = 4.0
+            sched.admit(1, deadline)
+    assert sched.outstanding == 15
+    # An idle request is judged hopeless by the engine alone, not by the measured rate (a 422 must mean "never").
     with pytest.raises(Overloaded) as err:
-        sched2.admit(3, clock.now + 0.35)
-    assert not err.value.hopeless  # 0.3 s alone fits; it is the slowdown that says "not now"
-    # Requests faster than predicted bring it back down (never below 1).
-    for i in range(40):
-        ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 0.5 + 0.1 * (i % 10)
-        clock.now += 0.5 * ticket.predicted_s
-        sched.release(ticket, "deadline")
-    assert sched.slowdown == pytest.approx(1.0)
+        sched.admit(3, clock.now + 0.35)
+    assert not err.value.hopeless  # 0.3 s alone fits; it is the queue that says "not now"
+    # A measurement goes stale: without a backlog for THROUGHPUT_FRESH_S, the curve plans again.
+    from detserve.serve.admission import THROUGHPUT_FRESH_S
+
+    clock.now += THROUGHPUT_FRESH_S + 0.1
+    assert sched.throughput.images_per_s(clock.now) is None and sched.predicted_drain_s() == pytest.approx(sched.outstanding * 0.1)
+
+
+def test_only_time_with_a_backlog_counts_towards_throughput():
+    """One request at a time measures its own latency (decode, hop, encode), not what the replica can do: not counted."""
+    from detserve.serve.admission import Throughput
+
+    t = Throughput()
+    for i in range(20):  # a lone request every second, each taking 0.3 s
+        t.backlog(i, False)
+        t.finished(i + 0.3, 1)
+    assert t.images_per_s(20.0) is None and t.busy_s == 0.0
+    t.backlog(30.0, True)
+    for k in range(1, 51):
+        t.finished(30.0 + 0.1 * k, 2)  # 20 images/s while backlogged
+    t.backlog(35.0, False)
+    assert t.images_per_s(35.1) == pytest.approx(20.0)
+    t.backlog(38.0, True)  # a new backlog, three seconds later: the idle time between does not count
+    t.finished(38.5, 10)
+    assert t.images_per_s(38.5) == pytest.approx((100 + 10) / (5.0 + 0.5), rel=0.01)
 
 
 def test_headroom_keeps_part_of_the_time_left_for_what_the_curve_does_not_see():
@@ -313,23 +327,20 @@ def test_the_policy_explores_neighbours_and_follows_a_curve_that_changes_under_l
     assert {fixed.next_batch_size(fixed.target_batch()) for _ in range(100)} == {8}
 
 
-def test_a_fixed_delay_over_short_predictions_does_not_shut_out_a_burst():
-    """The first requests of a burst wait out the arrivals (a fixed delay), not a slower engine: the calibration
-    tells the two apart, so the rest of the burst is admitted at the engine's rate."""
+def test_a_cold_burst_is_admitted_at_the_engines_rate_until_the_replica_has_measured_itself():
+    """Before any backlog has been measured the cost curve plans: a burst's first answers, each late by the arrivals
+    around it (a fixed delay), do not read as a slower rate and do not shut the rest of the burst out."""
     clock = FakeClock()
     sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0, headroom=0.8), curve=curve_of({1: 25}), clock=clock)
-    for i in range(20):  # predicted 0.05-1 s behind a growing queue, each took 0.3 s more: ratios up to 7
-        ticket = sched.admit(1, clock.now + 60)
-        ticket.predicted_s = 0.05 * (i + 1)
-        clock.now += 0.3 + ticket.predicted_s
-        sched.release(ticket, "deadline")
-    assert sched.slowdown == pytest.approx(1.0) and sched.calibration.fixed_s == pytest.approx(0.3)
-    # 300 images at 40/s take 7.5 s by the curve, 7.8 s with the fixed delay: they fit 0.8 x 30 s with room to spare.
     deadline = clock.now + 30.0
-    tickets = [sched.admit(1, deadline) for _ in range(300)]
-    assert len(tickets) == 300
-    # A ratio would have read 1.3-7x and applied it to the whole queue.
-    assert sched.predicted_drain_s() == pytest.approx(0.3 + 7.5)
+    tickets = [sched.admit(1, deadline) for _ in range(300)]  # 7.5 s at 40/s: within 0.8 x 30 s
+    assert len(tickets) == 300 and sched.predicted_drain_s() == pytest.approx(7.5)
+    # Measured under the burst at half the curve's rate: 15 s for the 300, still within the plan.
+    for ticket in tickets[:100]:
+        clock.now += 0.05
+        sched.throughput.finished(clock.now, 1)
+        sched.release(ticket)
+    assert sched.predicted_drain_s() == pytest.approx(200 / 20.0)
 
 
 def test_a_short_queue_goes_the_quickest_way_and_a_backlog_the_cheapest():
