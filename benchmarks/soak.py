@@ -715,7 +715,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def build_parser(prog: str = "python -m detserve.benchmarks.soak") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Mixed open-loop load at a share of capacity, watching for unexpected answers, RSS growth and fd leaks (README, Soak).")
+    parser = argparse.ArgumentParser(prog=prog, description="Mixed open-loop load at a share of capacity, watching for unexpected answers, RSS growth and fd leaks (docs/operations.md, Soak).")
     parser.add_argument("--seconds", type=float, default=600.0, help="length of the open-loop load (default 600)")
     parser.add_argument("--fraction", type=float, default=0.7, help="the load as a share of the measured capacity (default 0.7)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples of RSS and fds (default 10)")
