@@ -43,20 +43,27 @@ def test_a_missing_shipped_file_says_where_it_looked_and_what_to_do(monkeypatch,
     assert str(tmp_path / "models") in str(error.value) and f"export {paths.ROOT_ENV}=" in str(error.value)
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel `pip wheel` builds from a copy of the checkout (a build writes build/ where it runs)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md", "deploy.yaml"):
+PACKAGES = ("detserve", "runtime", "training", "export", "adapters", "serve", "benchmarks")
+
+
+def build_wheel(source: Path, out: Path, shipped: bool = True) -> Path:
+    """`pip wheel` of a copy of the checkout (a build writes build/ where it runs); without the shipped files
+    when ``shipped`` is False, as the Dataloop runner images build it."""
+    for name in ("pyproject.toml", "README.md") + (("deploy.yaml",) if shipped else ()):
         shutil.copy2(ROOT / name, source / name)
-    for folder in ("detserve", "runtime", "training", "export", "adapters", "serve", "benchmarks", "models"):
+    for folder in PACKAGES + (("models",) if shipped else ()):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path_factory.mktemp("wheel")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(source)],
-                   check=True, capture_output=True, timeout=120)
+    done = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(source)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     [built] = out.glob("detserve-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel"))
 
 
 def test_the_wheel_ships_deploy_yaml_and_the_default_weights(wheel):
@@ -85,3 +92,13 @@ def test_an_installed_wheel_finds_its_shipped_files_outside_any_checkout(wheel, 
     assert Path(config) == (prefix / "share/detserve/deploy.yaml").resolve()
     assert Path(weights) == (prefix / "share/detserve/models/yolo-shapes.pt").resolve() and Path(weights).is_file()
     assert Path(artifacts) == elsewhere.resolve() / "artifacts"  # written where it runs, not into the install
+
+
+def test_a_build_without_the_shipped_files_still_makes_a_wheel(tmp_path):
+    """The Dataloop runner images copy only the packages: their build must not need models/ or deploy.yaml."""
+    (tmp_path / "source").mkdir()
+    (tmp_path / "out").mkdir()
+    built = build_wheel(tmp_path / "source", tmp_path / "out", shipped=False)
+    with zipfile.ZipFile(built) as z:
+        names = z.namelist()
+    assert "detserve/runtime/paths.py" in names and not [n for n in names if ".data/" in n]
