@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from detserve.benchmarks.loadgen import percentile
+from detserve.benchmarks.peers import dist_version
 
 
 def time_calls(fn: Callable[[], object], *, seconds: float, min_iters: int = 3, warmup: int = 1, max_iters: int = 10_000) -> list[float]:
@@ -213,7 +214,7 @@ def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3
         data = payloads[next(counter) % len(payloads)]
         yolo_predict(model, [decode(data)], imgsz=manifest.input.imgsz, conf=params.conf, iou=params.iou, max_det=params.max_det)
 
-    r = _measured("baseline", f"ultralytics-{_version('ultralytics')}-torch-eager", 1, 1, one, seconds, warmup=2)
+    r = _measured("baseline", f"ultralytics-{dist_version('ultralytics')}-torch-eager", 1, 1, one, seconds, warmup=2)
     log(f"  baseline ultralytics predict (torch threads=1): {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return [r]
 
@@ -267,47 +268,3 @@ class _Defaults:
     def __init__(self, manifest):
         self.manifest = manifest
 
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
-
-
-def jpeg_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
-    """``n`` generated scenes (200-480 px sides) as JPEG bytes: what every server and the baseline get."""
-    import io
-
-    from PIL import Image
-
-    from detserve.training.synthetic import scenes
-
-    out = []
-    for scene in scenes(n, seed):
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).save(buffer, format="JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
-
-
-#: Photo sizes of the mixed workload: VGA, 1080p, 3, 6 and 12 MP (landscape; every fifth payload is each).
-PHOTO_SIZES = ((640, 480), (1920, 1080), (2048, 1536), (3000, 2000), (4000, 3000))
-
-
-def photo_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
-    """``n`` generated scenes resized to real photo sizes (VGA to 12 MP) in turn, as JPEG bytes.
-
-    Generated pictures at photo sizes: decode costs what a photo of that size costs, the texture is not a camera's.
-    """
-    import io
-
-    from PIL import Image
-
-    from detserve.training.synthetic import scenes
-
-    out = []
-    for i, scene in enumerate(scenes(n, seed)):
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).resize(PHOTO_SIZES[i % len(PHOTO_SIZES)], Image.BILINEAR).save(buffer, format="JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out

@@ -281,11 +281,7 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     ax.set_title("Throughput vs p99 latency (closed loop, shared 2-core machine)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "throughput-vs-p99.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, outdir / "throughput-vs-p99.png"))
 
     # Batch sizes formed at each server's highest-concurrency closed-loop point (share of images).
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -307,12 +303,24 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     ax.set_title("Batches formed by each server")
     if shown:
         ax.legend(fontsize=7)
+    written.append(_save(fig, outdir / "batch-sizes.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = outdir / "batch-sizes.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
+
+
+def show(markdown: str, written: Iterable[Path]) -> None:
+    """The end of a run: its report on stdout, then the files it wrote."""
+    print()
+    print(markdown)
+    print(f"wrote {', '.join(str(p) for p in written)}", flush=True)
 
 
 def write_all(results: dict, outdir: Path) -> dict[str, Path]:

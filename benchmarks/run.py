@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import os
 import platform
-import signal
 import sys
 import time
 import traceback
@@ -26,16 +25,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
 
 offline.apply()
 
 from detserve.benchmarks import loadgen, peers, raw, report  # noqa: E402
-from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
+from detserve.benchmarks import payloads as bench_payloads  # noqa: E402
+from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan, log  # noqa: E402
+from detserve.benchmarks.server import APP, end_own_children, start_detserve, stop_on_sigterm  # noqa: E402
 from detserve.serve.app import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = "bench"
 
 #: detserve's deployment for the benchmark: the CPU defaults of serve.app, but one fixed
 #: replica (no autoscaling) so that every server runs exactly one inference worker.
@@ -89,10 +88,6 @@ FULL = Profile(
     torch_batch_sizes=[1, 8],
     p99_budgets_ms=[100.0, 250.0, 500.0, 1000.0, 2000.0],
 )
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # --- machine and versions ------------------------------------------------------------
@@ -160,7 +155,7 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
         from detserve.export.pipeline import ExportRequest, export_model
         from detserve.runtime.manifest import ManifestError, read_manifest
 
-        folder = ROOT / ".cache" / "bench-models" / f"yolo-shapes-{imgsz}"
+        folder = paths.cache_dir() / "bench-models" / f"yolo-shapes-{imgsz}"
         try:
             if read_manifest(folder).input.imgsz == imgsz:
                 return folder
@@ -173,7 +168,7 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
         from detserve.export.defaults import ensure_default_models
 
         return ensure_default_models(("yolo",), quiet=True)["yolo"]
-    folder = ROOT / ".cache" / "bench-models" / "yolov8n-320-random"
+    folder = paths.cache_dir() / "bench-models" / "yolov8n-320-random"
     from detserve.runtime.manifest import ManifestError, read_manifest
 
     try:
@@ -209,41 +204,8 @@ def open_shapes(profile: Profile, reference_images_per_s: float | None) -> list[
     return [OpenLoop(rate=round(f * reference_images_per_s, 1), seed=i) for i, f in enumerate(profile.open_fractions) if f > 0]
 
 
-def serve_logging_config() -> dict:
-    """deploy.yaml's logging_config (access log off, as shipped), so the benchmark serves like ``make serve``."""
-    import yaml
-
-    try:
-        return dict(yaml.safe_load((ROOT / "deploy.yaml").read_text()).get("logging_config") or {})
-    except (OSError, AttributeError):
-        return {"encoding": "TEXT", "log_level": "INFO", "enable_access_log": False}
-
-
 def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
-
-
-def start_detserve(args: dict[str, Any], options: dict[str, Any], request_timeout_s: float = 30.0) -> tuple[str, dict]:
-    """detserve on an in-process Ray, as every benchmark runs it; returns (base URL, logging_config) once ``/bench/info`` answers.
-
-    start_ray(2), Serve's proxy on 127.0.0.1 (a free port, HeadOnly, deploy.yaml's
-    logging_config), the application under ``/bench``. The caller ends it with
-    ``detserve.serve.run.shutdown()``.
-    """
-    from ray import serve
-
-    from detserve.serve.app import application
-    from detserve.serve.run import start_ray
-
-    port = peers.free_port()
-    start_ray(2)
-    logging_config = serve_logging_config()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s}, proxy_location="HeadOnly",
-                logging_config=logging_config)  # fmt: skip
-    serve.run(application(args, options), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
-    base = f"http://127.0.0.1:{port}"
-    _wait_http(f"{base}/{APP}/info", 120)
-    return base, logging_config
 
 
 def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
@@ -336,23 +298,6 @@ async def _measure_handle(base: str, payloads: list[bytes], shapes, plan: Window
     return out
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
-    import urllib.request
-
-    loadgen.require_loopback(url)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with opener.open(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.5)
-
-
 def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, results: dict, workdir: Path, peer_workers: int) -> None:
     """Start one peer, measure it like detserve, stop it (and check that nothing it started is left)."""
     from detserve.serve.app import AppArgs
@@ -430,10 +375,10 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     folder = resolve_model(model, imgsz)
     results["model"] = model_info(folder)
     if photos:
-        payloads = raw.photo_payloads(profile.payloads)
-        source = f"generated scenes resized to photo sizes {raw.PHOTO_SIZES} in turn, JPEG q90"
+        payloads = bench_payloads.photo_payloads(profile.payloads)
+        source = f"generated scenes resized to photo sizes {bench_payloads.PHOTO_SIZES} in turn, JPEG q90"
     else:
-        payloads = raw.jpeg_payloads(profile.payloads)
+        payloads = bench_payloads.jpeg_payloads(profile.payloads)
         source = "detserve.training.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"
     results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads), "source": source}
 
@@ -475,41 +420,6 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     return results, files
 
 
-def end_own_children(grace_s: float = 15.0) -> list[str]:
-    """Wait for this process's children (Ray's, after shutdown) to exit; end any that do not, by pid. Returns what had to be ended."""
-    import psutil
-
-    me = psutil.Process()
-    deadline = time.monotonic() + grace_s
-    while (children := [c for c in me.children(recursive=True) if _alive(c)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    ended = []
-    for child in children:
-        try:
-            ended.append(f"{child.pid} {' '.join(child.cmdline())[:80]}")
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=5)
-    for child in children:
-        if _alive(child):
-            child.kill()
-    return ended
-
-
-def _alive(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt  # run the finally blocks: peers stopped, Ray shut down
-
-
 def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.ArgumentParser:
     """The benchmark's options; ``detserve bench --help`` prints this parser's help."""
     parser = argparse.ArgumentParser(prog=prog, description="Raw engine, the baseline, detserve and peer servers, side by side, one at a time (benchmarks/README.md).")
@@ -521,7 +431,7 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
                       help="detserve alone, as deploy.yaml ships it: peak, a burst, an open loop at 2x the peak, large and small requests mixed (benchmarks/overload.py)")  # fmt: skip
     parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
     parser.add_argument("--only", help="comma-separated subset of raw,detserve,litserve,pytriton")
-    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (a timestamped folder is made inside)")
+    parser.add_argument("--out", default=str(paths.results_dir()), help="results root (a timestamped folder is made inside)")
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
@@ -530,7 +440,7 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
     parser.add_argument("--batch-policy", choices=("measured", "fixed"), help="detserve's user_config batch_policy (default: the shipped one, measured)")
     parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
-    parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
+    parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {bench_payloads.PHOTO_SIZES} instead of 200-480 px scenes")
     overload = parser.add_argument_group("--overload")
     overload.add_argument("--overload-seconds", type=float, default=60.0, help="each open loop's length in seconds (default 60)")
     overload.add_argument("--overload-deadline", type=float, default=2.0,
@@ -545,7 +455,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     if args.setup_peers:
         log(f"PyTriton venv ready: {peers.setup_pytriton()}")
         return 0
-    signal.signal(signal.SIGTERM, _sigterm)
+    stop_on_sigterm()
     if args.overload:
         from detserve.benchmarks import overload
 
@@ -562,9 +472,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     only = [x.strip() for x in args.only.split(",")] if args.only else None
     results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers,
                          imgsz=args.imgsz, photos=args.photos, direct=args.direct_ingress)  # fmt: skip
-    print()
-    print(files["markdown"].read_text())
-    log(f"wrote {', '.join(str(p) for p in files.values())}")
+    report.show(files["markdown"].read_text(), files.values())
     return 1 if results["errors"] else 0
 
 

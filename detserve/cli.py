@@ -332,7 +332,7 @@ def _dataloop_subset(data: Path, subset: Optional[str]) -> tuple[Path, str]:
 @app.command()
 @user_errors
 def serve(
-    config: Path = typer.Option(Path(__file__).resolve().parent.parent / "deploy.yaml", "--config", help="Serve config file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Serve config file (default: the deploy.yaml detserve ships)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="HTTP port."),
     app_name: Optional[list[str]] = typer.Option(None, "--app", metavar="NAME", help="Serve only this application; repeat for more (default: all)."),
@@ -340,9 +340,11 @@ def serve(
     """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.defaults import DEFAULT_MODELS
+    from detserve.runtime.paths import deploy_config
     from detserve.serve.run import load_config, main as run_server, require_auth_for
 
     require_auth_for(host)  # before exporting models or starting Ray
+    config = config or deploy_config()
     names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
     defaults = tuple(n for n in names if n in DEFAULT_MODELS)
     if defaults:  # export once here, not in every replica

@@ -54,7 +54,7 @@ def environment() -> dict[str, str]:
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "detserve.serve.proxy_errors:middlewares",
         # Serve's controller loops every 0.1 s by default. At 0.5 s it took 1.2 % of a core instead of 2.8 %, and
         # the GCS it polls 0.6 % instead of 1.4 %: 2.6 % more images/s for the engine at 640 px on 2 cores
-        # (2026-12-04). Deploys, scaling decisions and replica restarts start up to 0.4 s later.
+        # (docs/benchmarks.md). Deploys, scaling decisions and replica restarts start up to 0.4 s later.
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"),
         # dtlpy writes ~/.dataloop otherwise.
         "DATALOOP_PATH": str(HOME / "dataloop"),

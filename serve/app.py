@@ -136,7 +136,9 @@ def resolve_model(model: str) -> Path:
         return default_folder(model)
     path = Path(model).expanduser()
     if not path.is_absolute():
-        path = Path(os.environ.get("DETSERVE_ROOT", Path.cwd())) / path
+        from detserve.runtime.paths import root
+
+        path = root() / path
     return path
 
 

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
 from detserve.serve import ingress
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_config(path: Path):
@@ -103,7 +101,7 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
         object_store_memory=200 * 1024 * 1024,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(temp),
-        runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(ROOT)}},
+        runtime_env={"env_vars": {**env, **auth, paths.ROOT_ENV: str(paths.root())}},
         logging_level="WARNING",
         configure_logging=True,
         _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
@@ -315,10 +313,11 @@ def shutdown() -> None:
         _address_file(offline.ray_run_dir()).unlink(missing_ok=True)
 
 
-def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
+def main(config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
     from detserve.runtime.defaults import sample_path
     from detserve.runtime.progress import console, step
 
+    config_path = config_path or paths.deploy_config()
     set_proxy_body_limits(proxy_body_limits(load_config(config_path)))
     with step("Starting Ray on 127.0.0.1"):
         start_ray()

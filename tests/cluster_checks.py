@@ -18,10 +18,11 @@ import collections
 import io
 import json
 import os
-import socket
 import sys
 import time
-from pathlib import Path
+
+from detserve.benchmarks.ports import free_port
+from detserve.runtime import paths
 
 # Fast autoscaling metrics, as Ray's own autoscaling tests use. Read by every Ray
 # process at start, so set before Ray starts (the raylets pass them to workers).
@@ -31,12 +32,6 @@ FAST_METRICS_ENV = {
 }
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 APP, DEPLOYMENT = "yolo", "DetectionServer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_png() -> bytes:
@@ -277,7 +272,7 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
 
         ray.init(
             address=cluster.address, logging_level="WARNING",
-            runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(Path(__file__).resolve().parent.parent)}},
+            runtime_env={"env_vars": {**env, **auth, paths.ROOT_ENV: str(paths.root())}},
         )  # fmt: skip
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly", logging_config=QUIET)

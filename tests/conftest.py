@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import io
-import socket
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import detserve.runtime.offline
+from detserve.benchmarks.ports import free_port  # noqa: F401  (the tests' one way to get a port)
 
 detserve.runtime.offline.apply()
+# A deleted application's replica otherwise holds its HTTP server open for 30 s under the HAProxy ingress (Ray's
+# direct-ingress draining floor, for load balancers to deregister it): each serve.delete in the suite waited that
+# long. Nothing balances across the test Ray's replicas. Read by every Ray process at start, so set before it.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,12 +65,6 @@ def fasterrcnn_export(tmp_path_factory) -> Path:
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def metrics_port() -> int:
     return free_port()
@@ -97,9 +96,36 @@ def serve_cluster(metrics_port):
     shutdown()
 
 
-def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+def orientation_exif(orientation: int):
+    """EXIF that tells a viewer to turn the stored pixels (tag 0x0112: 3 half turn, 6 and 8 quarter turns)."""
     from PIL import Image
 
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.fixture(scope="session")
+def yolo_url(serve_cluster, yolo_export):
+    """The default YOLO as an application of the session's Ray, for every module that needs one running (its
+    URL prefix, ``.../yolo``). One replica: an autoscaled second one would start (and warm up, taking a core)
+    in the middle of a later test."""
+    from ray import serve
+
+    from detserve.serve.app import application
+
+    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 32,
+               "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}  # fmt: skip
+    serve.run(application({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
+    return f"{serve_cluster}/yolo"
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", *, orientation: int | None = None, **kwargs) -> bytes:
+    """``image`` as a file in ``fmt`` (Pillow's save options in ``kwargs``), with an EXIF orientation if given."""
+    from PIL import Image
+
+    if orientation is not None:
+        kwargs["exif"] = orientation_exif(orientation)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, **kwargs)
     return buf.getvalue()

@@ -208,12 +208,6 @@ def assert_model_info(annotations: list[dict], model: dl.Model, labels: set[str]
         assert a["label"] in labels
 
 
-def exif_rotated_jpeg(image: np.ndarray, orientation: int = 6) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(image, "JPEG", quality=92, exif=exif)
-
-
 def as_displayed(path: Path) -> np.ndarray:
     """The RGB pixels a viewer shows for a file (EXIF applied by PIL, not by detserve)."""
     with Image.open(path) as im:
@@ -234,7 +228,7 @@ def image_files(tmp_path_factory, scenes) -> list[tuple[Path, np.ndarray]]:
         path.write_bytes(encode(scene.image, fmt, **({"quality": 92} if fmt == "JPEG" else {})))
         files.append(path)
     rotated = folder / "rotated.jpg"
-    rotated.write_bytes(exif_rotated_jpeg(scenes[4].image))
+    rotated.write_bytes(encode(scenes[4].image, "JPEG", quality=92, orientation=6))
     files.append(rotated)
     out = [(path, as_displayed(path)) for path in files]
     h, w = scenes[4].image.shape[:2]

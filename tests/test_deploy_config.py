@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from detserve.serve.app import AppArgs, UserConfig
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def configs():

@@ -476,8 +476,9 @@ def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give(
 def test_detserve_serve_hands_the_proxy_each_apps_limit_and_the_body_limit_is_outermost():
     from detserve.serve import proxy_errors
     from detserve.serve.app import AppArgs
-    from detserve.serve.run import ROOT, load_config, proxy_body_limits
+    from detserve.runtime.paths import deploy_config
+    from detserve.serve.run import load_config, proxy_body_limits
 
-    assert proxy_body_limits(load_config(ROOT / "deploy.yaml")) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
+    assert proxy_body_limits(load_config(deploy_config())) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
     assert proxy_errors.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
     assert proxy_errors.middlewares()[-1].cls is proxy_errors.BodyLimit  # Ray wraps in list order: the last sees requests first

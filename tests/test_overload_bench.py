@@ -5,30 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 
 import pytest
 from aiohttp import web
 
 from detserve.benchmarks import loadgen, overload, peers
 from detserve.benchmarks.overload import Reply
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests import stand_in
 
 
 async def _serve(handler):
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/predict", handler)
-    app.router.add_post(f"/{overload.APP}/predict", handler)  # the benchmark's own route
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    # /predict, and the benchmark's own route
+    return await stand_in.start(("POST", "/predict", handler), ("POST", f"/{overload.APP}/predict", handler), client_max_size=64 * 1024 * 1024)
 
 
 # --- the burst shape and the response hook --------------------------------------------------

@@ -49,8 +49,8 @@ from detserve.export.tensorrt import (
     manifest_profile,
     profile_shapes,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # -- the pod table -------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The embedded Ray of `detserve serve`: loopback only, token auth on, the token private.
 
 Uses the session's Ray (serve_cluster, started by start_ray as `detserve serve`
-starts it) and one small YOLO application.
+starts it) and its YOLO application (yolo_url).
 """
 
 from __future__ import annotations
@@ -17,22 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import QUIET, encode
+from tests.conftest import encode
 
 pytestmark = pytest.mark.serve
 
-APP = "secured"
-
-
-@pytest.fixture(scope="module")
-def secured_app(serve_cluster, yolo_export):
-    from ray import serve
-
-    from detserve.serve.app import application
-
-    serve.run(application({"model": str(yolo_export)}, {}), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=QUIET)
-    yield f"{serve_cluster}/{APP}"
-    serve.delete(APP)
+APP = "yolo"  # the session's application (tests/conftest.py, yolo_url)
 
 
 def replica_pids() -> set[int]:
@@ -41,7 +30,7 @@ def replica_pids() -> set[int]:
     return {one.pid for one in listeners() if one.process.startswith("ray::ServeReplica")}
 
 
-def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(secured_app):
+def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(yolo_url):
     import ray
     from ray._private import ray_constants
 
@@ -88,7 +77,7 @@ def grpc_code(target: str, method: str, token: str | None):
         return grpc.StatusCode.OK
 
 
-def test_replica_grpc_and_gcs_refuse_calls_without_the_token(secured_app):
+def test_replica_grpc_and_gcs_refuse_calls_without_the_token(yolo_url):
     import grpc
     import ray
 
@@ -132,7 +121,7 @@ print("attached")
 """
 
 
-def test_attach_finds_the_token_and_a_process_without_it_is_refused(secured_app, scenes, tmp_path):
+def test_attach_finds_the_token_and_a_process_without_it_is_refused(yolo_url, scenes, tmp_path):
     import ray
 
     image = tmp_path / "scene.png"

@@ -17,22 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import LIMITED_BODY_BYTES, LIMITED_ROUTE, QUIET, encode, free_port
+from tests.conftest import LIMITED_BODY_BYTES, LIMITED_ROUTE, QUIET, encode
 
 pytestmark = pytest.mark.serve
-
-@pytest.fixture(scope="module")
-def yolo_url(serve_cluster, yolo_export):
-    from ray import serve
-
-    from detserve.serve.app import application
-
-    # One replica: an autoscaled second one would start (and warm up, taking a core) in the middle of a later test.
-    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 32,
-               "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}  # fmt: skip
-    serve.run(application({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
-    yield f"{serve_cluster}/yolo"
-    serve.delete("yolo")
 
 
 @pytest.fixture(scope="module")
