@@ -72,10 +72,9 @@ from detserve.serve.admission import (
 #: beside whatever the other lanes run. With 5 %, at 640 px and two lanes, the policy switched among 1, 2
 #: and 4 in every c=16 run. Real differences on a GPU are multiples, far above it.
 #: The largest, not the smallest: within that noise the figures cannot tell the sizes apart, and under
-#: load the bigger batch was the cheaper one. At 640 px with two lanes and c=16-64 (2026-12-04), batches
-#: of 8 ran at 79-81 ms an image in the engine against 84-90 for the policy's batches of 1-2, and gave
-#: 23.4 and 24.5 images/s against 21.4-22.4 (LitServe, batching 5-8: 25.4-25.5, 75 ms an image); a flat
-#: warm-up curve, measured alone, had chosen 1. A short queue still goes the quickest way (quickest_batch).
+#: load the bigger batch was the cheaper one (at 640 px on two lanes, batch 8 ran some 8 % cheaper an image
+#: than the batches of 1-2 that a flat warm-up curve had chosen; docs/benchmarks.md). A short queue still
+#: goes the quickest way (quickest_batch).
 COST_TOLERANCE = 0.15
 #: One batch in this many tries the next measured size up or down (in turn), when enough images are ready.
 EXPLORE_EVERY = 16
