@@ -158,7 +158,10 @@ class RetrySlots:
 #: admitted on a guess that is too kind.
 DEFAULT_DECODE_S_PER_MP = 0.03
 #: The least an image costs to decode and prepare, whatever its size (file parse, letterbox, copies).
-MIN_DECODE_S = 0.001
+MIN_DECODE_S = 0.002
+#: Only images this large teach the per-megapixel rate: a small one's time is mostly the fixed cost (a 64-pixel
+#: PNG taking a millisecond read as 15 s a megapixel, and refused the next ordinary photo as hopeless).
+DECODE_LEARN_MIN_PIXELS = 250_000
 DECODE_ALPHA = 0.2
 
 
@@ -176,7 +179,7 @@ class DecodeCost:
         return max(MIN_DECODE_S, rate * pixels / 1e6)
 
     def observe(self, fmt: str, pixels: int, seconds: float) -> None:
-        if pixels <= 0 or not math.isfinite(seconds):
+        if pixels < DECODE_LEARN_MIN_PIXELS or not math.isfinite(seconds):
             return
         rate = seconds / (pixels / 1e6)
         old = self.s_per_mp.get(fmt)

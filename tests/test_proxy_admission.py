@@ -226,3 +226,15 @@ def test_the_budget_is_the_clients_when_shorter_less_the_answer_margin():
     assert request_budget_s(30.0, 2.0) == 2.0 - ANSWER_BEFORE_TIMEOUT_S
     assert request_budget_s(30.0, 60.0) == 30.0 - ANSWER_BEFORE_TIMEOUT_S
     assert request_budget_s(30.0, 0.2) == 0.0 and math.isclose(request_budget_s(2.5, None), 2.0)
+
+
+def test_decode_cost_is_learnt_per_megapixel_from_large_images_only():
+    from detserve.serve.admission import DecodeCost
+
+    cost = DecodeCost()
+    cost.observe("png", 1_000_000, 0.02)
+    cost.observe("png", 64, 0.001)  # a tiny image's time is its fixed cost: it teaches nothing per megapixel
+    assert cost.predict("png", 36_000_000) == pytest.approx(0.72) and cost.predict("png", 64) == pytest.approx(0.002)
+    assert cost.predict("webp", 2_000_000) == pytest.approx(0.04)  # not yet measured: the dearest known format
+    cost.observe("png", 1_000_000, 0.04)
+    assert cost.predict("png", 1_000_000) == pytest.approx(0.8 * 0.02 + 0.2 * 0.04)
