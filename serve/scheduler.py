@@ -374,8 +374,10 @@ class Scheduler:
         return max(cost.images / rate, cost.decode_s + 1 / rate) + self.settings.encode_s
 
     def _queue_changed(self) -> None:
-        """``outstanding`` moved: a backlog starts or ends (it is more images than the lanes run at once)."""
-        self.throughput.backlog(self.clock(), self.outstanding > self.settings.lanes)
+        """The queue moved: a backlog starts or ends. A backlog is more images, from more requests, than the lanes
+        run at once: one large request alone decodes one image at a time, and its pace is not the replica's."""
+        lanes = self.settings.lanes
+        self.throughput.backlog(self.clock(), self.outstanding > lanes and len(self.tickets) > lanes)
 
     def outlook(self, replica: str, server_budget_s: float, wall_offset_s: float = 0.0) -> Outlook:
         """For the ingress (serve/admission.py): from when a one-image request would be admitted, as :meth:`admit`
@@ -433,8 +435,8 @@ class Scheduler:
         ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
                         admitted_at=now)  # fmt: skip
         self.outstanding += n_images
-        self._queue_changed()
         self.tickets.add(ticket)
+        self._queue_changed()
         order = next(self._order)
         heapq.heappush(self._soonest, (deadline, order, ticket))
         heapq.heappush(self._latest, (-deadline, order, ticket))
@@ -507,12 +509,12 @@ class Scheduler:
             self.counts[reason] += 1
         # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
         self.outstanding -= ticket.n - ticket.started
-        self._queue_changed()
         self._ready -= len(ticket.ready)
         if ticket.ready:
             self._waiting -= 1
         ticket.ready.clear()  # it stays in its line, closed, until a lane passes it (take_batch)
         self.tickets.discard(ticket)
+        self._queue_changed()
         if ticket.future is not None and not ticket.future.done():
             ticket.future.cancel()
 

@@ -311,6 +311,16 @@ def test_a_backlog_is_planned_at_the_rate_the_replica_really_answers():
     assert sched.throughput.images_per_s(clock.now) is None and sched.predicted_drain_s() == pytest.approx(sched.outstanding * 0.1)
 
 
+def test_one_large_request_alone_is_not_a_backlog():
+    """Its images decode one after another: its pace is not what the replica can do for others."""
+    clock = FakeClock()
+    sched = Scheduler(lambda items, params: items, Settings(lanes=1, encode_s=0.0), curve=curve_of({1: 100}), clock=clock)
+    sched.admit(64, clock.now + 60)
+    assert sched.throughput.busy_since is None
+    sched.admit(1, clock.now + 60)
+    assert sched.throughput.busy_since == clock.now
+
+
 def test_only_time_with_a_backlog_counts_towards_throughput():
     """One request at a time measures its own latency (decode, hop, encode), not what the replica can do: not counted."""
     from detserve.serve.admission import Throughput

@@ -156,7 +156,7 @@ def test_concurrent_load_every_request_answered_once_and_batches_fill(yolo_url, 
     results = asyncio.run(main())
     elapsed = time.perf_counter() - started
     assert sorted(i for i, _, _ in results) == list(range(n_requests))  # each answered exactly once
-    assert all(status == 200 for _, status, _ in results)
+    assert all(status == 200 for _, status, _ in results), [(s, b) for _, s, b in results if s != 200][:3]
     for i, _, body in results:
         assert boxes_of(body["results"][0]["annotations"]) == want[i % len(images)]
     after = httpx.get(f"{yolo_url}/stats").json()
