@@ -52,7 +52,7 @@ from detserve.benchmarks.payloads import jpeg_payloads, large_payloads
 from detserve.benchmarks.run import _loadavg, detserve_requests, log, machine_info, model_info, resolve_model, versions
 from detserve.benchmarks.server import APP, end_own_children, shipped_settings, start_detserve
 from detserve.serve.app import DEADLINE_HEADER  # the client's deadline (Ray's proxy honours it too)
-from detserve.serve.proxy_admission import REFUSED_BY_HEADER, REFUSED_HERE
+from detserve.serve.admission import REFUSED_BY_HEADER
 
 #: The issue's targets: goodput at 2x arrival, and a small request's latency beside a large one.
 GOODPUT_TARGET = 0.9
@@ -61,8 +61,6 @@ FAIRNESS_BATCHES = 2.0
 IMMEDIATE_S = 1.0
 #: Seconds between the app answering and the first phase.
 SETTLE_S = 5.0
-#: How the replica's own 503 message begins (serve/app.py, DetectionServer.detect); Ray's queue-full 503 reads otherwise.
-REPLICA_SHED_PREFIX = "the server is busy"
 
 
 @dataclass(frozen=True)
@@ -107,12 +105,8 @@ def classify(status: int, headers: Any, body: bytes) -> tuple[str | None, str | 
         return retry_after, "not-json", None
     shed_by = None
     if status == 503 and code == "overloaded":
-        if headers is not None and headers.get(REFUSED_BY_HEADER) == "haproxy":
-            shed_by = "haproxy"  # detserve's admission in HAProxy (serve/haproxy_admission.lua)
-        elif REFUSED_HERE in message:
-            shed_by = "proxy"  # detserve's admission in front of the replica
-        else:
-            shed_by = "replica" if message.startswith(REPLICA_SHED_PREFIX) else "ray-queue"
+        # detserve's admission says who refused (haproxy, proxy or replica: serve/admission.py); a 503 without it is Ray's queue.
+        shed_by = (headers.get(REFUSED_BY_HEADER) if headers is not None else None) or "ray-queue"
     return retry_after, code, shed_by
 
 

@@ -264,3 +264,25 @@ def _from_array(array: np.ndarray, limits: Limits) -> np.ndarray:
         else:
             array = np.clip(array, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+def probe(data: ImageInput) -> tuple[str, int]:
+    """(format, pixels) of an image from its header alone, before any decode: what admission costs it by.
+
+    The format is Pillow's name in lower case (``jpeg``, ``png``...), ``array`` for numpy arrays and PIL
+    images (already decoded), ``unknown`` where the header does not parse: decode will say why, and the image
+    is costed as the smallest (the request is refused or answered with its error either way).
+    """
+    if isinstance(data, np.ndarray):
+        return "array", int(data.shape[0] * data.shape[1]) if data.ndim >= 2 else 0
+    if isinstance(data, Image.Image):
+        return "array", data.width * data.height
+    if isinstance(data, (str, Path)):
+        return "unknown", 0  # a local file (CLI, handles): read by decode; nothing to admit it against yet
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_open(io.BytesIO(data)) as image:
+                return (image.format or "unknown").lower(), image.width * image.height
+    except Exception:  # decode answers with the file's own error
+        return "unknown", 0

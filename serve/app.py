@@ -34,13 +34,14 @@ from fastapi import Request  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from ray import serve  # noqa: E402
 
-from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
+from detserve.runtime.images import ImageError, ImageInput, Limits, probe  # noqa: E402
 from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
 from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
-from detserve.serve.scheduler import (  # noqa: E402
-    PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
+from detserve.serve.admission import (  # noqa: E402
+    ADMIT_HEADER, REFUSED_BY_HEADER, DecodeCost, RequestCost, request_budget_s, retry_after_header,
 )  # fmt: skip
-from detserve.serve.proxy_admission import TIMEOUT_HEADER, LoadReport, parse_timeout  # noqa: E402
+from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes  # noqa: E402
+from detserve.serve.proxy_admission import TIMEOUT_HEADER, parse_timeout  # noqa: E402
 from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
 from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
 
@@ -201,6 +202,7 @@ class DetectionServer:
         self.info = self.detector.describe()
         self.scheduler = Scheduler(self._run_batch, settings, executor=self.engine_pool)
         self._measure_cost_curve()
+        self.scheduler.decode = self._measure_decode()
         self.replica_tag = _replica_tag()
         log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
 
@@ -214,6 +216,26 @@ class DetectionServer:
         params = self.detector.params()
         cap = min(self.scheduler.settings.max_batch_size, self.detector.engine.max_batch)
         self.scheduler.curve = measure_curve(lambda n: self.detector.run([sample] * n, params), probe_sizes(cap))
+
+    def _measure_decode(self) -> DecodeCost:
+        """Time decode + prepare per megapixel for JPEG and PNG, on a photo-like image (admission by pixels)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        side = 1024  # a megapixel: big enough that the per-pixel cost dominates
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        pixels = (ramp[None, :, None] * 0.5 + ramp[:, None, None] * 0.3 + rng.normal(0, 12, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        cost = DecodeCost()
+        for fmt, options in (("jpeg", {"quality": 90}), ("png", {})):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format=fmt.upper(), **options)
+            data = buf.getvalue()
+            seconds = min(prepare(self.detector, data, Limits()).decode_s for _ in range(2))
+            cost.observe(fmt, side * side, seconds)
+        return cost
 
     def reconfigure(self, user_config: dict) -> None:
         config = UserConfig(**(user_config or {}))
@@ -259,25 +281,32 @@ class DetectionServer:
         budget = self.budget_s(timeout_s)
         return time.monotonic() + budget - min(max(waited_s, 0.0), budget)
 
+    def request_cost(self, images: list[ImageInput]) -> tuple[RequestCost, list[tuple[str, int]]]:
+        """What admission costs a request by, from its images' headers (no decode), and each image's (format, pixels)."""
+        probes = [probe(image) for image in images]
+        decode = self.scheduler.decode
+        return RequestCost(len(images), sum(decode.predict(fmt, px) for fmt, px in probes), sum(px for _, px in probes)), probes
+
     async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float, budget_s: float | None = None) -> dict:
         """admit -> decode + prepare (threads) -> fair batches (engine) -> postprocess -> annotations."""
+        cost, probes = self.request_cost(images)
         try:
-            ticket = self.scheduler.admit(len(images), deadline, params, budget_s)
+            ticket = self.scheduler.admit(cost, deadline, params, budget_s)
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
-                raise ApiError(422, "deadline_too_short", f"{exc.reason}: give a longer {DEADLINE_HEADER}, or fewer images") from None
+                raise ApiError(422, "deadline_too_short", f"{exc.reason}: give a longer {DEADLINE_HEADER}, or fewer or smaller images") from None
             raise ApiError(
                 503, "overloaded",
                 f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
                 "(the Retry-After header), or send fewer images per request",
-                headers={"Retry-After": retry_after_header(exc.retry_after_s)},
+                headers={"Retry-After": retry_after_header(exc.retry_after_s), REFUSED_BY_HEADER: "replica"},
             ) from None  # fmt: skip
         reason = None
         try:
             # The whole answer, decode included, is bounded by the deadline (monotonic = the loop's clock).
             async with asyncio.timeout_at(deadline):
-                items = await self._prepare_all(ticket, images)
+                items = await self._prepare_all(ticket, images, probes)
                 detections = await self.scheduler.wait(ticket)
         except TimeoutError:
             reason = "deadline"
@@ -305,7 +334,7 @@ class DetectionServer:
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 
-    async def _prepare_all(self, ticket, images: list[ImageInput]) -> list[Item]:
+    async def _prepare_all(self, ticket, images: list[ImageInput], probes: list[tuple[str, int]]) -> list[Item]:
         """Decode and prepare one image at a time per request, each joining the queue as it is ready.
 
         One at a time, so a request of 64 large photos holds one decode thread,
@@ -320,6 +349,7 @@ class DetectionServer:
                 self.metrics.errors.inc(tags={"kind": exc.code})
                 raise image_error(exc, i if len(images) > 1 else None) from None
             self.metrics.decode.observe(item.decode_s)
+            self.scheduler.decode.observe(*probes[i], item.decode_s)
             self.stage_seconds["decode"] += item.decode_s
             item.queued_at = time.perf_counter()
             items.append(item)
@@ -372,13 +402,10 @@ class DetectionServer:
         timeout_s = header_timeout(request)
         return self.deadline(timeout_s, waited_since_proxy(request)), self.budget_s(timeout_s)
 
-    def load_report(self, images: int) -> LoadReport:
-        """What the proxy's admission needs from this replica, sent with every /predict answer (serve/proxy_admission.py)."""
-        s = self.scheduler.settings
-        return LoadReport(
-            replica=self.replica_tag, images_per_s=self.scheduler.effective_images_per_s(), request_timeout_s=self.args.request_timeout_s,
-            headroom=s.headroom, margin_s=s.margin_s, max_images=self.args.max_images, images=images,
-        )  # fmt: skip
+    def admission_header(self) -> dict[str, str]:
+        """This replica's :class:`~detserve.serve.admission.Outlook`, sent with every /predict answer for the ingress."""
+        outlook = self.scheduler.outlook(self.replica_tag, self.budget_s(None), time.time() - self.scheduler.clock())
+        return {ADMIT_HEADER: outlook.header()}
 
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))

@@ -85,7 +85,7 @@ def _retryable(response: httpx.Response) -> bool:
     """A 503 (shed before any work), a 408, or a 500 ``internal`` (its replica died): all safe to send again.
 
     A detserve replica drops a request's work at its deadline, which comes
-    before the proxy's own timeout (``PROXY_MARGIN_S``); so after either 408
+    before the proxy's own timeout (``ANSWER_BEFORE_TIMEOUT_S``); so after either 408
     (the replica's ``deadline_exceeded``, or the proxy's ``timeout`` when the
     answer was late on the way back) nothing is left running for it.
     """

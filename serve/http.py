@@ -41,7 +41,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from detserve.runtime.images import ImageError
-from detserve.serve.proxy_admission import LOAD_HEADER
 
 log = logging.getLogger("ray.serve")
 
@@ -530,10 +529,6 @@ def build_api(server) -> FastAPI:
     ) -> JSONResponse:
         images = await read_images(request, server.request_limits)
 
-        def load() -> dict[str, str]:
-            """This replica's load as it answers, for the proxy's admission (serve/proxy_admission.py; the proxy strips it)."""
-            return {LOAD_HEADER.decode(): server.load_report(len(images)).header()}
-
         try:
             params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
             # A Response, so FastAPI does not validate and re-serialise the body through
@@ -541,14 +536,14 @@ def build_api(server) -> FastAPI:
             # and tests/test_fuzz.py checks that the answers keep to it.
             body = await server.detect(images, params, *server.request_deadline(request))
         except ApiError as exc:
-            exc.headers = {**(exc.headers or {}), **load()}
+            exc.headers = {**(exc.headers or {}), **server.admission_header()}
             raise
         except asyncio.CancelledError:
             # Ray cancels the handler when the client disconnects; images not
             # yet decoded or batched are dropped with it (see README, "Serve").
             log.info("detserve: the client went away; its %d image(s) were dropped", len(images))
             raise
-        return JSONResponse(body, headers=load())
+        return JSONResponse(body, headers=server.admission_header())
 
     @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(500))
     async def stats() -> dict:

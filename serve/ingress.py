@@ -148,7 +148,9 @@ def rewrite(config: str, error_dir: Path) -> str:
 
 def loopback_config(path: Path) -> None:
     """Rewrite the config Ray wrote at ``path`` in place (under Ray's own lock file), with the error files beside it."""
-    lua = (Path(__file__).with_name("haproxy_admission.lua")).read_bytes()
+    from detserve.serve.proxy_admission import render_lua
+
+    lua = render_lua()
     files = {f"detserve-{status}.http": error_file(status) for status in ERROR_STATUSES} | {ADMISSION_LUA: lua}
     for name, wanted in files.items():
         target = path.parent / name

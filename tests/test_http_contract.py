@@ -351,7 +351,8 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
 
     from starlette.requests import Request
 
-    from detserve.serve.app import PROXY_MARGIN_S, DetectionServer, waited_since_proxy
+    from detserve.serve.admission import ANSWER_BEFORE_TIMEOUT_S
+    from detserve.serve.app import DetectionServer, waited_since_proxy
 
     def request(stamp: bytes | None) -> Request:
         headers = [] if stamp is None else [(b"x-detserve-received-at", stamp)]
@@ -365,8 +366,8 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     server.budget_s = lambda timeout_s: cls.budget_s(server, timeout_s)
     deadline = cls.deadline
     now = time.monotonic()
-    assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - PROXY_MARGIN_S)) < 0.1
-    assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - PROXY_MARGIN_S)) < 0.1
+    assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - ANSWER_BEFORE_TIMEOUT_S)) < 0.1
+    assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - ANSWER_BEFORE_TIMEOUT_S)) < 0.1
     assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted
 
 
