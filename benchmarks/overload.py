@@ -99,8 +99,7 @@ def classify(status: int, headers: Any, body: bytes) -> tuple[str | None, str | 
     if status == 200:
         return retry_after, None, None
     try:
-        error = json.loads(body)["error"]
-        code, message = str(error["code"]), str(error.get("message", ""))
+        code = str(json.loads(body)["error"]["code"])
     except Exception:
         return retry_after, "not-json", None
     shed_by = None

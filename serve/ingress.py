@@ -32,7 +32,7 @@ import re
 import sys
 from pathlib import Path
 
-from detserve.runtime import offline
+from detserve.serve import ray_auth
 
 #: "haproxy" (default) or "python": read by :func:`environment`, before Ray starts.
 INGRESS_ENV = "DETSERVE_INGRESS"
@@ -86,7 +86,7 @@ def environment(environ=os.environ) -> dict[str, str]:
     # Ray's default is /tmp/haproxy-serve, shared by every user, and its admin socket is `mode 666 level admin`:
     # anyone who can reach it can reconfigure HAProxy. Here it sits in an owner-only folder, with a short path
     # (a unix socket path has at most 107 bytes, and Ray adds a 56-character node id).
-    base = offline.private_dir(Path(f"/tmp/detserve-haproxy-{os.getuid()}"))
+    base = ray_auth.private_dir(Path(f"/tmp/detserve-haproxy-{os.getuid()}"))
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(shim),

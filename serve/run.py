@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from detserve.runtime import offline, paths
+from detserve.serve import ray_auth
 from detserve.serve import ingress
 
 
@@ -88,9 +89,9 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
     import ray
 
     _require_loopback_ray()
-    temp = offline.ray_run_dir()
+    temp = ray_auth.run_dir()
     temp.mkdir(parents=True, exist_ok=True)
-    auth = offline.ray_auth_env(temp)
+    auth = ray_auth.environment(temp)
     # RAY_AUTH_TOKEN would win over the file in every Ray process.
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update(auth)
@@ -114,7 +115,7 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
 
 
 def _address_file(run_dir: Path) -> Path:
-    return offline.ray_auth_dir(run_dir) / "address"
+    return ray_auth.auth_dir(run_dir) / "address"
 
 
 def _require_loopback_ray() -> None:
@@ -141,11 +142,11 @@ def attach(run_dir: Path | None = None) -> str:
     import ray
 
     _require_loopback_ray()
-    run_dir = run_dir or offline.ray_run_dir()
+    run_dir = run_dir or ray_auth.run_dir()
     address_file = _address_file(run_dir)
     if not address_file.exists():
         raise FileNotFoundError(f"no running detserve serve found ({address_file} is missing); start one, or pass its run directory (DETSERVE_RAY_TMP)")
-    token = offline.ray_auth_dir(run_dir) / "token"
+    token = ray_auth.auth_dir(run_dir) / "token"
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)} if token.exists() else {"RAY_AUTH_MODE": "disabled"})
     address = address_file.read_text().strip()
@@ -155,7 +156,7 @@ def attach(run_dir: Path | None = None) -> str:
 
 def require_auth_for(host: str) -> None:
     """Refuse a non-loopback HTTP host while Ray token authentication is off."""
-    if not _is_loopback(host) and not offline.ray_auth_enabled():
+    if not _is_loopback(host) and not ray_auth.enabled():
         raise ValueError(f"--host {host} reaches beyond this machine and needs Ray token auth: unset RAY_AUTH_MODE=disabled, or use --host 127.0.0.1")
 
 
@@ -218,7 +219,7 @@ def exposure_line() -> str:
     if not exposed:
         return "Ray listens on 127.0.0.1 only."
     ports = ", ".join(f"{one.address} ({one.process})" for one in exposed)
-    if offline.ray_auth_enabled():
+    if ray_auth.enabled():
         return f"Not on loopback (Ray hard-codes it): Serve replica gRPC {ports}; they require the Ray token."
     return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen on all interfaces: anyone who reaches them can call the replicas."
 
@@ -310,7 +311,7 @@ def shutdown() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
-        _address_file(offline.ray_run_dir()).unlink(missing_ok=True)
+        _address_file(ray_auth.run_dir()).unlink(missing_ok=True)
 
 
 def main(config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:

@@ -232,6 +232,7 @@ def autoscale(export: str, max_replicas: int = 2, heavy_workers: int = 8, up_tim
 def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: int = 6, retries: int = 8) -> dict:
     """Head (no CPUs) + two 1-CPU workers; one replica per worker; kill a worker under load."""
     from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
     from detserve.serve import ingress
 
@@ -240,14 +241,14 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
     import ray
     from ray.cluster_utils import Cluster
 
-    temp = offline.ray_run_dir() / "cluster"
+    temp = ray_auth.run_dir() / "cluster"
     # Cluster writes <RAY_TMPDIR>/ray/ray_current_cluster (the machine-wide /tmp/ray without it):
     # keep that in this run's own folder too.
     (temp / "ray").mkdir(parents=True, exist_ok=True)
     os.environ["RAY_TMPDIR"] = str(temp)
     # Token auth on, as on a real cluster: every node (each a child of this process) reads
     # the same token file, and so does the driver.
-    auth = offline.ray_auth_env(temp)
+    auth = ray_auth.environment(temp)
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update(auth)
     node = {"object_store_memory": 100 * 1024 * 1024, "node_ip_address": "127.0.0.1"}

@@ -6,7 +6,6 @@ engines and is skipped without TensorRT and a CUDA GPU.
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from detserve.serve.admission import RequestCost, RetrySlots, late_by, retry_after_header
+from detserve.serve.admission import RetrySlots, late_by, retry_after_header
 from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings, measure_curve, probe_sizes
 
 

@@ -158,11 +158,11 @@ def test_attach_finds_the_token_and_a_process_without_it_is_refused(yolo_url, sc
 def test_the_token_file_is_private_and_not_in_home(serve_cluster):
     import ray
 
-    from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
-    assert token == offline.ray_auth_dir() / "token"
-    assert offline.ray_auth_dir().parent == offline.ray_run_dir()
+    assert token == ray_auth.auth_dir() / "token"
+    assert ray_auth.auth_dir().parent == ray_auth.run_dir()
     info, folder = token.stat(), token.parent.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
     assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
@@ -176,18 +176,18 @@ def test_the_token_file_is_private_and_not_in_home(serve_cluster):
 
 
 def test_token_file_is_made_once_private_and_refuses_a_link(tmp_path):
-    from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
-    first = offline.ray_token_file(tmp_path / "run")
+    first = ray_auth.token_file(tmp_path / "run")
     assert stat.S_IMODE(first.stat().st_mode) == 0o600
-    assert offline.ray_token_file(tmp_path / "run").read_text() == first.read_text()  # reused, not rotated
+    assert ray_auth.token_file(tmp_path / "run").read_text() == first.read_text()  # reused, not rotated
     first.chmod(0o644)
-    assert stat.S_IMODE(offline.ray_token_file(tmp_path / "run").stat().st_mode) == 0o600
+    assert stat.S_IMODE(ray_auth.token_file(tmp_path / "run").stat().st_mode) == 0o600
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "auth").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(RuntimeError, match="link"):
-        offline.ray_token_file(tmp_path / "linked")
+        ray_auth.token_file(tmp_path / "linked")
 
 
 def test_a_host_beyond_loopback_needs_token_auth(monkeypatch):
