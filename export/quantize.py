@@ -27,6 +27,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,22 +212,26 @@ def quantize_encodings(
         cache = Path(tmp) / CALIBRATION_NAME
         for encoding in encodings:
             path = out / encoding.file
-            quantize_static(
-                str(pre), str(path),
-                # The first encoding calibrates and fills the cache; the next reads the same tensor ranges.
-                _reader(images, manifest, input_names) if not cache.exists() else None,
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(encoding.op_types) if encoding.op_types else None,
-                per_channel=True,
-                activation_type=QuantType.QUInt8 if encoding.activations == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_quantize=plan.nodes_to_quantize,
-                nodes_to_exclude=plan.nodes_to_exclude,
-                calibrate_method=CalibrationMethod.MinMax,
-                calibration_cache_path=str(cache),
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": encoding.symmetric_activations,
-                               "QuantizeBias": encoding.quantize_bias},
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                # The calibrator records every tensor, the float part's constants too (Faster R-CNN pads
+                # with -inf); numpy warns on their ranges, which no quantized node uses.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                quantize_static(
+                    str(pre), str(path),
+                    # The first encoding calibrates and fills the cache; the next reads the same tensor ranges.
+                    _reader(images, manifest, input_names) if not cache.exists() else None,
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(encoding.op_types) if encoding.op_types else None,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8 if encoding.activations == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_quantize=plan.nodes_to_quantize,
+                    nodes_to_exclude=plan.nodes_to_exclude,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=str(cache),
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": encoding.symmetric_activations,
+                                   "QuantizeBias": encoding.quantize_bias},
+                )  # fmt: skip
             written[encoding.variant] = path
         shutil.copyfile(cache, out / CALIBRATION_NAME)
     return written, plan
