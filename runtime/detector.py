@@ -102,7 +102,7 @@ class Detector:
             runs = {}
             for candidate in pool:
                 try:
-                    runs[candidate.name] = _engine_runner(load(candidate), candidate.manifest)
+                    runs[candidate.name] = engine_runner(load(candidate), candidate.manifest)
                 except Exception as exc:  # a variant that cannot load here is no candidate
                     variantlib.log.warning("detserve: variant %s does not load here (%s); not timed", candidate.name, exc)
             return variantlib.time_engines(runs, sizes)
@@ -194,7 +194,7 @@ class Detector:
         self.detect([np.full((64, 64, 3), 114, np.uint8)])
 
 
-def _engine_runner(engine: Engine, manifest: Manifest):
+def engine_runner(engine: Engine, manifest: Manifest):
     """``run(batch)``: one engine call on ``batch`` copies of a full-size textured image (inputs packed once per size)."""
     prepared = prepare(variantlib.timing_input(manifest), manifest.input)
     packed: dict[int, tuple[np.ndarray, ...]] = {}

@@ -529,3 +529,39 @@ def test_default_models_int8_within_half_a_point_on_their_held_out_scenes(family
     assert cpu.gate.passed and cpu.gate.val.images == 200 and cpu.gate.val.drop <= 0.005
     assert cpu.kernels.int8_share >= 0.9
     assert explicit_quantization_violations(tmp_path / family / "model.int8-trt.onnx") == []
+
+
+# -- the benchmark's precision section ---------------------------------------------------------------
+
+
+def test_the_benchmark_reports_int8_rows_with_their_map_and_ratios():
+    from detserve.benchmarks import report
+
+    def point(c: int, ips: float, p99: float, cpu: float) -> dict:
+        return {"load": "closed", "concurrency": c, "rate": None, "images_per_s": ips, "latency_ms": {"p99": p99},
+                "server_cpu_ms_per_image": cpu, "errors": {}}  # fmt: skip
+
+    ceiling = {"kind": "ceiling", "backend": "onnxruntime-cpu", "threads": 1, "batch": 1, "processes": 2, "images_per_s": 20.0,
+               "ms_per_image": 95.0, "ms_per_call_p50": None, "ms_per_call_p99": None}  # fmt: skip
+    results = {
+        "model": {"name": "m", "map": {"fp32": {"map50_95": 0.52, "on": "scenes"}, "int8-cpu": {"map50_95": 0.518, "on": "scenes"}}},
+        "raw": [ceiling, {**ceiling, "images_per_s": 38.0, "precision": "int8"}],
+        "servers": {
+            "detserve-http": {"variant": "fp32", "points": [point(16, 19.6, 900.0, 98.0)]},
+            "detserve-auto-http": {"variant": "int8-cpu", "points": [point(16, 36.0, 500.0, 52.0)]},
+            "litserve": {"variant": "fp32", "points": [point(16, 18.0, 950.0, 104.0)]},
+        },
+        "precision_table": {"input": "640x640", "threads": 1, "rounds": 5, "exact": "fp32",
+                            "ms_per_image": {"fp32": {"1": 90.0, "8": 96.0}, "int8-cpu": {"1": 45.0, "8": 40.0}}},  # fmt: skip
+    }
+    rows = {r["server"]: r for r in report.precision_rows(results)}
+    auto = rows["detserve-auto-http"]
+    assert (auto["variant"], auto["map50_95"]) == ("int8-cpu", 0.518)
+    assert auto["x_fp32_ceiling"] == pytest.approx(1.8) and auto["x_best_peer"] == pytest.approx(2.0) and auto["best_peer_p99_ms"] == 950.0
+    assert rows["detserve-http"]["x_fp32_ceiling"] == pytest.approx(0.98) and rows["litserve"]["x_best_peer"] is None
+    # The headline ceiling ratio stays the fp32 one: the int8 ceiling row does not raise it.
+    assert report.fp32_ceiling(results)["images_per_s"] == 20.0
+    md = report.markdown(results)
+    assert "| detserve-auto-http | int8-cpu | 0.5180 | closed c=16 | 36.0 | 500.0 | 1.80× | 2.00× | 950.0 | 52.0 |" in md
+    assert "| 8 | 96.0 | 40.0 | 2.40× |" in md  # the raw fp32 vs int8 table, per batch size
+    assert "ceiling: 2 processes, decode→NMS, batch 1 (ms/image = CPU-ms), int8" in md
