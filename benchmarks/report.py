@@ -251,10 +251,10 @@ def markdown(results: dict) -> str:
     rows = precision_rows(results)
     if any(r["variant"] != "fp32" for r in rows) or results.get("precision_table"):
         out += ["", "## Precision: detserve fp32 and its gated int8 beside the peers (fp32)", ""]
-        out.append("mAP50-95: from the export's accuracy gate (" + ", ".join(
-            f"{k} on {v['on']}" for k, v in ((results.get("model") or {}).get("map") or {}).items()) + "). "
-            "x fp32 ceiling: images/s over the no-server ceiling of the same run (N processes, fp32). "
-            "x best peer: over the best peer at the same concurrency.")  # fmt: skip
+        sources = sorted({v["on"] for v in ((results.get("model") or {}).get("map") or {}).values()})
+        out.append(f"mAP50-95: from the export's accuracy gate, on {'; '.join(sources) or '(no labelled images)'}. "
+                   "x fp32 ceiling: images/s over the no-server ceiling of the same run (N processes, fp32). "
+                   "x best peer: over the best peer at the same concurrency (the peers run the fp32 graph).")  # fmt: skip
         out.append("")
         out.append(_table(PRECISION_COLUMNS, [[
             r["server"], r["variant"], None if r["map50_95"] is None else f"{r['map50_95']:.4f}", f"closed c={r['concurrency']}",

@@ -71,8 +71,10 @@ class Detector:
         #: the export folder's manifest, variants and all; ``self.manifest`` describes what runs
         self.export_manifest = manifest or read_manifest(self.folder)
         self.manifest = self.export_manifest
-        if engine is not None or precision == "fp32":
-            candidate, self.choice = variantlib.choose(self.export_manifest, "fp32", "cpu")
+        if engine is not None and precision != "fp32":
+            raise ValueError(f"a given engine runs the manifest's own artifact: precision must be fp32, not {precision!r}")
+        if precision == "fp32":
+            self.choice = variantlib.exact_choice(self.export_manifest)
             self.engine = engine or load_engine(self.folder, backend=backend, device=device, threads=threads, manifest=self.manifest)
         else:
             self._choose(precision, backend, device, threads, batch_sizes, measure)

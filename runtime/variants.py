@@ -111,6 +111,11 @@ def int8_candidate(manifest: Manifest, device: str) -> Candidate:
     )
 
 
+def exact_choice(manifest: Manifest) -> Choice:
+    """``precision: fp32``: the manifest's own artifact, whatever variants the folder holds."""
+    return Choice("fp32", exact_variant_name(manifest), manifest.precision, "the exact artifact was asked for")
+
+
 def fastest(costs: dict[str, dict[int, float]], exact: str) -> tuple[str, str]:
     """(name, why) of the candidate to run, from ms per image per batch size.
 
@@ -147,7 +152,7 @@ def choose(
         raise ManifestError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_CHOICES)}")
     exact = exact_candidate(manifest)
     if precision == "fp32":
-        return exact, Choice(precision, exact.name, exact.manifest.precision, "the exact artifact was asked for")
+        return exact, exact_choice(manifest)
     if precision == "int8":
         picked = int8_candidate(manifest, device)
         return picked, Choice(precision, picked.name, "int8", "int8 was asked for; its accuracy gate passed")

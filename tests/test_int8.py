@@ -565,3 +565,16 @@ def test_the_benchmark_reports_int8_rows_with_their_map_and_ratios():
     assert "| detserve-auto-http | int8-cpu | 0.5180 | closed c=16 | 36.0 | 500.0 | 1.80× | 2.00× | 950.0 | 52.0 |" in md
     assert "| 8 | 96.0 | 40.0 | 2.40× |" in md  # the raw fp32 vs int8 table, per batch size
     assert "ceiling: 2 processes, decode→NMS, batch 1 (ms/image = CPU-ms), int8" in md
+
+
+def test_cli_int8_flags_are_checked_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from detserve.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--model", "yolo", "--weights", str(WEIGHTS["yolo"]), "--out", str(tmp_path / "o"),
+                                      "--calibration", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2 and "for --precision int8" in result.output
+    result = CliRunner().invoke(app, ["export", "--model", "yolo", "--weights", str(WEIGHTS["yolo"]), "--out", str(tmp_path / "p"),
+                                      "--precision", "int8", "--val", str(tmp_path / "missing")])  # fmt: skip
+    assert result.exit_code == 2 and "--val" in result.output and "is not a folder" in result.output
