@@ -578,3 +578,14 @@ def test_cli_int8_flags_are_checked_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["export", "--model", "yolo", "--weights", str(WEIGHTS["yolo"]), "--out", str(tmp_path / "p"),
                                       "--precision", "int8", "--val", str(tmp_path / "missing")])  # fmt: skip
     assert result.exit_code == 2 and "--val" in result.output and "is not a folder" in result.output
+
+
+def test_export_plan_for_int8_keeps_the_pods_own_precision_for_the_exact_artifact():
+    from detserve.runtime.pods import export_plan
+
+    cpu = export_plan("regular", None, "int8")
+    assert (cpu.format, cpu.precision, cpu.int8) == ("onnx", "fp32", True)
+    gpu = export_plan("gpu-t4", "tensorrt", "int8")
+    assert (gpu.format, gpu.precision, gpu.int8) == ("tensorrt", "fp16", True)
+    assert not export_plan("regular", None, "fp32").int8
+    assert trt_lookup.parse_engine_filename("model.int8-trt.sm_75.trt10.14.int8.engine").precision == "int8"
