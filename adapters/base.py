@@ -18,6 +18,8 @@ Configuration keys (``model.configuration``), all optional:
 ``device``           auto | cpu | cuda | cuda:N
 ``backend``          auto | onnxruntime | tensorrt | torch
 ``half``             export/serve fp16 on GPU pods
+``precision``        fp32 | int8 | auto: which of the export's variants runs
+                     (runtime/variants.py, docs/precision.md)
 ``labels``           class names, in class-id order (no background)
 ``id_to_label_map``  {class id: name}; authoritative when given
 ``artifact``         sub-folder of the model's artifacts holding the export
@@ -62,7 +64,7 @@ log = logging.getLogger("detserve.adapters")
 
 CONFIG_KEYS = (
     "conf_thres", "iou_thres", "max_det", "imgsz", "batch_size", "device", "backend",
-    "half", "labels", "id_to_label_map", "artifact", "weights_filename",
+    "half", "precision", "labels", "id_to_label_map", "artifact", "weights_filename",
     "threads", "arch", "epochs", "train_batch_size", "train_device",
 )  # fmt: skip
 
@@ -209,6 +211,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
             backend=str(self._config("backend", "auto")),
             device=str(self._config("device", "auto")),
             threads=int(self._config("threads", 1)),
+            precision=str(self._config("precision", "fp32")),
         )
         if self.detector.manifest.family != self.family:
             raise ManifestError(f"{folder} holds a {self.detector.manifest.family} model; {type(self).__name__} serves {self.family}")

@@ -96,12 +96,12 @@ def engine_rows(
     return rows
 
 
-def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float) -> tuple[int, float, float]:
+def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float, precision: str = "fp32") -> tuple[int, float, float]:
     """One ceiling process: ``Detector.detect`` on one image at a time, from ``start_at`` for ``seconds``."""
     from detserve.runtime.detector import Detector
 
     payloads = [p.read_bytes() for p in sorted(Path(payload_dir).iterdir())]
-    detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1)
+    detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1, precision=precision)
     detector.warmup()
     params = detector.params()
     detector.detect([payloads[0]], params)
@@ -115,14 +115,15 @@ def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float)
 
 
 def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2, seconds: float = 5.0,
-                 log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+                 log: Callable[[str], None] = print, precision: str = "fp32") -> list[dict]:  # fmt: skip
     """The ceiling: ``processes`` processes, each decode -> letterbox -> engine -> NMS on one image at a time, no server.
 
     Processes, not threads: nothing shared, no GIL, what a server with that many
     workers could reach if serving cost nothing. They start together and run
     for the same ``seconds``; the row is their summed images/s. Plain
     subprocesses (multiprocessing would leave its resource tracker running).
-    Then the same with threads sharing one engine in this process.
+    Then the same with threads sharing one engine in this process (fp32 only).
+    ``precision``: which variant every process runs (``int8``: the export's gated int8 variant).
     """
     import json
     import subprocess
@@ -134,8 +135,8 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
             (Path(tmp) / f"{i:04d}.jpg").write_bytes(data)
         start_at = time.time() + 10.0  # start + model load before the common start
         code = ("import json, sys; from detserve.benchmarks.raw import _detect_loop; "
-                "print(json.dumps(_detect_loop(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))))")  # fmt: skip
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), tmp, str(seconds), str(start_at)], stdout=subprocess.PIPE, text=True)
+                "print(json.dumps(_detect_loop(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5])))")  # fmt: skip
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), tmp, str(seconds), str(start_at), precision], stdout=subprocess.PIPE, text=True)
                  for _ in range(processes)]  # fmt: skip
         parts = []
         for p in procs:
@@ -150,9 +151,11 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
         "kind": "ceiling", "backend": "onnxruntime-cpu", "threads": 1, "batch": 1, "processes": processes,
         "iters": images, "ms_per_call_p50": None, "ms_per_call_p99": None,
         "ms_per_image": round(1000 * cpu / max(1, images), 3),  # CPU-ms per image
-        "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1),
+        "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1), "precision": precision,
     }  # fmt: skip
-    log(f"  ceiling {processes} processes, batch 1: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    log(f"  ceiling {processes} processes, batch 1, {precision}: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    if precision != "fp32":
+        return [r]
     return [r, _threads_ceiling(folder, payloads, processes, seconds, log)]
 
 
@@ -238,6 +241,33 @@ def torch_backend_rows(
         rows.append(r)
         log(f"  detserve torch backend detect batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return rows
+
+
+def precision_table(folder: Path, *, batch_sizes: Sequence[int] = (1, 2, 4, 8), rounds: int = 5,
+                    log: Callable[[str], None] = print) -> dict | None:  # fmt: skip
+    """The raw engine, 1 thread: ms per image of the exact artifact and of each gated CPU variant, per batch size.
+
+    One engine each, timed in alternating rounds (``runtime.variants.time_engines``, what ``precision: auto``
+    runs at start, with more rounds) on a full-size input; None when the folder has no gated CPU variant.
+    """
+    from detserve.runtime import variants as variantlib
+    from detserve.runtime.detector import engine_runner
+    from detserve.runtime.engines import load_engine
+    from detserve.runtime.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    pool = variantlib.candidates(manifest, "cpu")
+    if len(pool) < 2:
+        return None
+    runs = {c.name: engine_runner(load_engine(folder, backend="onnxruntime", device="cpu", threads=1, manifest=c.manifest), c.manifest)
+            for c in pool}  # fmt: skip
+    costs = variantlib.time_engines(runs, list(batch_sizes), rounds=rounds)
+    exact = pool[0].name
+    for b in batch_sizes:
+        log(f"  raw engine, 1 thread, batch {b}: " + ", ".join(f"{n} {c[b]:.1f} ms/image" for n, c in costs.items())
+            + "".join(f" ({costs[exact][b] / c[b]:.2f}x {n})" for n, c in costs.items() if n != exact))  # fmt: skip
+    side = variantlib.timing_input(manifest).shape[0]
+    return {"input": f"{side}x{side}", "threads": 1, "rounds": rounds, "exact": exact, "ms_per_image": costs}
 
 
 class LoadProbe:

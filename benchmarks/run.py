@@ -2,7 +2,8 @@
 
     raw engine + baseline (no server)
     -> detserve on an in-process Ray (start_ray(2), one replica): over HTTP, then through a handle
-    -> shutdown -> LitServe (subprocess) -> PyTriton (subprocess)
+    -> detserve again with ``precision: auto`` (its gated int8 variant when that is faster here), over HTTP
+    -> shutdown -> LitServe (subprocess) -> PyTriton (subprocess), both on the fp32 graph
     -> bench-results/<timestamp>/{results.json, results.md, *.png}; the markdown is printed
 
 Every server gets the same JPEG payloads (generated scenes), the same load
@@ -155,19 +156,22 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
         from detserve.export.pipeline import ExportRequest, export_model
         from detserve.runtime.manifest import ManifestError, read_manifest
 
+        from detserve.export.defaults import has_int8, int8_gate_sets
+
         folder = paths.cache_dir() / "bench-models" / f"yolo-shapes-{imgsz}"
         try:
-            if read_manifest(folder).input.imgsz == imgsz:
+            if read_manifest(folder).input.imgsz == imgsz and has_int8(folder):
                 return folder
         except ManifestError:
             pass
-        log(f"exporting {DEFAULT_MODELS['yolo'].weights} at {imgsz} px to {folder}")
-        export_model(ExportRequest(model="yolo", weights=DEFAULT_MODELS["yolo"].weights, out=folder, imgsz=imgsz, force=True, quiet=True))
+        log(f"exporting {DEFAULT_MODELS['yolo'].weights} at {imgsz} px, with its gated int8 variants, to {folder}")
+        export_model(ExportRequest(model="yolo", weights=DEFAULT_MODELS["yolo"].weights, out=folder, imgsz=imgsz, force=True, quiet=True,
+                                   **int8_gate_sets()))  # fmt: skip
         return folder
     if DEFAULT_MODELS["yolo"].weights.is_file():
         from detserve.export.defaults import ensure_default_models
 
-        return ensure_default_models(("yolo",), quiet=True)["yolo"]
+        return ensure_default_models(("yolo",), quiet=True, int8=True)["yolo"]
     folder = paths.cache_dir() / "bench-models" / "yolov8n-320-random"
     from detserve.runtime.manifest import ManifestError, read_manifest
 
@@ -184,11 +188,26 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
 
 
 def model_info(folder: Path) -> dict:
-    from detserve.runtime.manifest import read_manifest
+    """The model's identity, and the mAP of each of its variants from the export's accuracy gate (``map``)."""
+    from detserve.runtime.manifest import exact_variant_name, read_manifest
 
     m = read_manifest(folder)
+    accuracy = {}
+    for v in m.variants:
+        val = v.gate.val if v.gate else None
+        if val is not None:
+            accuracy.setdefault(exact_variant_name(m), {"map50_95": val.reference_map50_95, "map50": val.reference_map50, "on": val.source})
+            accuracy[v.name] = {"map50_95": val.map50_95, "map50": val.map50, "on": val.source, "gate_passed": v.gate.passed}
     return {"folder": str(folder), "name": m.name, "family": m.family, "imgsz": m.input.imgsz, "batch_max": m.batch.max,
-            "source": m.source.file, "artifact_sha256": m.artifact_sha256[:12]}  # fmt: skip
+            "source": m.source.file, "artifact_sha256": m.artifact_sha256[:12], "map": accuracy}  # fmt: skip
+
+
+def has_cpu_variant(folder: Path) -> bool:
+    """Whether ``precision: auto`` has a gated CPU variant to choose from in ``folder``."""
+    from detserve.runtime import variants
+    from detserve.runtime.manifest import read_manifest
+
+    return len(variants.candidates(read_manifest(folder), "cpu")) > 1
 
 
 # --- servers ---------------------------------------------------------------------------
@@ -208,19 +227,23 @@ def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
 
-def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
+def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False,
+                 precision: str = "fp32", name: str = "detserve") -> None:  # fmt: skip
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
 
     ``lanes``: engine calls at once in each replica (``DETSERVE_OPTIONS["num_replicas"]``); replicas x lanes = each peer's workers.
     ``direct``: also measure HTTP straight to the replica (Ray's direct ingress), without the proxy process.
+    ``precision``: the application's ``precision`` arg; ``name``: the servers' prefix (``<name>-http``). Only the
+    fp32 run sets the open-loop reference rate and measures the handle and direct ingress; the others reuse its rates.
     """
     from detserve.serve.run import shutdown
 
     if direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
+    first = precision == "fp32"
 
     config = {
-        "args": {"model": str(folder), "threads": 1, "lanes": lanes},
+        "args": {"model": str(folder), "threads": 1, "lanes": lanes, "precision": precision},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
         "settings": f"{DETSERVE_OPTIONS['num_replicas']} replica(s), each {lanes} engine lane(s) + {lanes + 1} decode threads, the scheduler's measured batch policy (cap "
@@ -230,28 +253,31 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
     try:
         base, config["logging_config"] = start_detserve(config["args"], DETSERVE_OPTIONS)
         config["start_s"] = round(time.monotonic() - began, 1)
-        log(f"detserve up on {base}/{APP} in {config['start_s']} s")
+        info = _get_json(f"{base}/{APP}/info")
+        config["variant"], config["precision_choice"] = info.get("variant", "fp32"), info.get("precision_choice")
+        log(f"{name} up on {base}/{APP} in {config['start_s']} s, running variant {config['variant']}")
 
         def server_cpu() -> float | None:  # every Ray process: GCS, raylet, controller, proxy, replica
             return peers.process_tree_cpu(os.getpid(), include_self=False)
 
         shapes = load_shapes(profile)
-        http = results["servers"]["detserve-http"] = {"kind": "http", "config": config, "points": []}
+        server = f"{name}-http"
+        http = results["servers"][server] = {"kind": "http", "config": config, "variant": config["variant"], "points": []}
         points = asyncio.run(
-            loadgen.measure_http("detserve-http", base, detserve_requests(payloads), shapes, profile.plan,
+            loadgen.measure_http(server, base, detserve_requests(payloads), shapes, profile.plan,
                                  stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
         )
         http["points"] = [p.to_dict() for p in points]
-        best = max((p.images_per_s for p in points), default=None)
-        results["config"]["open_loop_reference_images_per_s"] = best
-        opens = open_shapes(profile, best)
+        if first:
+            results["config"]["open_loop_reference_images_per_s"] = max((p.images_per_s for p in points), default=None)
+        opens = open_shapes(profile, results["config"].get("open_loop_reference_images_per_s"))
         if opens:
             more = asyncio.run(
-                loadgen.measure_http("detserve-http", base, detserve_requests(payloads), opens, profile.plan,
+                loadgen.measure_http(server, base, detserve_requests(payloads), opens, profile.plan,
                                      stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
             )
             http["points"] += [p.to_dict() for p in more]
-        if direct:
+        if direct and first:
             replica = _direct_ingress_base()
             direct_config = dict(config, settings=config["settings"] + f"; HTTP straight to the replica's own server ({replica}): "
                                  "Ray's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), no proxy process in the path")  # fmt: skip
@@ -260,12 +286,22 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
                 loadgen.measure_http("detserve-direct", replica, detserve_requests(payloads), shapes + opens, profile.plan,
                                      stats_url=f"{replica}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
             )]
-        if profile.handle:
+        if profile.handle and first:
             handle_config = dict(config, settings=config["settings"] + "; DeploymentHandle.predict.remote(bytes) from the driver")
             entry = results["servers"]["detserve-handle"] = {"kind": "handle", "config": handle_config, "points": []}
             entry["points"] = [p.to_dict() for p in asyncio.run(_measure_handle(base, payloads, shapes + opens, profile.plan, server_cpu))]
     finally:
         shutdown()
+
+
+def _get_json(url: str) -> dict:
+    import json
+    import urllib.request
+
+    loadgen.require_loopback(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def _direct_ingress_base(first: int = 30000, last: int = 30100) -> str:
@@ -327,7 +363,7 @@ def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, r
         shapes = load_shapes(profile) + open_shapes(profile, results["config"].get("open_loop_reference_images_per_s"))
         points = asyncio.run(loadgen.measure_http(name, peer.base_url, requests, shapes, profile.plan, stats=stats,
                                                   server_cpu=peer.tree_cpu_seconds, log=log))  # fmt: skip
-        results["servers"][name] = {"kind": "http", "config": info["config"], "points": [p.to_dict() for p in points]}
+        results["servers"][name] = {"kind": "http", "config": info["config"], "variant": "fp32", "points": [p.to_dict() for p in points]}
         info["status"] = "ran"
     finally:
         left = peer.stop()
@@ -357,6 +393,8 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
         "errors": {},
     }
     wanted = set(only or ("raw", "detserve", "litserve", "pytriton"))
+    if "detserve" in wanted:
+        wanted.add("detserve-int8")  # beside fp32, when the model has a gated int8 variant
     began = time.monotonic()
 
     def stage(name: str, fn: Callable[[], None]) -> None:
@@ -388,6 +426,10 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
         results["raw"] += raw.ceiling_rows(folder, payloads, processes=max(2, peer_workers), seconds=3 * profile.raw_seconds + 2, log=log)
         results["raw"] += raw.baseline_rows(folder, payloads, seconds=profile.baseline_seconds, log=log)
         results["raw"] += raw.torch_backend_rows(folder, payloads, batch_sizes=profile.torch_batch_sizes, seconds=profile.raw_seconds, log=log)
+        if has_cpu_variant(folder):
+            results["precision_table"] = raw.precision_table(folder, batch_sizes=profile.raw_batch_sizes, log=log)
+            results["raw"] += raw.ceiling_rows(folder, payloads, processes=max(2, peer_workers), seconds=3 * profile.raw_seconds + 2, log=log,
+                                               precision="int8")  # fmt: skip
 
     probe = raw.LoadProbe(folder, payloads[0])
     results["calibration_ms"] = {}
@@ -402,6 +444,11 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     calibrate("detserve")
     lanes = max(1, peer_workers // DETSERVE_OPTIONS["num_replicas"])
     stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=lanes, direct=direct))
+    if has_cpu_variant(folder):
+        calibrate("detserve-int8")
+        stage("detserve-int8", lambda: run_detserve(folder, payloads, profile, results, lanes=lanes, precision="auto", name="detserve-auto"))
+    elif "detserve-int8" in wanted:
+        results["errors"]["detserve-int8"] = f"{folder} has no gated int8 variant for CPUs: export it with --precision int8"
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
@@ -430,7 +477,8 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     mode.add_argument("--overload", action="store_true",
                       help="detserve alone, as deploy.yaml ships it: peak, a burst, an open loop at 2x the peak, large and small requests mixed (benchmarks/overload.py)")  # fmt: skip
     parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
-    parser.add_argument("--only", help="comma-separated subset of raw,detserve,litserve,pytriton")
+    parser.add_argument("--only", help="comma-separated subset of raw,detserve,detserve-int8,litserve,pytriton "
+                        "(detserve includes detserve-int8: `precision: auto` beside fp32, when the model has a gated int8 variant)")
     parser.add_argument("--out", default=str(paths.results_dir()), help="results root (a timestamped folder is made inside)")
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")

@@ -89,11 +89,15 @@ def export(
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="YOLO: square input size. Faster R-CNN: the transform's min_size."),
     format: str = typer.Option("onnx", "--format", help="onnx, tensorrt, or aoti (the compiled PyTorch engine, built inside a GPU pod)."),
     pod: str = typer.Option("regular", "--pod", help="Target Dataloop pod: regular, gpu-t4, gpu-v100, gpu-a100."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (default: the pod's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (default: the pod's); int8: also calibrated int8 variants behind an accuracy gate (docs/precision.md)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch per engine call (default: the pod's)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     parity_threshold: float = typer.Option(0.99, "--parity-threshold", help="Share of source boxes the artifact must match (IoU >= 0.99, same class)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: a folder of images like those you will serve, to calibrate on (default: a photo and generated scenes, with a warning)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="int8: labelled images (YOLO txt labels, or a COCO json) to gate on: mAP50-95 of fp32 and int8."),
+    max_map_drop: float = typer.Option(0.005, "--max-map-drop", help="int8 with --val: the export fails when mAP50-95 drops by more than this."),
+    min_agreement: float = typer.Option(0.9, "--min-agreement", help="int8 without --val: the least share of the fp32 boxes int8 must find (same class, IoU >= 0.9)."),
 ) -> None:
     """Export weights to ONNX / TensorRT, check parity with the source model, write manifest.json."""
     from detserve.export.pipeline import ExportError, ExportRequest, export_model, read_labels
@@ -116,6 +120,10 @@ def export(
                 opset=opset,
                 parity_threshold=parity_threshold,
                 force=force,
+                calibration=calibration,
+                val=val,
+                max_map_drop=max_map_drop,
+                min_found_share=min_agreement,
             )
         )
     except ExportError as exc:
@@ -129,13 +137,14 @@ def export(
 @user_errors
 def models(
     only: Optional[str] = typer.Option(None, "--only", help="yolo or fasterrcnn (default: both)."),
+    int8: bool = typer.Option(False, "--int8", help="Also the gated int8 variants, for `precision: auto|int8` (docs/precision.md)."),
 ) -> None:
     """Export the default models (trained on generated shapes, shipped in models/) into artifacts/."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.progress import console
 
     names = (only,) if only else ("yolo", "fasterrcnn")
-    for name, folder in ensure_default_models(names).items():
+    for name, folder in ensure_default_models(names, int8=int8).items():
         console.print(f"[green]ready[/] {name}: {folder}")
 
 
@@ -227,6 +236,9 @@ def info(
     typer.echo(f"artifact: {m.artifact} ({m.format}, {m.precision}, pod {m.pod}), input {size} px, batch {m.batch.min}..{m.batch.max}")
     typer.echo(f"classes ({len(m.labels)}): {label_names(m.labels)}")
     typer.echo(f"defaults: {', '.join(f'{k}={v:g}' for k, v in m.defaults.items())}")
+    for v in m.variants:
+        gate = "no gate" if v.gate is None else f"gate {'passed' if v.gate.passed else 'FAILED'}: {v.gate.reason}"
+        typer.echo(f"variant: {v.name} ({v.artifact}, {v.precision}, for {v.target}); {gate}")
 
 
 @app.command()

@@ -62,6 +62,9 @@ class AppArgs(BaseModel):
     model: str = Field("yolo", description="export folder, or the name of a default model (yolo, fasterrcnn)")
     backend: str = "auto"
     device: str = "auto"
+    precision: Literal["fp32", "int8", "auto"] = Field(
+        "fp32", description="fp32: the exact export; int8: its gated int8 variant; auto: the fastest variant whose accuracy gate "
+        "passed, timed at start on this machine (docs/precision.md)")  # fmt: skip
     threads: int = Field(1, ge=1, description="intra-op threads per engine call")
     lanes: int | None = Field(None, ge=1, description="engine calls at once; default: the CPUs Ray gives the replica (at least 1)")
     decode_threads: int | None = Field(None, ge=1, description="decode/prepare threads; default: lanes + 1")
@@ -185,7 +188,8 @@ class DetectionServer:
 
         self.args = AppArgs(**(args or {}))
         folder = resolve_model(self.args.model)
-        self.adapter = adapter_for(folder, backend=self.args.backend, device=self.args.device, threads=self.args.threads)
+        self.adapter = adapter_for(folder, backend=self.args.backend, device=self.args.device, threads=self.args.threads,
+                                   precision=self.args.precision)
         self.detector = self.adapter.detector
         self.limits = Limits(max_pixels=self.args.max_pixels, max_bytes=self.args.max_body_bytes)
         self.request_limits = RequestLimits(self.args.max_body_bytes, self.args.max_images)
@@ -361,7 +365,7 @@ class DetectionServer:
 
         name = self.info["name"]
         return {
-            "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
+            "model": {k: self.info[k] for k in ("name", "version", "backend", "device", "precision", "variant")},
             "results": [
                 {
                     "width": item.width,
@@ -420,7 +424,8 @@ class DetectionServer:
 
     async def http_info(self) -> dict:
         m = self.detector.manifest
-        return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}
+        return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump(),
+                "precision_choice": self.detector.choice.describe()}
 
 
 def _replica_tag() -> str:

@@ -420,6 +420,8 @@ class ModelSummary(BaseModel):
     version: str
     backend: str
     device: str
+    precision: str = Field(description="fp32, fp16 or int8: the precision of the artifact that answered")
+    variant: str = Field(description="which of the export's variants answered: fp32 (the exact export), int8-cpu, ... (docs/precision.md)")
 
 
 class PredictResponse(BaseModel):
