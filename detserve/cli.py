@@ -155,7 +155,7 @@ def predict(
     import json
 
     from detserve.adapters import adapter_for
-    from detserve.adapters.base import box_annotations
+    from detserve.adapters.box_json import box_annotations
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.draw import draw_boxes
     from detserve.runtime.images import ImageError, decode

@@ -264,3 +264,43 @@ def _from_array(array: np.ndarray, limits: Limits) -> np.ndarray:
         else:
             array = np.clip(array, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: its format, its size as stored (before EXIF orientation) and its frames."""
+
+    format: str
+    mimetype: str
+    width: int
+    height: int
+    frames: int = 1
+
+
+def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
+    """Read an image file's header, with :func:`decode`'s limits and error codes, without decoding a pixel.
+
+    For code that decodes the image itself (a user's Dataloop adapter): a
+    decompression bomb, an empty body or bytes that are no image are refused
+    here first, with the same codes :func:`decode` gives.
+    """
+    if not data:
+        raise ImageError("empty", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_open(io.BytesIO(data)) as image:
+                _check_pixels(image.width, image.height, limits)
+                fmt = image.format or "unknown"
+                return ImageHeader(fmt, Image.MIME.get(fmt, "application/octet-stream"), image.width, image.height,
+                                   int(getattr(image, "n_frames", 1) or 1))  # fmt: skip
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+    except Exception:  # a header Pillow cannot parse
+        raise _corrupt() from None

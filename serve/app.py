@@ -1,16 +1,22 @@
-"""The Ray Serve deployment: an adapter behind dynamic batching, reached over HTTP and handles.
+"""The Ray Serve deployment: a served model behind admission by deadline and fair batches, over HTTP and handles.
 
-Request path, one stage per line (see ``DetectionServer.detect``):
+Request path, one stage per line (see ``Replica.detect``):
 
-    bytes --decode+preprocess (thread pool)--> Job --@serve.batch--> one engine call
-          --postprocess per request--> Dataloop box annotations
+    admit --> model.prepare (decode threads) --> fair batches (serve/scheduler.py)
+          --> model.predict (engine lanes) --> model.encode --> the answer
 
-Decoding runs in worker threads while the engine thread runs the previous
-batch, so the two overlap. The deployment knows adapters and detectors, never
-which engine (ONNX, TensorRT, torch) is underneath.
+The model is a :class:`~detserve.serve.contract.ServingContract`: an export
+folder on detserve's engines (``ExportedModel``), or a user's own Dataloop
+adapter folder (``serve.adapter_model.AdapterModel``). The deployment owns
+HTTP, admission, batching, metrics and scaling, and never knows which.
+Decoding runs in worker threads while an engine lane runs the previous batch,
+so the two overlap.
 
-``build_app(args)`` is the import path for ``deploy.yaml``; the defaults here are
-for a CPU pod and are overridden per application there.
+``Replica`` is the plain class; ``DetectionServer`` is Serve's deployment of it
+(tests and in-process code build ``Replica`` directly, without Ray).
+``build_app(args)`` is the import path for ``deploy.yaml`` (exported models),
+``build_adapter_app(args)`` the one for adapter folders (deploy-adapter.yaml);
+the defaults here are for a CPU pod and are overridden per application there.
 """
 
 
@@ -34,9 +40,10 @@ from fastapi import Request  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from ray import serve  # noqa: E402
 
+from detserve.adapters.dataloop_app import ClusterSize, ReplicaPlan  # noqa: E402
 from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
-from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
-from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
+from detserve.serve.batching import BatchTimings, Item  # noqa: E402
+from detserve.serve.contract import ExportedModel, ServingContract  # noqa: E402
 from detserve.serve.scheduler import (  # noqa: E402
     PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
 )  # fmt: skip
@@ -73,6 +80,19 @@ class AppArgs(BaseModel):
     max_pixels: int = 40_000_000
     fast_decode: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the model input "
                               "(letterbox models; boxes can differ slightly from the exact path: README, 'Fast decode')")
+
+
+class AdapterArgs(AppArgs):
+    """``args`` of an adapter application (``import_path: detserve.serve.app:build_adapter_app``).
+
+    ``backend``, ``device``, ``threads`` and ``fast_decode`` apply to the accelerated export only;
+    the adapter as written runs as its own code decides.
+    """
+
+    adapter: str = Field(description="the adapter's folder: dataloop.json, the module it names, the model's artifacts")
+    model: str | None = Field(None, description="a components.models[].name of dataloop.json; default: its only model")
+    accelerated: bool = Field(False, description="serve the export `detserve export --adapter` made of the adapter's weights")
+    export: str | None = Field(None, description="that export's folder; default: <adapter>/detserve-export/<model>")
 
 
 class UserConfig(BaseModel):
@@ -133,10 +153,37 @@ def resolve_model(model: str) -> Path:
 
     if model in DEFAULT_MODELS:
         return default_folder(model)
-    path = Path(model).expanduser()
-    if not path.is_absolute():
-        path = Path(os.environ.get("DETSERVE_ROOT", Path.cwd())) / path
-    return path
+    return resolve_path(model)
+
+
+def resolve_path(path: str) -> Path:
+    """A folder named in args: relative ones are from where ``detserve serve`` ran (``DETSERVE_ROOT``), as in every replica."""
+    folder = Path(path).expanduser()
+    if not folder.is_absolute():
+        folder = Path(os.environ.get("DETSERVE_ROOT", Path.cwd())) / folder
+    return folder
+
+
+def app_args(args: dict[str, Any]) -> AppArgs:
+    """``args`` of an application, checked: an adapter application's when they name an ``adapter`` folder."""
+    return AdapterArgs(**args) if "adapter" in args else AppArgs(**args)
+
+
+def serving_model(args: AppArgs) -> ServingContract:
+    """The model an application serves, not yet set up: an export folder, an adapter folder, or an adapter's export."""
+    if isinstance(args, AdapterArgs):
+        folder = resolve_path(args.adapter)
+        if not args.accelerated:
+            from detserve.serve.adapter_model import AdapterModel
+
+            return AdapterModel(folder, args.model)
+        from detserve.adapters.dataloop_app import export_folder, read_app
+
+        app = read_app(folder)
+        model = app.model(args.model)
+        export = resolve_path(args.export) if args.export else export_folder(app, model)
+        return ExportedModel(export, backend=args.backend, device=args.device, threads=args.threads, fast_decode=args.fast_decode, name=model.name)
+    return ExportedModel(resolve_model(args.model), backend=args.backend, device=args.device, threads=args.threads, fast_decode=args.fast_decode)
 
 
 class _Metrics:
@@ -155,68 +202,47 @@ class _Metrics:
         self.errors = metrics.Counter("detserve_errors_total", "failed images by kind", tag_keys=("kind",))
 
 
-@serve.deployment(
-    name="DetectionServer",
-    # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
-    # Ray's own queue in front of it only ever sees overflow beyond this (deploy.yaml says why 2048).
-    max_ongoing_requests=2048,
-    max_queued_requests=256,
-    backpressure_config={"status_code": 503, "retry_after_s": 1},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
-    ray_actor_options={"num_cpus": 1},
-    autoscaling_config={
-        "min_replicas": 1,
-        "initial_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 60,
-    },
-)
-@serve.ingress()  # the app is built per replica, around the replica: __serve_build_asgi_app__
-class DetectionServer:
-    def __init__(self, args: dict[str, Any] | None = None):
-        from detserve.adapters import adapter_for
+class Replica:
+    """One replica of a detserve application, without Ray: a served model (``self.model``) behind admission,
+    fair batches, HTTP and the handle API. ``DetectionServer`` deploys it; tests build it directly.
 
-        self.args = AppArgs(**(args or {}))
-        folder = resolve_model(self.args.model)
-        self.adapter = adapter_for(folder, backend=self.args.backend, device=self.args.device, threads=self.args.threads)
-        self.detector = self.adapter.detector
+    What ``build_api`` (serve/http.py) needs of it is ``http.ApiServer``.
+    """
+
+    def __init__(self, args: dict[str, Any] | None = None):
+        self.args = app_args(args or {})
+        self.model = serving_model(self.args)
+        self.model.setup()
         self.limits = Limits(max_pixels=self.args.max_pixels, max_bytes=self.args.max_body_bytes)
         self.request_limits = RequestLimits(self.args.max_body_bytes, self.args.max_images)
-        lanes = self.args.lanes or replica_cpus()
+        lanes, express = self.args.lanes or replica_cpus(), self.args.express_lane
+        if self.model.predict_threads is not None:  # a model whose predict may not run on more threads than this
+            lanes = min(lanes, self.model.predict_threads)
+            express = express and lanes < self.model.predict_threads
         # Cores accounted for: ``lanes`` engine calls at once (one intra-op thread
         # each by default) plus decode threads that fill the gaps between them. The
         # express lane's thread runs only beside a large request's batches, one small batch at a time.
-        settings = Settings(lanes=lanes, express=self.args.express_lane)
+        settings = Settings(lanes=lanes, express=express, max_batch_size=min(DEFAULT_MAX_BATCH_SIZE, self.model.max_batch))
         self.decode_pool = ThreadPoolExecutor(self.args.decode_threads or lanes + 1, thread_name_prefix="decode")
         self.engine_pool = ThreadPoolExecutor(lanes + settings.express, thread_name_prefix="engine")
         self.metrics = _Metrics()
         self.stage_seconds: collections.Counter[str] = collections.Counter()
-        self.detector.warmup()
-        self.info = self.detector.describe()
+        self.info = self.model.summary()
         self.scheduler = Scheduler(self._run_batch, settings, executor=self.engine_pool)
         self._measure_cost_curve()
         self.replica_tag = _replica_tag()
         log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
 
     def _measure_cost_curve(self) -> None:
-        """Time the engine at each batch size up to the cap, on an image of the model's full input size."""
-        import numpy as np
-
-        spec = self.detector.manifest.input
-        side = spec.imgsz or spec.min_size or 320
-        sample = self.detector.prepare(np.full((side, side, 3), 114, np.uint8))
-        params = self.detector.params()
-        cap = min(self.scheduler.settings.max_batch_size, self.detector.engine.max_batch)
-        self.scheduler.curve = measure_curve(lambda n: self.detector.run([sample] * n, params), probe_sizes(cap))
+        """Time the model's predict at each batch size up to the cap, on an image of its full input size."""
+        sample, params = self.model.sample(), self.model.params()
+        cap = min(self.scheduler.settings.max_batch_size, self.model.max_batch)
+        self.scheduler.curve = measure_curve(lambda n: self.model.predict([sample] * n, [params] * n, BatchTimings()), probe_sizes(cap))
 
     def reconfigure(self, user_config: dict) -> None:
         config = UserConfig(**(user_config or {}))
         settings = self.scheduler.settings
-        cap = min(config.max_batch_size, self.detector.engine.max_batch)
+        cap = min(config.max_batch_size, self.model.max_batch)
         remeasure = cap > max(self.scheduler.curve.seconds, default=0)
         settings.max_batch_size = cap
         settings.batch_wait_s = config.batch_wait_timeout_s
@@ -225,14 +251,14 @@ class DetectionServer:
             self._measure_cost_curve()
 
     async def check_health(self) -> None:
-        """Healthy when the engine still answers a tiny image."""
+        """Healthy when the model's own check passes (an exported model: its engine still answers a tiny image)."""
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(self.engine_pool, self.detector.warmup), timeout=20)
+        await asyncio.wait_for(loop.run_in_executor(self.engine_pool, self.model.check), timeout=20)
 
     # ---- the batch (engine thread) --------------------------------------
-    def _run_batch(self, items: list[Item], params: list[DetectParams]) -> list[Detections | Exception]:
+    def _run_batch(self, items: list[Item], params: list[Any]) -> list[Any]:
         timings = BatchTimings()
-        results = run_batch(self.detector, items, params, timings)
+        results = self.model.predict(items, params, timings)
         self.stage_seconds["engine"] += timings.engine_s
         self.stage_seconds["postprocess"] += timings.postprocess_s
         self.stage_seconds["queue_wait"] += sum(timings.queue_s)
@@ -257,8 +283,8 @@ class DetectionServer:
         budget = self.budget_s(timeout_s)
         return time.monotonic() + budget - min(max(waited_s, 0.0), budget)
 
-    async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float, budget_s: float | None = None) -> dict:
-        """admit -> decode + prepare (threads) -> fair batches (engine) -> postprocess -> annotations."""
+    async def detect(self, images: list[ImageInput], params: Any, deadline: float, budget_s: float | None = None) -> dict:
+        """admit -> prepare (decode threads) -> fair batches -> predict (engine lanes) -> encode."""
         try:
             ticket = self.scheduler.admit(len(images), deadline, params, budget_s)
         except Overloaded as exc:
@@ -290,16 +316,17 @@ class DetectionServer:
             raise
         finally:
             self.scheduler.release(ticket, reason)
-        for det in detections:
+        for i, det in enumerate(detections):
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
-                raise ApiError(500, "inference_failed", f"the model failed on this image: {det}")
+                where = f"image {i}: " if len(detections) > 1 else ""
+                raise ApiError(500, getattr(det, "code", "inference_failed"), f"{where}the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
-        if sum(map(len, detections)) <= INLINE_ENCODE_BOXES:
-            body = self.encode(items, detections)
+        if sum(map(self.model.boxes, detections)) <= INLINE_ENCODE_BOXES:
+            body = self.model.encode(items, detections)
         else:  # off the loop: other requests go on meanwhile
-            body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.encode, items, detections)
+            body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.model.encode, items, detections)
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 
@@ -313,7 +340,7 @@ class DetectionServer:
         items: list[Item] = []
         for i, image in enumerate(images):
             try:
-                item = await loop.run_in_executor(self.decode_pool, prepare, self.detector, image, self.limits, self.args.fast_decode)
+                item = await loop.run_in_executor(self.decode_pool, self.model.prepare, image, self.limits)
             except ImageError as exc:
                 self.metrics.errors.inc(tags={"kind": exc.code})
                 raise image_error(exc, i if len(images) > 1 else None) from None
@@ -323,23 +350,6 @@ class DetectionServer:
             items.append(item)
             self.scheduler.add(ticket, i, item)
         return items
-
-    def encode(self, items: list[Item], detections: list[Detections]) -> dict:
-        from detserve.adapters.base import box_annotations
-
-        name = self.info["name"]
-        return {
-            "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
-            "results": [
-                {
-                    "width": item.width,
-                    "height": item.height,
-                    "frames": item.frames,
-                    "annotations": box_annotations(det, self.adapter.labels, name, None),
-                }
-                for item, det in zip(items, detections)
-            ],
-        }
 
     # ---- Python handle API ---------------------------------------------
     async def predict(
@@ -357,13 +367,17 @@ class DetectionServer:
         """
         batch = images if isinstance(images, list) else [images]
         try:
-            return await self.detect(batch, self.detector.params(conf=conf, iou=iou, max_det=max_det), self.deadline(timeout_s))
+            return await self.detect(batch, self.params(conf, iou, max_det), self.deadline(timeout_s))
         except ApiError as exc:
             raise ValueError(f"{exc.code}: {exc.message}") from None
 
     # ---- HTTP (routes, errors and OpenAPI: serve/http.py) ---------------------
     def __serve_build_asgi_app__(self):
         return build_api(self)
+
+    def params(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Any:
+        """One request's settings, as the model takes them."""
+        return self.model.params(conf=conf, iou=iou, max_det=max_det)
 
     def request_deadline(self, request: Request) -> tuple[float, float]:
         """(deadline, budget_s) for an HTTP request: counted from when the proxy received it."""
@@ -386,12 +400,34 @@ class DetectionServer:
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
                 "mean_batch_size": images / max(1, sum(sizes.values())),
                 "stage_seconds": dict(self.stage_seconds),
-                "scheduler": self.scheduler.stats(),
+                "scheduler": self.scheduler.stats(), **self.model.stats(),
                 "pid": me.pid, "rss_bytes": me.memory_info().rss, "open_fds": me.num_fds()}  # fmt: skip
 
     async def http_info(self) -> dict:
-        m = self.detector.manifest
-        return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}
+        return self.model.describe()
+
+
+#: Serve's deployment of ``Replica``; the app is built per replica, around the replica (``__serve_build_asgi_app__``).
+DetectionServer = serve.deployment(
+    name="DetectionServer",
+    # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
+    # Ray's own queue in front of it only ever sees overflow beyond this (deploy.yaml says why 2048).
+    max_ongoing_requests=2048,
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 1},
+    autoscaling_config={
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+)(serve.ingress()(Replica))
 
 
 def _replica_tag() -> str:
@@ -403,10 +439,34 @@ def _replica_tag() -> str:
 
 
 def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
-    """The detserve application, for code: ``args`` as in deploy.yaml, ``options`` as its ``deployments:`` entry."""
-    AppArgs(**args)  # fail at deploy time, with the field name, not in the replica
+    """The detserve application, for code: ``args`` as in deploy.yaml, ``options`` as its ``deployments:`` entry.
+
+    An adapter application (``args`` name an ``adapter`` folder) gets its deployment options from the model's
+    compute config first (:func:`adapter_plan`); ``options`` win over them.
+    """
+    checked = app_args(args)  # fail at deploy time, with the field name, not in the replica
+    if isinstance(checked, AdapterArgs):
+        options = {**adapter_plan(checked).deployment_options(), **(options or {})}
     deployment = DetectionServer.options(**options) if options else DetectionServer
     return deployment.bind(args)
+
+
+def adapter_plan(args: AdapterArgs, cluster: ClusterSize | None = None, apps_sharing: int = 1) -> ReplicaPlan:
+    """An adapter model's Serve settings from its compute config, capped to ``cluster`` (default: what Ray has free)."""
+    from detserve.adapters.dataloop_app import read_app, replica_plan
+
+    model = read_app(resolve_path(args.adapter)).model(args.model)
+    return replica_plan(model, cluster or free_cluster(), apps_sharing)
+
+
+def free_cluster() -> ClusterSize:
+    """What the Ray cluster has free for new applications; outside Ray, this machine's CPUs and free memory."""
+    import ray
+
+    if ray.is_initialized():
+        free = ray.available_resources()
+        return ClusterSize(free.get("CPU", 0.0), free.get("memory", 0.0), free.get("GPU", 0.0))
+    return ClusterSize(float(os.cpu_count() or 1), float(psutil.virtual_memory().available), 0.0)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -416,3 +476,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     per-deployment options come from the config file's ``deployments:``.
     """
     return application(args)
+
+
+def build_adapter_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for a Dataloop adapter folder (``import_path: detserve.serve.app:build_adapter_app``).
+
+    ``args``: :class:`AdapterArgs` (``adapter``: the folder, ``model``: one of its models). The deployment's
+    resources and autoscaling come from the model's compute config, capped to this cluster (one log line
+    says so); the config file's ``deployments:`` entry still wins. deploy-adapter.yaml is an example.
+    """
+    plan = adapter_plan(AdapterArgs(**args))
+    if plan.note:
+        logging.getLogger("ray.serve").warning(plan.note)
+    return DetectionServer.options(**plan.deployment_options()).bind(args)

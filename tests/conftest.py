@@ -109,17 +109,16 @@ def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
 def local_client(yolo_export):
     """The real FastAPI app of a replica around the real server class, in this process: no Ray.
 
-    ``DetectionServer`` is Serve's deployment; ``func_or_class.__mro__[1]`` is the
-    plain class under Serve's ingress wrapper. Its scheduler is plain asyncio, so
-    decode, admission, batching, limits, errors and encoding are the deployment's
-    own. Small limits so the limit tests stay fast.
+    ``Replica`` is the plain class Serve deploys (``DetectionServer``). Its scheduler is
+    plain asyncio, so decode, admission, batching, limits, errors and encoding are the
+    deployment's own. Small limits so the limit tests stay fast.
     """
     from starlette.testclient import TestClient
 
-    from detserve.serve.app import DetectionServer
+    from detserve.serve.app import Replica
     from detserve.serve.http import build_api
 
-    server = DetectionServer.func_or_class.__mro__[1]({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
+    server = Replica({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
     with TestClient(build_api(server), raise_server_exceptions=False) as client:
         client.server = server
         yield client

@@ -558,7 +558,8 @@ def test_fasterrcnn_train_and_save_give_a_servable_export(fasterrcnn_export, sce
 @pytest.mark.parametrize("n,model_id", [(0, None), (1, None), (37, "m-123")])
 def test_box_annotations_equal_dtlpys_own_to_json(n, model_id):
     """The serving path's direct JSON is what dtlpy would write, key order included (byte-for-byte once dumped)."""
-    from detserve.adapters.base import box_annotations, to_collection
+    from detserve.adapters.base import to_collection
+    from detserve.adapters.box_json import box_annotations
     from detserve.runtime.postprocess import Detections
 
     rng = np.random.default_rng(n)
