@@ -282,3 +282,26 @@ def _what(value: Any) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a {type(value).__name__} of {len(value)} ({', '.join(kinds) or 'empty'})"
     return f"a {type(value).__name__}" if value is not None else "None"
+
+
+# ---- checking a folder before serving it ------------------------------------------------------
+
+
+def check(folder: str | Path, models: list[str]) -> str | None:
+    """Import and load each model's adapter as a replica will; the one line that says what failed, or None."""
+    from detserve.adapters.dataloop_app import AppError, read_app
+
+    try:
+        app = read_app(folder)
+        for name in models or list(app.models):
+            load_adapter(app, app.model(name))
+    except (AdapterError, AppError) as exc:
+        return str(exc)
+    return None
+
+
+if __name__ == "__main__":  # python -m detserve.adapters.user_adapter DIR [MODEL ...]: what `detserve serve --adapter` runs first
+    problem = check(sys.argv[1], sys.argv[2:])
+    if problem:
+        print(problem)
+    sys.exit(3 if problem else 0)

@@ -50,7 +50,7 @@ def _root(
 def _fail(message: str, code: int = 2) -> None:
     from detserve.runtime.progress import console
 
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
 
@@ -336,18 +336,30 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="HTTP port."),
     app_name: Optional[list[str]] = typer.Option(None, "--app", metavar="NAME", help="Serve only this application; repeat for more (default: all)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help="Serve a Dataloop adapter folder (dataloop.json, its module, the model's artifacts) instead of the config."),
+    adapter_model: Optional[list[str]] = typer.Option(None, "--model", metavar="NAME", help="With --adapter: serve this model of dataloop.json; repeat for more (default: each, one app per model at /<name>)."),
+    accelerated: bool = typer.Option(False, "--accelerated", help="With --adapter: serve the export `detserve export --adapter` made of the adapter's weights."),
 ) -> None:
-    """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
+    """Serve the applications of deploy.yaml (or a Dataloop adapter folder) on an embedded local Ray until Ctrl-C."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.defaults import DEFAULT_MODELS
-    from detserve.serve.run import load_config, main as run_server, require_auth_for
+    from detserve.serve.run import AdapterServing, DeployFailed, load_config, main as run_server, require_auth_for
 
     require_auth_for(host)  # before exporting models or starting Ray
-    names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
-    defaults = tuple(n for n in names if n in DEFAULT_MODELS)
-    if defaults:  # export once here, not in every replica
-        ensure_default_models(defaults)
-    run_server(config, host, port, app_name)
+    if adapter is None and (adapter_model or accelerated):
+        _fail("--model and --accelerated go with --adapter DIR")
+    serving = None
+    if adapter is not None:
+        serving = AdapterServing(adapter.resolve(), tuple(adapter_model or ()), accelerated)
+    else:
+        names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
+        defaults = tuple(n for n in names if n in DEFAULT_MODELS)
+        if defaults:  # export once here, not in every replica
+            ensure_default_models(defaults)
+    try:
+        run_server(config, host, port, app_name, adapter=serving)
+    except DeployFailed as exc:
+        _fail(str(exc))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
