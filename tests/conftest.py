@@ -16,6 +16,35 @@ detserve.runtime.offline.apply()
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# --- no network ---------------------------------------------------------------
+
+_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", None}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach a host other than loopback fails the test (even if dtlpy swallows the error)."""
+    attempts: list[str] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in _LOCAL_HOSTS:
+            attempts.append(f"connect {address}")
+            raise ConnectionRefusedError(f"offline test: no connection to {address}")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL_HOSTS:
+            attempts.append(f"resolve {host!r}")
+            raise socket.gaierror(f"offline test: no lookup of {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
     from detserve.export.reference import photos as _photos
