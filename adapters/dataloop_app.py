@@ -189,6 +189,22 @@ def _artifacts(folder: Path, model: str) -> Path:
     return folder
 
 
+#: The figures of ``detserve export --adapter``'s check against the adapter, in the export folder.
+PARITY_FILE = "adapter-parity.json"
+
+
+def accelerated_problem(export: Path) -> str | None:
+    """Why an adapter's export cannot be served in its place (missing, or its boxes differ from the adapter's), or None."""
+    figures = export / PARITY_FILE
+    if not (export / "manifest.json").is_file() or not figures.is_file():
+        return f"no accelerated export checked against the adapter at {export}: run `detserve export --adapter` first"
+    parity = json.loads(figures.read_text())
+    if not parity.get("passed"):
+        return (f"the export at {export} gives the adapter's boxes for {parity.get('matched_share', 0):.1%} of them, below its "
+                f"threshold {parity.get('threshold')} ({figures} lists which differ and why): serve the adapter as written")
+    return None
+
+
 def export_folder(app: AdapterApp, model: AppModel) -> Path:
     """Where ``detserve export --adapter`` writes a model's accelerated export by default, and ``--accelerated`` finds it."""
     return app.folder / "detserve-export" / model.name

@@ -81,8 +81,9 @@ def user_errors(func):
 @app.command()
 @user_errors
 def export(
-    model: str = typer.Option(..., "--model", help="Model family: yolo or fasterrcnn."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the artifact and manifest.json into."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model family: yolo or fasterrcnn. With --adapter: the model of its dataloop.json (default: its only one)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the artifact and manifest.json into (with --adapter: default <DIR>/detserve-export/<model>)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help="Export the weights a Dataloop adapter folder loads, and check the export against the adapter's own predict."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="YOLO: .pt checkpoint or .yaml config. Faster R-CNN: state_dict (.pth); omit for random init."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Faster R-CNN architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (or JSON list/map); no background."),
@@ -98,6 +99,11 @@ def export(
     """Export weights to ONNX / TensorRT, check parity with the source model, write manifest.json."""
     from detserve.export.pipeline import ExportError, ExportRequest, export_model, read_labels
 
+    if adapter is not None:
+        _export_adapter(adapter, model, weights, out, imgsz, force, parity_threshold)
+        return
+    if out is None:
+        _fail("--out is required: the folder to write the artifact and manifest.json into")
     if model not in ("yolo", "fasterrcnn"):
         _fail(f"--model must be yolo or fasterrcnn, got {model!r}")
     try:
@@ -123,6 +129,31 @@ def export(
     from detserve.runtime.progress import console
 
     console.print(f"[green]exported[/] {manifest.name} -> {out / manifest.artifact} (manifest: {out / 'manifest.json'})")
+
+
+def _export_adapter(folder: Path, model: Optional[str], weights: Optional[Path], out: Optional[Path], imgsz: Optional[int], force: bool, threshold: float) -> None:
+    """``export --adapter``: the adapter's weights exported, then checked box by box against the adapter as written."""
+    from detserve.adapters.accelerate import PARITY_FILE, accelerate
+    from detserve.adapters.user_adapter import AdapterError
+    from detserve.export.pipeline import ExportError
+    from detserve.runtime.progress import console
+
+    try:
+        export, parity = accelerate(folder, model, weights=weights, out=out, imgsz=imgsz, force=force, threshold=threshold)
+    except (AdapterError, ExportError) as exc:
+        _fail(str(exc))
+    used = parity.thresholds
+    console.print(f"[green]exported[/] {folder} -> {export}, serving with conf {used['conf']:g}, iou {used['iou']:g}, max_det {used['max_det']} "
+                  f"({', '.join(f'{k}: {v}' for k, v in used['from'].items())})", soft_wrap=True)  # fmt: skip
+    console.print(parity.summary(), soft_wrap=True)
+    for d in parity.differences:
+        console.print(f"  image {d.image}: {d.side} box {d.label} {d.box} score {d.score:.3f}: {d.reason}", soft_wrap=True, markup=False)
+    if parity.unlisted:
+        console.print(f"  ... and {parity.unlisted} more (all in {export / PARITY_FILE})")
+    if not parity.passed:
+        _fail(f"the export gives the adapter's boxes for {parity.matched_share:.1%} of them, below --parity-threshold {threshold:.2f} "
+              f"(figures in {export / PARITY_FILE}); `detserve serve --adapter {folder} --accelerated` will refuse it: serve the adapter as written", 1)  # fmt: skip
+    console.print(f"serve it with: detserve serve --adapter {folder} --accelerated")
 
 
 @app.command()

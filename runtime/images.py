@@ -268,13 +268,19 @@ def _from_array(array: np.ndarray, limits: Limits) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What an image file's header says: its format, its size as stored (before EXIF orientation) and its frames."""
+    """What an image file's header says: its format, its size as stored (before EXIF orientation), its frames and orientation."""
 
     format: str
     mimetype: str
     width: int
     height: int
     frames: int = 1
+    orientation: int = 1  # EXIF; 5-8 turn the image a quarter
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the EXIF orientation is applied, as :func:`decode` returns the pixels."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
 def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
@@ -294,8 +300,12 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
             with _pil_open(io.BytesIO(data)) as image:
                 _check_pixels(image.width, image.height, limits)
                 fmt = image.format or "unknown"
+                try:
+                    orientation = int(image.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block: decode ignores it too
+                    orientation = 1
                 return ImageHeader(fmt, Image.MIME.get(fmt, "application/octet-stream"), image.width, image.height,
-                                   int(getattr(image, "n_frames", 1) or 1))  # fmt: skip
+                                   int(getattr(image, "n_frames", 1) or 1), orientation)  # fmt: skip
     except ImageError:
         raise
     except Image.DecompressionBombError:

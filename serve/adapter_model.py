@@ -89,7 +89,10 @@ class AdapterModel(ServingContract):
         if prepared is None:
             raise ImageError("prepare_failed", "the adapter's prepare_item_func returned None for this image "
                                                "(dtlpy's default loader does so when it cannot read an image)")  # fmt: skip
-        return Item(prepared, width=header.width, height=header.height, decode_s=time.perf_counter() - start, frames=header.frames)
+        # The answer gives the upright size, as for an exported model; the item has the size as stored, as Pillow
+        # opens the file. Which frame the adapter's boxes are in is its own affair (Ultralytics applies EXIF itself).
+        width, height = header.upright_size
+        return Item(prepared, width=width, height=height, decode_s=time.perf_counter() - start, frames=header.frames)
 
     # ---- predict (engine lanes) ---------------------------------------------------
     def predict(self, items: list[Item], params: list[Any], timings: BatchTimings) -> list[Any]:

@@ -452,10 +452,19 @@ def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> 
 
 
 def adapter_plan(args: AdapterArgs, cluster: ClusterSize | None = None, apps_sharing: int = 1) -> ReplicaPlan:
-    """An adapter model's Serve settings from its compute config, capped to ``cluster`` (default: what Ray has free)."""
-    from detserve.adapters.dataloop_app import read_app, replica_plan
+    """An adapter model's Serve settings from its compute config, capped to ``cluster`` (default: what Ray has free).
 
-    model = read_app(resolve_path(args.adapter)).model(args.model)
+    Checks the application first, as its builder runs: the folder and model exist, and an accelerated one
+    has an export that passed its check against the adapter (AppError otherwise).
+    """
+    from detserve.adapters.dataloop_app import AppError, accelerated_problem, export_folder, read_app, replica_plan
+
+    app = read_app(resolve_path(args.adapter))
+    model = app.model(args.model)
+    if args.accelerated:
+        problem = accelerated_problem(resolve_path(args.export) if args.export else export_folder(app, model))
+        if problem:
+            raise AppError(f"{model.name}: {problem}")
     return replica_plan(model, cluster or free_cluster(), apps_sharing)
 
 

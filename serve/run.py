@@ -292,7 +292,7 @@ def adapter_apps(serving: AdapterServing, cluster=None) -> list[tuple[str, dict[
 
     Reads only dataloop.json (no adapter code runs here): a folder or model name that is wrong stops here, before Ray.
     """
-    from detserve.adapters.dataloop_app import export_folder, read_app, replica_plan
+    from detserve.adapters.dataloop_app import accelerated_problem, export_folder, read_app, replica_plan
     from detserve.serve.app import AdapterArgs, free_cluster
 
     app = read_app(serving.folder)
@@ -300,8 +300,9 @@ def adapter_apps(serving: AdapterServing, cluster=None) -> list[tuple[str, dict[
     apps = []
     for name in names:
         model = app.model(name)
-        if serving.accelerated and not (export_folder(app, model) / "manifest.json").is_file():
-            raise ValueError(f"no accelerated export of {name} at {export_folder(app, model)}: run `detserve export --adapter {serving.folder} --model {name}` first")
+        problem = accelerated_problem(export_folder(app, model)) if serving.accelerated else None
+        if problem:
+            raise ValueError(f"{name}: {problem}")
         args = AdapterArgs(adapter=str(app.folder), model=name, accelerated=serving.accelerated, request_timeout_s=serving.request_timeout_s)
         apps.append((name, args.model_dump(exclude_defaults=True), replica_plan(model, cluster or free_cluster(), len(names))))
     return apps

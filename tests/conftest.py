@@ -151,3 +151,13 @@ def local_client(yolo_export):
     with TestClient(build_api(server), raise_server_exceptions=False) as client:
         client.server = server
         yield client
+
+
+@pytest.fixture(scope="session")
+def tutorial_export(tmp_path_factory) -> Path:
+    """The Dataloop tutorial adapter's weights exported by `detserve export --adapter` once per session (parity checked)."""
+    from detserve.adapters.accelerate import accelerate
+
+    out, parity = accelerate(ROOT / "adapters" / "apps" / "examples" / "yolo-tutorial", out=tmp_path_factory.mktemp("accelerated") / "yolo20n", quiet=True)
+    assert parity.passed, parity.summary()
+    return out

@@ -272,6 +272,35 @@ def test_a_slow_predict_is_admitted_by_its_measured_cost(serve_cluster):
         serve.delete("slow", _blocking=False)  # the replica drains meanwhile (some 30 s under HAProxy)
 
 
+# ---- the adapter's weights, accelerated ------------------------------------------------------------
+
+
+def test_accelerated_serving_gives_the_adapters_boxes_within_the_export_thresholds(serve_cluster, tutorial_export, tutorial_direct, scenes):
+    """`--accelerated`: the export of the tutorial adapter's weights, under the adapter's model name, its boxes."""
+    from ray import serve
+
+    from detserve.adapters.accelerate import detections_of
+    from detserve.export.parity import compare_all
+
+    serve_adapter("yolo20n-accelerated", {"adapter": str(TUTORIAL), "accelerated": True, "export": str(tutorial_export)})
+    url = f"{serve_cluster}/yolo20n-accelerated"
+    try:
+        images = [encode(s.image) for s in scenes]
+        responses = concurrently(url, images, concurrency=8)
+        assert [r.status_code for r in responses] == [200] * len(images)
+        assert responses[0].json()["model"]["name"] == "yolo20n" and responses[0].json()["model"]["backend"] == "onnxruntime-cpu"
+        ids = {"circle": 0, "square": 1, "triangle": 2, "star": 3}
+        adapter = [detections_of(tutorial_direct(b), ids) for b in images]
+        export = [detections_of(r.json()["results"][0]["annotations"], ids) for r in responses]
+        result = compare_all(adapter, export)  # same label, IoU >= 0.99: the export's own threshold
+        assert result.source_boxes > 0 and result.matched_share >= 0.99 and result.artifact_boxes == result.source_boxes, result
+        assert result.max_score_diff < 1e-3, result
+        handle = serve.get_app_handle("yolo20n-accelerated")
+        assert len(handle.predict.remote(scenes[0].image).result(timeout_s=60)["results"][0]["annotations"]) == len(adapter[0])
+    finally:
+        serve.delete("yolo20n-accelerated", _blocking=False)  # the replica drains meanwhile (some 30 s under HAProxy)
+
+
 # ---- `detserve serve --adapter DIR`, as a user runs it --------------------------------------------
 
 
