@@ -383,7 +383,8 @@ def serve(
     if adapter is not None:
         serving = AdapterServing(adapter.resolve(), tuple(adapter_model or ()), accelerated)
     else:
-        names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
+        names = [a.args.get("model") for a in load_config(config).applications
+                 if (not app_name or a.name in app_name) and a.import_path == "detserve.serve.app:build_app"]  # fmt: skip
         defaults = tuple(n for n in names if n in DEFAULT_MODELS)
         if defaults:  # export once here, not in every replica
             ensure_default_models(defaults)

@@ -329,6 +329,18 @@ def check_adapter(serving: AdapterServing) -> None:
         raise DeployFailed(f"checking the adapter in {serving.folder} failed: {tail}")
 
 
+def config_adapters(config, only: list[str] | None = None) -> list[AdapterServing]:
+    """The adapter applications of a Serve config (``build_adapter_app``), as ``detserve serve --adapter`` would name them."""
+    from detserve.serve.app import AdapterArgs, resolve_path
+
+    out = []
+    for app in config.applications:
+        if app.import_path == IMPORT_PATHS[1] and (not only or app.name in only):
+            args = AdapterArgs(**(app.args or {}))
+            out.append(AdapterServing(resolve_path(args.adapter), (args.model,) if args.model else (), args.accelerated, args.request_timeout_s))
+    return out
+
+
 def deploy_adapter(serving: AdapterServing, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
     """Start Serve and one application per model of an adapter folder; returns their route prefixes.
 
@@ -454,7 +466,11 @@ def main(
             check_adapter(adapter)
         set_proxy_body_limits({f"/{name}": AppArgs().max_body_bytes for name, _, _ in apps})
     else:
-        set_proxy_body_limits(proxy_body_limits(load_config(config_path)))
+        config = load_config(config_path)
+        set_proxy_body_limits(proxy_body_limits(config))
+        for serving in config_adapters(config, only):
+            with step(f"Checking the adapter in {serving.folder} (import and load, as each replica will)"):
+                check_adapter(serving)
     with step("Starting Ray on 127.0.0.1"):
         start_ray()
     # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
