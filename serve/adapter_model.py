@@ -138,7 +138,7 @@ class AdapterModel(ServingContract):
             "family": "dataloop-adapter",
             "backend": f"adapter:{self.model.class_name}",
             "device": "adapter",
-            "labels": dict(enumerate(self.model.labels)),
+            "labels": self.labels(),
             "adapter": {
                 "folder": str(self.app.folder),
                 "entry_point": self.model.entry_point.name,
@@ -151,6 +151,13 @@ class AdapterModel(ServingContract):
             "parameters": self.keys,
             "batch": {"max": self.batch_size},
         }
+
+    def labels(self) -> dict[int, str]:
+        """The model's classes by id: its configuration's ``id_to_label_map`` when it has one, else its labels in order."""
+        mapping = self.configuration.get("id_to_label_map")
+        if isinstance(mapping, dict) and mapping:
+            return {int(k): str(v) for k, v in mapping.items()}
+        return dict(enumerate(self.model.labels))
 
     def sample(self) -> Item:
         side = int(self.configuration.get("imgsz") or self.configuration.get("input_size") or SAMPLE_SIDE)

@@ -129,8 +129,8 @@ class ServingContract:
 class ExportedModel(ServingContract):
     """An export folder (manifest + artifact) on detserve's engines: decode + letterbox, one engine call per batch.
 
-    ``name`` and ``defaults`` replace the manifest's (an accelerated adapter answers under its model's name,
-    with the thresholds its adapter used).
+    ``name`` replaces the manifest's (an accelerated adapter answers under its model's name; its export's
+    manifest holds the thresholds the adapter applied).
     """
 
     def __init__(
@@ -142,13 +142,11 @@ class ExportedModel(ServingContract):
         threads: int = 1,
         fast_decode: bool = False,
         name: str | None = None,
-        defaults: dict[str, float] | None = None,
     ):
         self.folder = Path(folder)
         self.options = {"backend": backend, "device": device, "threads": threads}
         self.fast_decode = fast_decode
         self.name = name
-        self.defaults = dict(defaults or {})
         self.detector = None
         self.labels: dict[int, str] = {}
         self.info: dict = {}
@@ -157,9 +155,6 @@ class ExportedModel(ServingContract):
         from detserve.runtime.detector import Detector
 
         self.detector = Detector(self.folder, **self.options)
-        if self.defaults:
-            manifest = self.detector.manifest
-            self.detector.manifest = manifest.model_copy(update={"defaults": {**manifest.defaults, **self.defaults}})
         self.labels = dict(self.detector.labels)
         self.detector.warmup()
         self.info = self.detector.describe()
