@@ -99,33 +99,6 @@ def to_collection(det: Detections, labels: dict[int, str], model_name: str, mode
     return collection
 
 
-def box_annotations(det: Detections, labels: dict[int, str], model_name: str, model_id: str | None) -> list[dict]:
-    """``to_collection(...).to_json()["annotations"]``, built directly: the same dicts, about 20x cheaper.
-
-    The serving path answers every image with this JSON; building ``dl.Box`` and
-    ``dl.Annotation`` objects per box only to serialise them cost more than NMS.
-    ``tests/test_adapters.py`` proves it equal, key order and all, to dtlpy's
-    own ``to_json()`` for the pinned dtlpy; a dtlpy upgrade that changes the
-    format fails that test, not users.
-    """
-    out = []
-    for (left, top, right, bottom), score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.class_ids.tolist()):
-        out.append({
-            "id": None, "url": None, "creator": None,
-            "metadata": {
-                "user": {"model": {"confidence": float(min(max(score, 0.0), 1.0)), "name": model_name, "model_id": model_id}},
-                "system": {"automated": True, "attributes": {}},
-            },
-            "hash": None, "itemId": None, "item": None,
-            "label": labels.get(cls, str(cls)),
-            "dataset": None, "createdAt": None, "updatedBy": None, "updatedAt": None,
-            "source": "sdk", "datasetId": None, "type": "box",
-            "coordinates": [{"x": left, "y": top, "z": 0}, {"x": right, "y": bottom, "z": 0}],
-            "attributes": None,
-        })  # fmt: skip
-    return out
-
-
 def metric_samples(metrics, legend: str) -> list[dl.PlotSample]:
     """``DetectionMetrics`` as the samples dtlpy's ``model.metrics.create`` takes."""
     values = {**metrics.stats, "precision": metrics.precision, "recall": metrics.recall}

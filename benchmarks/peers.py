@@ -1,10 +1,10 @@
 """Peer servers for the side-by-side: the same model and the same detserve stages behind LitServe and PyTriton.
 
-Only the serving layer differs. Each peer loads the export folder through
-``adapters.adapter_for`` (as the Serve deployment does) and runs
-``serve.batching.prepare`` (decode + letterbox), ``serve.batching.run_batch``
-(join + one engine call + per-request NMS) and the same Dataloop JSON encoding
-as ``DetectionServer.encode``. Batching and workers are each framework's own:
+Only the serving layer differs. Each peer wraps the same serving contract the
+Serve deployment wraps (``serve.contract.ExportedModel``): its ``prepare``
+(decode + letterbox), ``predict`` (join + one engine call + per-request NMS)
+and ``encode`` (the same Dataloop JSON answer). Batching and workers are each
+framework's own:
 
 - LitServe: ``LitAPI(max_batch_size=8, batch_timeout=0.005)``, one inference
   worker (``workers_per_device=1``, ``accelerator="cpu"``), one uvicorn API
@@ -129,40 +129,36 @@ class StageCounters:
 
 
 class Pipeline:
-    """detserve's stages for one peer worker: prepare -> run_batch -> encode, with the same counters as the Serve replica."""
+    """The Serve deployment's model stages for one peer worker (``ExportedModel``), with the same counters as its replica."""
 
     def __init__(self, config: PeerConfig, stats_file: str | None):
         from detserve.runtime import offline
 
         offline.apply()
-        from detserve.adapters import adapter_for
         from detserve.runtime.images import Limits
+        from detserve.serve.contract import ExportedModel
 
-        # Not serve.app.AppArgs: that imports Ray, whose protobuf gencode PyTriton's venv cannot load.
-        # The benchmark fills max_pixels/max_body_bytes from AppArgs' defaults (run.peer_config).
-        self.adapter = adapter_for(config.model, backend="onnxruntime", device="cpu", threads=config.threads)
-        self.detector = self.adapter.detector
+        # Not serve.app.AppArgs: that imports Ray, whose protobuf gencode PyTriton's venv cannot load (serve.contract
+        # imports neither Ray nor dtlpy). The benchmark fills max_pixels/max_body_bytes from AppArgs' defaults (run.peer_config).
+        self.model = ExportedModel(config.model, backend="onnxruntime", device="cpu", threads=config.threads)
+        self.model.setup()
         self.limits = Limits(max_pixels=config.max_pixels, max_bytes=config.max_body_bytes)
-        self.params = self.detector.params()
-        self.detector.warmup()
-        self.info = self.detector.describe()
+        self.params = self.model.params()
         self.counters = StageCounters(stats_file)
         self.counters.flush()
 
     def prepare(self, data: bytes):
-        from detserve.serve.batching import prepare
-
-        item = prepare(self.detector, data, self.limits)
+        item = self.model.prepare(data, self.limits)
         self.counters.add("decode", item.decode_s)
         item.queued_at = time.perf_counter()
         return item
 
     def run(self, jobs: list) -> list:
         """Detections (or an exception) per job, in order: one engine call for the whole batch."""
-        from detserve.serve.batching import BatchTimings, run_batch
+        from detserve.serve.batching import BatchTimings
 
         timings = BatchTimings()
-        results = run_batch(self.detector, jobs, [self.params] * len(jobs), timings)
+        results = self.model.predict(jobs, [self.params] * len(jobs), timings)
         self.counters.batch(timings.size)
         self.counters.add("engine", timings.engine_s)
         self.counters.add("postprocess", timings.postprocess_s)
@@ -170,20 +166,9 @@ class Pipeline:
         return results
 
     def encode(self, job, det) -> dict:
-        """The body detserve answers with (``DetectionServer.encode`` for one image)."""
-        from detserve.adapters.base import box_annotations
-
+        """The body detserve answers with for one image (the contract's ``encode``)."""
         start = time.perf_counter()
-        body = {
-            "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
-            "results": [
-                {
-                    "width": job.width,
-                    "height": job.height,
-                    "annotations": box_annotations(det, self.adapter.labels, self.info["name"], None),
-                }
-            ],
-        }
+        body = self.model.encode([job], [det])
         self.counters.add("encode", time.perf_counter() - start)
         return body
 

@@ -474,9 +474,12 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
     mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")
     mode.add_argument("--setup-peers", action="store_true", help="create PyTriton's own venv (needs the package registry), then exit")
+    mode.add_argument("--adapter", metavar="DIR", help="a Dataloop adapter folder as written against its accelerated export, "
+                      "one run, closed loop (--concurrency, default 8): benchmarks/adapter_speed.py")
     mode.add_argument("--overload", action="store_true",
                       help="detserve alone, as deploy.yaml ships it: peak, a burst, an open loop at 2x the peak, large and small requests mixed (benchmarks/overload.py)")  # fmt: skip
     parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
+    parser.add_argument("--adapter-model", metavar="NAME", help="with --adapter: the model of its dataloop.json (default: its only one)")
     parser.add_argument("--only", help="comma-separated subset of raw,detserve,detserve-int8,litserve,pytriton "
                         "(detserve includes detserve-int8: `precision: auto` beside fp32, when the model has a gated int8 variant)")
     parser.add_argument("--out", default=str(paths.results_dir()), help="results root (a timestamped folder is made inside)")
@@ -508,6 +511,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
         from detserve.benchmarks import overload
 
         return overload.main(args)
+    if args.adapter:
+        from detserve.benchmarks import adapter_speed
+
+        return adapter_speed.main(args.adapter, args.adapter_model, int(args.concurrency or 8), Path(args.out))
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])

@@ -11,11 +11,10 @@ whatever the encoding (Content-Length or chunked, raw, JSON or multipart):
 multipart is parsed by python-multipart's streaming parser from those same
 chunks, so an oversized upload costs at most ``max_body_bytes`` of memory.
 
-``build_api(server)`` makes the FastAPI app around anything with the
-``DetectionServer`` methods it calls (``detect``, ``stats``, ``describe_api``
-and the ``detector``/``request_limits`` attributes): the deployment builds it
-per replica (``__serve_build_asgi_app__``), tests build it around a server
-that runs without Ray.
+``build_api(server)`` makes the FastAPI app around anything that is an
+:class:`ApiServer` (``serve.app.Replica`` is): the deployment builds it per
+replica (``__serve_build_asgi_app__``), tests build it around a replica that
+runs without Ray.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +46,7 @@ log = logging.getLogger("ray.serve")
 #: ImageError codes -> HTTP status (the rest are 400). An image over the byte
 #: limit is the body limit seen from inside (both are ``max_body_bytes``), so
 #: it gets the body's code: one code per limit.
-IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "metadata_too_large": 413, "unsupported_type": 415}
+IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "metadata_too_large": 413, "unsupported_type": 415, "prepare_failed": 422}
 IMAGE_CODE = {"too_large": "body_too_large"}
 
 #: Every error code the server answers with, by status, for the OpenAPI spec
@@ -77,8 +76,13 @@ ERRORS: dict[int, dict[str, str]] = {
         "unknown_parameter": "a query parameter /predict does not take",
         "repeated_parameter": "a query parameter given more than once",
         "bad_json": "the JSON body is not {\"images\": [\"<base64>\", ...]}",
+        "prepare_failed": "a served Dataloop adapter's prepare_item_func failed on (or returned None for) the image",
     },
-    500: {"internal": "the server failed on this request", "inference_failed": "the model failed on this image"},
+    500: {
+        "internal": "the server failed on this request",
+        "inference_failed": "the model failed on this image (a served adapter's predict raised, for its whole batch)",
+        "invalid_prediction": "a served adapter's predict returned something other than one AnnotationCollection per image",
+    },
     503: {"overloaded": "the server's queue is full: retry after Retry-After seconds", "unavailable": "no replica can take the request now"},
 }
 
@@ -474,8 +478,32 @@ def _swagger_ui_dir() -> Path:
     return Path(swagger_ui_path)
 
 
-def build_api(server) -> FastAPI:
-    """The FastAPI app of one replica, around ``server`` (a DetectionServer, or a stand-in in tests)."""
+class ApiServer(Protocol):
+    """What ``build_api`` needs of the server it wraps (``serve.app.Replica``)."""
+
+    request_limits: RequestLimits
+
+    def params(self, conf: float | None, iou: float | None, max_det: int | None) -> Any:
+        """One request's settings from its query parameters."""
+
+    def request_deadline(self, request: Request) -> tuple[float, float]:
+        """(deadline on the event loop's clock, the whole budget in seconds) of an HTTP request."""
+
+    async def detect(self, images: list[bytes], params: Any, deadline: float, budget_s: float | None = None) -> dict:
+        """The answer body for the images, or ApiError."""
+
+    def load_report(self, images: int) -> Any:
+        """This replica's load as it answers, for the proxy's admission (has ``header()``)."""
+
+    async def stats(self) -> dict:
+        """What /stats shows."""
+
+    async def http_info(self) -> dict:
+        """What /info shows."""
+
+
+def build_api(server: ApiServer) -> FastAPI:
+    """The FastAPI app of one replica, around ``server`` (a ``serve.app.Replica``, or a stand-in in tests)."""
     api = FastAPI(
         title="detserve",
         description=(
@@ -532,7 +560,7 @@ def build_api(server) -> FastAPI:
         images = await read_images(request, server.request_limits)
 
         try:
-            params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
+            params = server.params(conf, iou, max_det)
             # A Response, so FastAPI does not validate and re-serialise the body through
             # PredictResponse (1.5 ms per 20-box image); the model stays for the OpenAPI spec,
             # and tests/test_fuzz.py checks that the answers keep to it.

@@ -58,9 +58,9 @@ def placement_problems(config, cpus: float) -> list[str]:
 
 def proxy_body_limits(config) -> dict[str, int]:
     """{route prefix: max_body_bytes} of every application of ``config``: the limits the proxy enforces (serve/proxy_errors.py)."""
-    from detserve.serve.app import AppArgs
+    from detserve.serve.app import app_args
 
-    return {app.route_prefix: AppArgs(**(app.args or {})).max_body_bytes for app in config.applications if app.route_prefix}
+    return {app.route_prefix: app_args(app.args or {}).max_body_bytes for app in config.applications if app.route_prefix}
 
 
 def set_proxy_body_limits(limits: dict[str, int]) -> None:
@@ -240,6 +240,10 @@ class _OwnServeNotice(logging.Filter):
         return "New http_options" not in record.getMessage()
 
 
+#: The Serve config builders ``detserve serve --config`` runs: exported models, and Dataloop adapter folders.
+IMPORT_PATHS = ("detserve.serve.app:build_app", "detserve.serve.app:build_adapter_app")
+
+
 def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> list[str]:
     """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
     from ray import serve
@@ -255,31 +259,162 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     problems = placement_problems(chosen, float(ray.cluster_resources().get("CPU", 0)))
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
-    http = config.http_options
     logging_config = LoggingConfig(**{**config.logging_config.model_dump(), "log_level": log_level()})
-    serve_logger = logging.getLogger("ray.serve")
-    serve_logger.setLevel(log_level())
-    serve_logger.addFilter(_OwnServeNotice())
-    serve.start(
-        http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},
-        proxy_location="HeadOnly",
-        logging_config=logging_config,
-    )
+    start_serve(host, port, config.http_options.request_timeout_s, logging_config)
     targets = []
     for app in config.applications:
         if only and app.name not in only:
             continue
-        if app.import_path != "detserve.serve.app:build_app":
-            raise ValueError(f"application {app.name}: detserve serve runs detserve.serve.app:build_app apps; use `serve run` for {app.import_path}")
+        if app.import_path not in IMPORT_PATHS:
+            raise ValueError(f"application {app.name}: detserve serve runs {' and '.join(IMPORT_PATHS)} apps; use `serve run` for {app.import_path}")
         options: dict[str, Any] = {}
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
         targets.append(serve.RunTarget(application(app.args, options), name=app.name, route_prefix=app.route_prefix, logging_config=logging_config))
     if not targets:
         raise ValueError(f"no application of {config_path} matches --app {' '.join(only or [])}: choose from {', '.join(a.name for a in config.applications)}")
-    serve.run_many(targets)  # one call: the apps start side by side, Serve is connected to once
+    return run_targets(targets)
+
+
+@dataclass(frozen=True)
+class AdapterServing:
+    """``detserve serve --adapter DIR [--model NAME ...] [--accelerated]``: one application per model, at /<model name>."""
+
+    folder: Path
+    models: tuple[str, ...] = ()  # empty: every model of the folder's dataloop.json
+    accelerated: bool = False
+    request_timeout_s: float = 30.0
+
+
+def adapter_apps(serving: AdapterServing, cluster=None) -> list[tuple[str, dict[str, Any], Any]]:
+    """(model name, args, ReplicaPlan) of each application; the cluster is shared equally among them.
+
+    Reads only dataloop.json (no adapter code runs here): a folder or model name that is wrong stops here, before Ray.
+    """
+    from detserve.adapters.dataloop_app import accelerated_problem, export_folder, read_app, replica_plan
+    from detserve.serve.app import AdapterArgs, free_cluster
+
+    app = read_app(serving.folder)
+    names = list(serving.models) or list(app.models)
+    apps = []
+    for name in names:
+        model = app.model(name)
+        problem = accelerated_problem(export_folder(app, model)) if serving.accelerated else None
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        args = AdapterArgs(adapter=str(app.folder), model=name, accelerated=serving.accelerated, request_timeout_s=serving.request_timeout_s)
+        apps.append((name, args.model_dump(exclude_defaults=True), replica_plan(model, cluster or free_cluster(), len(names))))
+    return apps
+
+
+def check_adapter(serving: AdapterServing) -> None:
+    """Import and load the folder's adapters in a child process, as each replica will, before Ray starts.
+
+    A replica that fails to start is retried by Serve (three times, some 50 s here) and reported as a Ray
+    traceback; this says the same in one line (:class:`DeployFailed`), at once. A child process, so that the
+    adapter's imports, model and memory do not stay in the process that runs Ray. An accelerated app runs no
+    adapter code: nothing to check.
+    """
+    import subprocess
+
+    if serving.accelerated:
+        return
+    done = subprocess.run([sys.executable, "-m", "detserve.adapters.user_adapter", str(serving.folder), *serving.models],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode == 3:
+        raise DeployFailed(done.stdout.strip().splitlines()[-1])
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DeployFailed(f"checking the adapter in {serving.folder} failed: {tail}")
+
+
+def config_adapters(config, only: list[str] | None = None) -> list[AdapterServing]:
+    """The adapter applications of a Serve config (``build_adapter_app``), as ``detserve serve --adapter`` would name them."""
+    from detserve.serve.app import AdapterArgs, resolve_path
+
+    out = []
+    for app in config.applications:
+        if app.import_path == IMPORT_PATHS[1] and (not only or app.name in only):
+            args = AdapterArgs(**(app.args or {}))
+            out.append(AdapterServing(resolve_path(args.adapter), (args.model,) if args.model else (), args.accelerated, args.request_timeout_s))
+    return out
+
+
+def deploy_adapter(serving: AdapterServing, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """Start Serve and one application per model of an adapter folder; returns their route prefixes.
+
+    Resources and autoscaling come from each model's compute config, capped to this Ray (one line each says so).
+    """
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from detserve.serve.app import DetectionServer
+
+    require_auth_for(host)
+    apps = adapter_apps(serving)
+    logging_config = LoggingConfig(encoding="TEXT", log_level=log_level(), enable_access_log=False)
+    start_serve(host, port, serving.request_timeout_s, logging_config)
+    targets = []
+    for name, args, plan in apps:
+        if plan.note:
+            logging.getLogger("detserve").warning(plan.note)
+        deployment = DetectionServer.options(**plan.deployment_options())
+        targets.append(serve.RunTarget(deployment.bind(args), name=name, route_prefix=f"/{name}", logging_config=logging_config))
+    return run_targets(targets)
+
+
+def start_serve(host: str, port: int, request_timeout_s: float, logging_config) -> None:
+    from ray import serve
+
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(log_level())
+    serve_logger.addFilter(_OwnServeNotice())
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s},
+        proxy_location="HeadOnly",
+        logging_config=logging_config,
+    )
+
+
+class DeployFailed(RuntimeError):
+    """An application did not start; the message is one line: what failed, where."""
+
+
+def run_targets(targets: list) -> list[str]:
+    """Start the applications side by side (Serve is connected to once); returns their route prefixes.
+
+    An adapter that cannot be imported or loaded fails its replicas; Serve then reports the application as
+    failed with the replicas' tracebacks. :class:`DeployFailed` keeps the one line that says what and where.
+    """
+    from ray import serve
+
+    try:
+        serve.run_many(targets)
+    except RuntimeError as exc:
+        line = deploy_failure_line(str(exc)) or deploy_failure_line(_deployment_messages())
+        if line is None:
+            raise
+        raise DeployFailed(line) from None
     logging.getLogger("detserve").warning(exposure_line())
     return [t.route_prefix for t in targets]
+
+
+def _deployment_messages() -> str:
+    """What Serve says about every deployment (a failed replica's traceback among it)."""
+    from ray import serve
+
+    try:
+        return "\n".join(d.message for app in serve.status().applications.values() for d in app.deployments.values())
+    except Exception:  # Serve itself is gone: nothing more to say
+        return ""
+
+
+def deploy_failure_line(message: str) -> str | None:
+    """The one line of a failed adapter application's report that names the file and the error, if there is one."""
+    import re
+
+    found = re.search(r"(?:AdapterError|AppError): ([^\n]+)", message)
+    return found.group(1).strip() if found else None
 
 
 def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path) -> list[str]:
@@ -314,12 +449,28 @@ def shutdown() -> None:
         _address_file(ray_auth.run_dir()).unlink(missing_ok=True)
 
 
-def main(config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
+def main(
+    config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None,
+    adapter: AdapterServing | None = None,
+) -> None:
+    """Serve the config's applications (or ``adapter``'s models) until Ctrl-C."""
     from detserve.runtime.defaults import sample_path
     from detserve.runtime.progress import console, step
 
     config_path = config_path or paths.deploy_config()
-    set_proxy_body_limits(proxy_body_limits(load_config(config_path)))
+    if adapter is not None:
+        from detserve.serve.app import AppArgs
+
+        apps = adapter_apps(adapter)  # checks the folder and its models before Ray starts
+        with step("Checking the adapter (import and load, as each replica will)"):
+            check_adapter(adapter)
+        set_proxy_body_limits({f"/{name}": AppArgs().max_body_bytes for name, _, _ in apps})
+    else:
+        config = load_config(config_path)
+        set_proxy_body_limits(proxy_body_limits(config))
+        for serving in config_adapters(config, only):
+            with step(f"Checking the adapter in {serving.folder} (import and load, as each replica will)"):
+                check_adapter(serving)
     with step("Starting Ray on 127.0.0.1"):
         start_ray()
     # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
@@ -328,7 +479,7 @@ def main(config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with step("Starting Serve and the applications (a replica loads its model)"):
-            routes = deploy(config_path, host, port, only)
+            routes = deploy_adapter(adapter, host, port) if adapter is not None else deploy(config_path, host, port, only)
     except BaseException:
         shutdown()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,35 @@ detserve.runtime.offline.apply()
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- no network ---------------------------------------------------------------
+
+_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", None}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach a host other than loopback fails the test (even if dtlpy swallows the error)."""
+    attempts: list[str] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in _LOCAL_HOSTS:
+            attempts.append(f"connect {address}")
+            raise ConnectionRefusedError(f"offline test: no connection to {address}")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL_HOSTS:
+            attempts.append(f"resolve {host!r}")
+            raise socket.gaierror(f"offline test: no lookup of {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 @pytest.fixture(scope="session")
@@ -135,17 +165,26 @@ def encode(image: np.ndarray, fmt: str = "PNG", *, orientation: int | None = Non
 def local_client(yolo_export):
     """The real FastAPI app of a replica around the real server class, in this process: no Ray.
 
-    ``DetectionServer`` is Serve's deployment; ``func_or_class.__mro__[1]`` is the
-    plain class under Serve's ingress wrapper. Its scheduler is plain asyncio, so
-    decode, admission, batching, limits, errors and encoding are the deployment's
-    own. Small limits so the limit tests stay fast.
+    ``Replica`` is the plain class Serve deploys (``DetectionServer``). Its scheduler is
+    plain asyncio, so decode, admission, batching, limits, errors and encoding are the
+    deployment's own. Small limits so the limit tests stay fast.
     """
     from starlette.testclient import TestClient
 
-    from detserve.serve.app import DetectionServer
+    from detserve.serve.app import Replica
     from detserve.serve.http import build_api
 
-    server = DetectionServer.func_or_class.__mro__[1]({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
+    server = Replica({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
     with TestClient(build_api(server), raise_server_exceptions=False) as client:
         client.server = server
         yield client
+
+
+@pytest.fixture(scope="session")
+def tutorial_export(tmp_path_factory) -> Path:
+    """The Dataloop tutorial adapter's weights exported by `detserve export --adapter` once per session (parity checked)."""
+    from detserve.adapters.accelerate import accelerate
+
+    out, parity = accelerate(ROOT / "adapters" / "apps" / "examples" / "yolo-tutorial", out=tmp_path_factory.mktemp("accelerated") / "yolo20n", quiet=True)
+    assert parity.passed, parity.summary()
+    return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +37,10 @@ PX, SCORE = 0.5, 1e-3  # agreement with the reference: box corners (pixels), sco
 
 # --- no network ---------------------------------------------------------------
 
-_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", None}
-
-
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to reach a host other than loopback fails the test (even if dtlpy swallows the error)."""
-    attempts: list[str] = []
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in _LOCAL_HOSTS:
-            attempts.append(f"connect {address}")
-            raise ConnectionRefusedError(f"offline test: no connection to {address}")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in _LOCAL_HOSTS:
-            attempts.append(f"resolve {host!r}")
-            raise socket.gaierror(f"offline test: no lookup of {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+def _offline(no_network):
+    """Every test here fails if it tries to reach a host other than loopback (conftest.no_network)."""
     yield
-    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 # --- offline dtlpy entities -----------------------------------------------------
@@ -552,7 +530,8 @@ def test_fasterrcnn_train_and_save_give_a_servable_export(fasterrcnn_export, sce
 @pytest.mark.parametrize("n,model_id", [(0, None), (1, None), (37, "m-123")])
 def test_box_annotations_equal_dtlpys_own_to_json(n, model_id):
     """The serving path's direct JSON is what dtlpy would write, key order included (byte-for-byte once dumped)."""
-    from detserve.adapters.base import box_annotations, to_collection
+    from detserve.adapters.base import to_collection
+    from detserve.adapters.box_json import box_annotations
     from detserve.runtime.postprocess import Detections
 
     rng = np.random.default_rng(n)

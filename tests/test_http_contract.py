@@ -210,7 +210,7 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
     """Ray cancels the handler task when the client goes away; images not yet batched are dropped."""
     server = local_client.server
     calls = {"infer": 0}
-    real_decode, real_infer = server.detector.decode, server.detector.run
+    real_decode, real_infer = server.model.detector.decode, server.model.detector.run
 
     def slow_decode(*args, **kwargs):
         import time
@@ -222,8 +222,8 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
         calls["infer"] += 1
         return real_infer(*args, **kwargs)
 
-    monkeypatch.setattr(server.detector, "decode", slow_decode)
-    monkeypatch.setattr(server.detector, "run", counting_infer)
+    monkeypatch.setattr(server.model.detector, "decode", slow_decode)
+    monkeypatch.setattr(server.model.detector, "run", counting_infer)
 
     async def main():
         task = asyncio.create_task(_call(local_client.app, _scope(), [{"type": "http.request", "body": png(), "more_body": False}]))
@@ -352,7 +352,7 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     from starlette.requests import Request
 
     from detserve.serve.admission import ANSWER_BEFORE_TIMEOUT_S
-    from detserve.serve.app import DetectionServer, waited_since_proxy
+    from detserve.serve.app import Replica, waited_since_proxy
 
     def request(stamp: bytes | None) -> Request:
         headers = [] if stamp is None else [(b"x-detserve-received-at", stamp)]
@@ -361,7 +361,7 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     assert 1.9 < waited_since_proxy(request(repr(time.time() - 2).encode())) < 3
     assert waited_since_proxy(request(repr(time.time() + 60).encode())) == 0.0  # a clock ahead of ours: no credit
     assert waited_since_proxy(request(b"junk")) == 0.0 and waited_since_proxy(request(None)) == 0.0
-    cls = DetectionServer.func_or_class  # the class under @serve.deployment
+    cls = Replica  # the plain class Serve deploys
     server = SimpleNamespace(args=SimpleNamespace(request_timeout_s=30.0))
     server.budget_s = lambda timeout_s: cls.budget_s(server, timeout_s)
     deadline = cls.deadline

@@ -302,11 +302,11 @@ def test_gpu_variants_are_not_candidates_on_cpu_and_cpu_ones_not_on_gpu(yolo_int
 def test_the_server_says_which_variant_answers(yolo_int8):
     from starlette.testclient import TestClient
 
-    from detserve.serve.app import DetectionServer
+    from detserve.serve.app import Replica
     from detserve.serve.http import build_api
     from tests.conftest import encode
 
-    server = DetectionServer.func_or_class.__mro__[1]({"model": str(yolo_int8), "precision": "int8"})
+    server = Replica({"model": str(yolo_int8), "precision": "int8"})
     with TestClient(build_api(server), raise_server_exceptions=False) as client:
         info = client.get("/info").json()
         assert (info["variant"], info["precision"]) == ("int8-cpu", "int8")

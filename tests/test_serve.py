@@ -350,7 +350,8 @@ def test_a_wrong_prediction_gives_a_json_408_and_drops_the_rest(local_client, sc
     and the images not yet in a batch are dropped, not run for nobody."""
     server = local_client.server
     ran: list[int] = []
-    original = server.detector.run
+    detector = server.model.detector
+    original = detector.run
 
     def slow_run(images, params, times=None):
         ran.append(len(images))
@@ -359,12 +360,12 @@ def test_a_wrong_prediction_gives_a_json_408_and_drops_the_rest(local_client, sc
 
     settings_ = server.scheduler.settings
     cap, settings_.max_batch_size = settings_.max_batch_size, 1  # one image a batch: some start, the rest wait
-    server.detector.run = slow_run
+    detector.run = slow_run
     try:
         files = [("f", (f"{i}.png", encode(scenes[i].image), "image/png")) for i in range(4)]
         r = local_client.post("/predict", files=files, headers={"x-request-timeout-seconds": "1.2"})
     finally:
-        server.detector.run, settings_.max_batch_size = original, cap
+        detector.run, settings_.max_batch_size = original, cap
     assert r.status_code == 408, r.text
     assert r.headers["content-type"] == "application/json" and r.json()["error"]["code"] == "deadline_exceeded"
     time.sleep(0.5)
