@@ -29,7 +29,8 @@ from tests.conftest import ROOT, encode
 EXAMPLES = ROOT / "adapters" / "apps" / "examples"
 TUTORIAL, FASTERRCNN = EXAMPLES / "yolo-tutorial", EXAMPLES / "fasterrcnn"
 FAULTY, UNIMPORTABLE = ROOT / "tests" / "adapters" / "faulty", ROOT / "tests" / "adapters" / "unimportable"
-SHARED_TUTORIAL = ROOT.parent.parent / "shared" / "dataloop" / "tutorial-custom-model-adapter.md"
+#: Dataloop's tutorial, in the shared folder beside the checkout (a worktree sits one level deeper); not in CI's clone.
+SHARED_TUTORIAL = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared") / "dataloop" / "tutorial-custom-model-adapter.md"
 
 
 def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
