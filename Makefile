@@ -75,7 +75,7 @@ bench-overload: models
 
 # Issue 11: detserve (deploy.yaml's yolo app, one replica) under open-loop load at 70% of its
 # measured capacity for 10 minutes, good, bad and large requests mixed; pass/fail on the answers,
-# the replica's RSS and the replica's and proxy's open fds (README, "Soak"). Writes bench-results/soak-*/.
+# the replica's RSS and the replica's and proxy's open fds (docs/operations.md, "Soak"). Writes bench-results/soak-*/.
 soak: models
 	scripts/offline-run $(PY) -m detserve.benchmarks.soak $(SOAK_ARGS)
 

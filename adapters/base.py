@@ -18,6 +18,8 @@ Configuration keys (``model.configuration``), all optional:
 ``device``           auto | cpu | cuda | cuda:N
 ``backend``          auto | onnxruntime | tensorrt | torch
 ``half``             export/serve fp16 on GPU pods
+``precision``        fp32 | int8 | auto: which of the export's variants runs
+                     (runtime/variants.py, docs/precision.md)
 ``labels``           class names, in class-id order (no background)
 ``id_to_label_map``  {class id: name}; authoritative when given
 ``artifact``         sub-folder of the model's artifacts holding the export
@@ -62,7 +64,7 @@ log = logging.getLogger("detserve.adapters")
 
 CONFIG_KEYS = (
     "conf_thres", "iou_thres", "max_det", "imgsz", "batch_size", "device", "backend",
-    "half", "labels", "id_to_label_map", "artifact", "weights_filename",
+    "half", "precision", "labels", "id_to_label_map", "artifact", "weights_filename",
     "threads", "arch", "epochs", "train_batch_size", "train_device",
 )  # fmt: skip
 
@@ -95,33 +97,6 @@ def to_collection(det: Detections, labels: dict[int, str], model_name: str, mode
             model_info={"name": model_name, "confidence": float(min(max(score, 0.0), 1.0)), "model_id": model_id},
         )
     return collection
-
-
-def box_annotations(det: Detections, labels: dict[int, str], model_name: str, model_id: str | None) -> list[dict]:
-    """``to_collection(...).to_json()["annotations"]``, built directly: the same dicts, about 20x cheaper.
-
-    The serving path answers every image with this JSON; building ``dl.Box`` and
-    ``dl.Annotation`` objects per box only to serialise them cost more than NMS.
-    ``tests/test_adapters.py`` proves it equal, key order and all, to dtlpy's
-    own ``to_json()`` for the pinned dtlpy; a dtlpy upgrade that changes the
-    format fails that test, not users.
-    """
-    out = []
-    for (left, top, right, bottom), score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.class_ids.tolist()):
-        out.append({
-            "id": None, "url": None, "creator": None,
-            "metadata": {
-                "user": {"model": {"confidence": float(min(max(score, 0.0), 1.0)), "name": model_name, "model_id": model_id}},
-                "system": {"automated": True, "attributes": {}},
-            },
-            "hash": None, "itemId": None, "item": None,
-            "label": labels.get(cls, str(cls)),
-            "dataset": None, "createdAt": None, "updatedBy": None, "updatedAt": None,
-            "source": "sdk", "datasetId": None, "type": "box",
-            "coordinates": [{"x": left, "y": top, "z": 0}, {"x": right, "y": bottom, "z": 0}],
-            "attributes": None,
-        })  # fmt: skip
-    return out
 
 
 def metric_samples(metrics, legend: str) -> list[dl.PlotSample]:
@@ -209,6 +184,7 @@ class DetectionAdapter(dl.BaseModelAdapter):
             backend=str(self._config("backend", "auto")),
             device=str(self._config("device", "auto")),
             threads=int(self._config("threads", 1)),
+            precision=str(self._config("precision", "fp32")),
         )
         if self.detector.manifest.family != self.family:
             raise ManifestError(f"{folder} holds a {self.detector.manifest.family} model; {type(self).__name__} serves {self.family}")

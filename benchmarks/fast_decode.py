@@ -14,7 +14,6 @@ class, IoU >= 0.99, the export threshold, and >= 0.9), and each path's mAP50-95 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import time
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
 
 offline.apply()
 
 from PIL import Image  # noqa: E402
 
+from detserve.benchmarks.payloads import at_megapixels, encode  # noqa: E402
 from detserve.export.parity import compare  # noqa: E402
 from detserve.runtime.detector import Detector  # noqa: E402
 from detserve.runtime.images import Limits  # noqa: E402
@@ -49,11 +49,8 @@ def measure(detector: Detector, n_scenes: int) -> list[dict]:
         truth, found = [], {"exact": [], "fast": []}
         for scene in synthetic.scenes(n_scenes, EVAL_SEED):
             h, w = scene.image.shape[:2]
-            k = (mp * 1e6 / (h * w)) ** 0.5
-            size = (round(w * k), round(h * k))
-            buf = io.BytesIO()
-            Image.fromarray(scene.image).resize(size, Image.BILINEAR).save(buf, "JPEG", quality=90)
-            data = buf.getvalue()
+            size = at_megapixels(scene.image, mp)
+            data = encode(scene.image, size=size, resample=Image.BILINEAR, quality=90)
             dets = {}
             for path in ("exact", "fast"):
                 start = time.perf_counter()
@@ -99,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="export folder (default: the default YOLO)")
     parser.add_argument("--scenes", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--out", type=Path, default=paths.results_dir())
     args = parser.parse_args(argv)
     if args.model is None:
         from detserve.export.defaults import ensure_default_models

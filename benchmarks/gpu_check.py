@@ -33,7 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# The one place outside runtime/paths.py that finds the checkout itself: this script runs as a file on a
+# machine where detserve is not installed, so it must locate the packages before it can import any of them.
+CHECKOUT = Path(__file__).resolve().parent.parent
 BUDGET_S = 7 * 60  # the whole check must end inside 8 minutes on the GPU machine
 
 
@@ -42,7 +44,7 @@ def _map_namespace() -> None:
     if importlib.util.find_spec("detserve") is not None:
         return
     for name, folder in (("detserve", "detserve"), ("detserve.runtime", "runtime")):
-        spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py", submodule_search_locations=[str(ROOT / folder)])
+        spec = importlib.util.spec_from_file_location(name, CHECKOUT / folder / "__init__.py", submodule_search_locations=[str(CHECKOUT / folder)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -260,8 +262,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "gpu-check" / "yolo", help="export folder with model.pt2")
-    parser.add_argument("--out", type=Path, default=ROOT / "gpu-check")
+    parser.add_argument("--model", type=Path, default=CHECKOUT / "artifacts" / "gpu-check" / "yolo", help="export folder with model.pt2")
+    parser.add_argument("--out", type=Path, default=CHECKOUT / "gpu-check")
     parser.add_argument("--cpu-smoke", action="store_true", help="run every section on the CPU at toy sizes")
     args = parser.parse_args(argv)
     _map_namespace()

@@ -43,6 +43,11 @@ CpuSource = Callable[[], float | None]
 STAGES = ("decode", "queue_wait", "engine", "postprocess", "encode")
 
 
+def log(message: str) -> None:
+    """A benchmark's progress line, flushed at once (its output is often piped)."""
+    print(message, flush=True)
+
+
 class NonLoopbackHost(ValueError):
     """The target is not a loopback address; the load generator refuses it."""
 
@@ -244,9 +249,9 @@ def _summarise(
         for k, v in w.errors.items():
             errors[k] = errors.get(k, 0) + v
     seconds = sum(w.seconds for w in reported)
-    lat = {f"p{q}": _ms(percentile(latencies, q)) for q in (50, 90, 95, 99)}
-    lat["mean"] = _ms(sum(latencies) / len(latencies)) if latencies else None
-    lat["max"] = _ms(max(latencies)) if latencies else None
+    lat = {f"p{q}": ms(percentile(latencies, q)) for q in (50, 90, 95, 99)}
+    lat["mean"] = ms(sum(latencies) / len(latencies)) if latencies else None
+    lat["max"] = ms(max(latencies)) if latencies else None
     images = (stats or {}).get("images") or ok
     result = PointResult(
         server=name,
@@ -263,7 +268,7 @@ def _summarise(
         images_per_s=ok / seconds if seconds > 0 else 0.0,
         latency_ms=lat,
         window_throughputs=[round(w.throughput, 3) for w in windows],
-        window_p99_ms=[_ms(w.p99) for w in windows],
+        window_p99_ms=[ms(w.p99) for w in windows],
         client_cpu_pct=client_cpu,
         server_cpu_ms_per_image=(1000.0 * server_cpu_s / images) if server_cpu_s is not None and images else None,
         server_stats=stats,
@@ -272,8 +277,9 @@ def _summarise(
     return result
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(1000.0 * seconds, 3)
+def ms(seconds: float | None, digits: int = 3) -> float | None:
+    """Seconds as milliseconds, rounded; None stays None."""
+    return None if seconds is None else round(1000.0 * seconds, digits)
 
 
 # --- the measurement ---------------------------------------------------------
@@ -437,7 +443,7 @@ async def measure(
             windows.append(window)
             boundary.append((end, time.process_time(), server_cpu() if server_cpu else None, await stats() if stats else None))
             if log:
-                log(f"  {name} {shape.label} window {len(windows)}: {window.throughput:.1f} img/s, p99 {_ms(window.p99)} ms")
+                log(f"  {name} {shape.label} window {len(windows)}: {window.throughput:.1f} img/s, p99 {ms(window.p99)} ms")
             if not running or time.perf_counter() >= deadline:
                 capped = True
                 break

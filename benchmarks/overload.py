@@ -35,10 +35,8 @@ them hand-made inputs.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import datetime as dt
-import io
 import json
 import os
 import time
@@ -48,12 +46,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from detserve.benchmarks import loadgen, peers, raw, report
-from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, PointResult, WindowPlan, percentile
-from detserve.benchmarks.run import (
-    APP, ROOT, _loadavg, detserve_requests, end_own_children, log, machine_info, model_info, resolve_model, start_detserve, versions,
-)  # fmt: skip
+from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, PointResult, WindowPlan, ms, percentile
+from detserve.benchmarks.multipart import JSON_HEADERS, json_images_body, multipart_request
+from detserve.benchmarks.payloads import jpeg_payloads, large_payloads
+from detserve.benchmarks.run import _loadavg, detserve_requests, log, machine_info, model_info, resolve_model, versions
+from detserve.benchmarks.server import APP, end_own_children, shipped_settings, start_detserve
 from detserve.serve.app import DEADLINE_HEADER  # the client's deadline (Ray's proxy honours it too)
-from detserve.serve.proxy_admission import REFUSED_BY_HEADER, REFUSED_HERE
+from detserve.serve.admission import REFUSED_BY_HEADER
 
 #: The issue's targets: goodput at 2x arrival, and a small request's latency beside a large one.
 GOODPUT_TARGET = 0.9
@@ -62,8 +61,6 @@ FAIRNESS_BATCHES = 2.0
 IMMEDIATE_S = 1.0
 #: Seconds between the app answering and the first phase.
 SETTLE_S = 5.0
-#: How the replica's own 503 message begins (serve/app.py, DetectionServer.detect); Ray's queue-full 503 reads otherwise.
-REPLICA_SHED_PREFIX = "the server is busy"
 
 
 @dataclass(frozen=True)
@@ -92,12 +89,8 @@ class Reply:
 # --- summaries (pure) ---------------------------------------------------------------
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(1000.0 * seconds, 1)
-
-
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
-    return {"p50": _ms(percentile(values, 50)), "p99": _ms(percentile(values, 99)), "max": _ms(max(values)) if values else None}
+    return {"p50": ms(percentile(values, 50), 1), "p99": ms(percentile(values, 99), 1), "max": ms(max(values), 1) if values else None}
 
 
 def classify(status: int, headers: Any, body: bytes) -> tuple[str | None, str | None, str | None]:
@@ -106,18 +99,13 @@ def classify(status: int, headers: Any, body: bytes) -> tuple[str | None, str | 
     if status == 200:
         return retry_after, None, None
     try:
-        error = json.loads(body)["error"]
-        code, message = str(error["code"]), str(error.get("message", ""))
+        code = str(json.loads(body)["error"]["code"])
     except Exception:
         return retry_after, "not-json", None
     shed_by = None
     if status == 503 and code == "overloaded":
-        if headers is not None and headers.get(REFUSED_BY_HEADER) == "haproxy":
-            shed_by = "haproxy"  # detserve's admission in HAProxy (serve/haproxy_admission.lua)
-        elif REFUSED_HERE in message:
-            shed_by = "proxy"  # detserve's admission in front of the replica
-        else:
-            shed_by = "replica" if message.startswith(REPLICA_SHED_PREFIX) else "ray-queue"
+        # detserve's admission says who refused (haproxy, proxy or replica: serve/admission.py); a 503 without it is Ray's queue.
+        shed_by = (headers.get(REFUSED_BY_HEADER) if headers is not None else None) or "ray-queue"
     return retry_after, code, shed_by
 
 
@@ -194,7 +182,7 @@ def batch_seconds(stats: dict | None) -> float | None:
 
 def mixed_summary(idle: dict, during: dict, large: dict, batch_s: float | None) -> dict:
     """The small requests' p50/p99 beside large ones: as a ratio to idle, and the extra in batch times."""
-    out: dict[str, Any] = {"batch_ms": _ms(batch_s)}
+    out: dict[str, Any] = {"batch_ms": ms(batch_s, 1)}
     for q in ("p50", "p99"):
         a, b = (idle.get("latency_ms") or {}).get(q), (during.get("latency_ms") or {}).get(q)
         out[f"idle_{q}_ms"], out[f"during_{q}_ms"] = a, b
@@ -336,26 +324,11 @@ def _triple(spread: dict | None) -> str:
 # --- payloads ------------------------------------------------------------------------------
 
 
-def large_payloads(n: int, side: int, distinct: int = 8) -> list[bytes]:
-    """``n`` large square JPEGs (``distinct`` generated scenes, scaled to ``side`` px, repeated): one large request's images."""
-    from PIL import Image
-
-    from detserve.training.synthetic import scenes
-
-    images = []
-    for scene in scenes(distinct, seed=11):
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).resize((side, side)).save(buffer, format="JPEG", quality=75)
-        images.append(buffer.getvalue())
-    return [images[i % distinct] for i in range(n)]
-
-
 def large_requests(images: list[bytes]) -> list[loadgen.HttpRequest]:
     """The same images as one JSON request and one multipart request, sent in turn."""
-    body = json.dumps({"images": [base64.b64encode(image).decode() for image in images]}).encode()
     return [
-        loadgen.HttpRequest(f"/{APP}/predict", body, (("Content-Type", "application/json"),)),
-        loadgen.HttpRequest(f"/{APP}/predict", *peers.multipart_request(images)),
+        loadgen.HttpRequest(f"/{APP}/predict", json_images_body(images), JSON_HEADERS),
+        loadgen.HttpRequest(f"/{APP}/predict", *multipart_request(images)),
     ]
 
 
@@ -364,14 +337,8 @@ def large_requests(images: list[bytes]) -> list[loadgen.HttpRequest]:
 
 def shipped_yolo(folder: Path) -> tuple[dict, dict]:
     """deploy.yaml's yolo application: (args, deployment options), with ``folder`` as the model and one fixed replica."""
-    from detserve.serve.run import load_config
-
-    app = next(a for a in load_config(ROOT / "deploy.yaml").applications if a.name == "yolo")
-    args = {**app.args, "model": str(folder)}
-    options: dict[str, Any] = {}
-    for d in app.deployments:
-        options = d.model_dump(exclude_unset=True, exclude={"name"})
-    return args, {**options, "num_replicas": 1, "autoscaling_config": None}
+    settings = shipped_settings(model=str(folder))
+    return settings.args, settings.options
 
 
 # --- phases ---------------------------------------------------------------------------------
@@ -495,7 +462,7 @@ def run(plan: OverloadPlan, *, model: str | None, out_root: Path) -> tuple[dict,
         "errors": {},
     }  # fmt: skip
     began = time.monotonic()
-    payloads = raw.jpeg_payloads(32)
+    payloads = jpeg_payloads(32)
     large = large_requests(large_payloads(plan.large_images, plan.large_side))
     results["config"]["large_body_bytes"] = {"json": len(large[0].body), "multipart": len(large[1].body)}
 
@@ -576,7 +543,5 @@ def main(args) -> int:
     plan = OverloadPlan(burst=args.overload_burst, open_seconds=args.overload_seconds, deadline_s=args.overload_deadline,
                         large_side=args.overload_large_side)  # fmt: skip
     results, files = run(plan, model=args.model, out_root=Path(args.out))
-    print()
-    print(files["markdown"].read_text())
-    log(f"wrote {', '.join(str(p) for p in files.values())}")
+    report.show(files["markdown"].read_text(), files.values())
     return 1 if results["errors"] else 0

@@ -1,10 +1,10 @@
 """Peer servers for the side-by-side: the same model and the same detserve stages behind LitServe and PyTriton.
 
-Only the serving layer differs. Each peer loads the export folder through
-``adapters.adapter_for`` (as the Serve deployment does) and runs
-``serve.batching.prepare`` (decode + letterbox), ``serve.batching.run_batch``
-(join + one engine call + per-request NMS) and the same Dataloop JSON encoding
-as ``DetectionServer.encode``. Batching and workers are each framework's own:
+Only the serving layer differs. Each peer wraps the same serving contract the
+Serve deployment wraps (``serve.contract.ExportedModel``): its ``prepare``
+(decode + letterbox), ``predict`` (join + one engine call + per-request NMS)
+and ``encode`` (the same Dataloop JSON answer). Batching and workers are each
+framework's own:
 
 - LitServe: ``LitAPI(max_batch_size=8, batch_timeout=0.005)``, one inference
   worker (``workers_per_device=1``, ``accelerator="cpu"``), one uvicorn API
@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -42,15 +41,18 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from detserve.benchmarks.multipart import multipart_request  # noqa: F401  (the form a LitServe peer is sent: run.run_peer)
+from detserve.benchmarks.ports import free_port
+from detserve.runtime import paths
+
 
 #: Exact versions the side-by-side was run with (pyproject's ``bench`` extra).
 LITSERVE_PIN = "litserve==0.2.19"
 #: PyTriton pins numpy<2, the project needs numpy 2: it gets its own venv (see ``setup_pytriton``).
 PYTRITON_PINS = ("nvidia-pytriton==0.7.0", "pandas==2.3.3")
-PYTRITON_VENV = ROOT / ".cache" / "bench-pytriton"
+PYTRITON_VENV = paths.cache_dir() / "bench-pytriton"
 TRITON_TOKEN_ENV = "DETSERVE_BENCH_TRITON_TOKEN"
 
 
@@ -127,40 +129,36 @@ class StageCounters:
 
 
 class Pipeline:
-    """detserve's stages for one peer worker: prepare -> run_batch -> encode, with the same counters as the Serve replica."""
+    """The Serve deployment's model stages for one peer worker (``ExportedModel``), with the same counters as its replica."""
 
     def __init__(self, config: PeerConfig, stats_file: str | None):
         from detserve.runtime import offline
 
         offline.apply()
-        from detserve.adapters import adapter_for
         from detserve.runtime.images import Limits
+        from detserve.serve.contract import ExportedModel
 
-        # Not serve.app.AppArgs: that imports Ray, whose protobuf gencode PyTriton's venv cannot load.
-        # The benchmark fills max_pixels/max_body_bytes from AppArgs' defaults (run.peer_config).
-        self.adapter = adapter_for(config.model, backend="onnxruntime", device="cpu", threads=config.threads)
-        self.detector = self.adapter.detector
+        # Not serve.app.AppArgs: that imports Ray, whose protobuf gencode PyTriton's venv cannot load (serve.contract
+        # imports neither Ray nor dtlpy). The benchmark fills max_pixels/max_body_bytes from AppArgs' defaults (run.peer_config).
+        self.model = ExportedModel(config.model, backend="onnxruntime", device="cpu", threads=config.threads)
+        self.model.setup()
         self.limits = Limits(max_pixels=config.max_pixels, max_bytes=config.max_body_bytes)
-        self.params = self.detector.params()
-        self.detector.warmup()
-        self.info = self.detector.describe()
+        self.params = self.model.params()
         self.counters = StageCounters(stats_file)
         self.counters.flush()
 
     def prepare(self, data: bytes):
-        from detserve.serve.batching import prepare
-
-        item = prepare(self.detector, data, self.limits)
+        item = self.model.prepare(data, self.limits)
         self.counters.add("decode", item.decode_s)
         item.queued_at = time.perf_counter()
         return item
 
     def run(self, jobs: list) -> list:
         """Detections (or an exception) per job, in order: one engine call for the whole batch."""
-        from detserve.serve.batching import BatchTimings, run_batch
+        from detserve.serve.batching import BatchTimings
 
         timings = BatchTimings()
-        results = run_batch(self.detector, jobs, [self.params] * len(jobs), timings)
+        results = self.model.predict(jobs, [self.params] * len(jobs), timings)
         self.counters.batch(timings.size)
         self.counters.add("engine", timings.engine_s)
         self.counters.add("postprocess", timings.postprocess_s)
@@ -168,20 +166,9 @@ class Pipeline:
         return results
 
     def encode(self, job, det) -> dict:
-        """The body detserve answers with (``DetectionServer.encode`` for one image)."""
-        from detserve.adapters.base import box_annotations
-
+        """The body detserve answers with for one image (the contract's ``encode``)."""
         start = time.perf_counter()
-        body = {
-            "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
-            "results": [
-                {
-                    "width": job.width,
-                    "height": job.height,
-                    "annotations": box_annotations(det, self.adapter.labels, self.info["name"], None),
-                }
-            ],
-        }
+        body = self.model.encode([job], [det])
         self.counters.add("encode", time.perf_counter() - start)
         return body
 
@@ -255,12 +242,6 @@ class PeerUnavailable(RuntimeError):
     """A peer that cannot run here; the message says exactly why."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def triton_request(image: bytes) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     """A KServe v2 infer request with one BYTES element in binary form (Triton's binary tensor extension)."""
     blob = struct.pack("<I", len(image)) + image
@@ -272,14 +253,6 @@ def triton_request(image: bytes) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     ).encode()
     headers = (("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(len(header))))
     return header + blob, headers
-
-
-def multipart_request(images: bytes | Sequence[bytes], boundary: str = "detservebenchboundary") -> tuple[bytes, tuple[tuple[str, str], ...]]:
-    """A multipart/form-data body with one JPEG file part per image (one ``image`` for bytes), built once (no per-request client work)."""
-    parts = [images] if isinstance(images, (bytes, bytearray)) else list(images)
-    head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
-    body = b"".join(head + bytes(p) + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
-    return body, (("Content-Type", f"multipart/form-data; boundary={boundary}"),)
 
 
 @dataclass
@@ -447,7 +420,8 @@ def tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _version(dist: str, python: str | None = None) -> str:
+def dist_version(dist: str, python: str | None = None) -> str:
+    """The installed version of ``dist`` (in ``python``'s environment when given), or "not installed"."""
     if python is None:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -464,13 +438,13 @@ def _peer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
     env = dict(os.environ)
     env.update(offline.environment())
-    env.update({"DETSERVE_ROOT": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({paths.ROOT_ENV: str(paths.root()), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra or {})
     return env
 
 
 def start_litserve(config: PeerConfig, workdir: Path, timeout_s: float = 180.0) -> Peer:
-    version = _version("litserve")
+    version = dist_version("litserve")
     if version == "not installed":
         raise PeerUnavailable(f"litserve is not installed in {sys.prefix}: `{sys.executable} -m pip install {LITSERVE_PIN}`")
     return _start(
@@ -511,7 +485,7 @@ def start_pytriton(config: PeerConfig, workdir: Path, timeout_s: float = 240.0) 
             f"(it installs {' '.join(PYTRITON_PINS)} into {PYTRITON_VENV}; nvidia-pytriton pins numpy<2, so not into .venv), "
             "or point DETSERVE_PYTRITON_PYTHON at an interpreter that has it"
         )
-    version = _version("nvidia-pytriton", python)
+    version = dist_version("nvidia-pytriton", python)
     if version == "not installed":
         raise PeerUnavailable(f"{python} has no nvidia-pytriton: `{python} -m pip install {' '.join(PYTRITON_PINS)}`")
     # The bundled Python backend stub links libpython3.11.so; without this it picks the
@@ -578,7 +552,7 @@ def _start(
         # Linux autogroup scheduling CPU is shared per session under contention, and detserve
         # (Ray) and the raw engine run in this session; a new session would give a peer a share
         # of its own on a busy machine.
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        process = subprocess.Popen(cmd, cwd=paths.root(), env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     peer = Peer(name, port, process, stats_file, log_file, config.describe(name), version, 0.0, extra or {})
     _wait_ready(peer, ready_path, timeout_s)
     peer.started_s = time.monotonic() - started
@@ -605,8 +579,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.site_packages:
         sys.path.append(args.site_packages)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    if str(paths.root()) not in sys.path:
+        sys.path.insert(0, str(paths.root()))
     config = PeerConfig(args.model, args.threads, args.max_batch_size, args.batch_wait_s, args.workers, args.max_pixels, args.max_body_bytes)
     if args.peer == "litserve":
         from detserve.benchmarks.litserve_peer import serve

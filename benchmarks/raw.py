@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from detserve.benchmarks.loadgen import percentile
+from detserve.benchmarks.peers import dist_version
 
 
 def time_calls(fn: Callable[[], object], *, seconds: float, min_iters: int = 3, warmup: int = 1, max_iters: int = 10_000) -> list[float]:
@@ -95,12 +96,12 @@ def engine_rows(
     return rows
 
 
-def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float) -> tuple[int, float, float]:
+def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float, precision: str = "fp32") -> tuple[int, float, float]:
     """One ceiling process: ``Detector.detect`` on one image at a time, from ``start_at`` for ``seconds``."""
     from detserve.runtime.detector import Detector
 
     payloads = [p.read_bytes() for p in sorted(Path(payload_dir).iterdir())]
-    detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1)
+    detector = Detector(Path(folder), backend="onnxruntime", device="cpu", threads=1, precision=precision)
     detector.warmup()
     params = detector.params()
     detector.detect([payloads[0]], params)
@@ -114,14 +115,15 @@ def _detect_loop(folder: str, payload_dir: str, seconds: float, start_at: float)
 
 
 def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2, seconds: float = 5.0,
-                 log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+                 log: Callable[[str], None] = print, precision: str = "fp32") -> list[dict]:  # fmt: skip
     """The ceiling: ``processes`` processes, each decode -> letterbox -> engine -> NMS on one image at a time, no server.
 
     Processes, not threads: nothing shared, no GIL, what a server with that many
     workers could reach if serving cost nothing. They start together and run
     for the same ``seconds``; the row is their summed images/s. Plain
     subprocesses (multiprocessing would leave its resource tracker running).
-    Then the same with threads sharing one engine in this process.
+    Then the same with threads sharing one engine in this process (fp32 only).
+    ``precision``: which variant every process runs (``int8``: the export's gated int8 variant).
     """
     import json
     import subprocess
@@ -133,8 +135,8 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
             (Path(tmp) / f"{i:04d}.jpg").write_bytes(data)
         start_at = time.time() + 10.0  # start + model load before the common start
         code = ("import json, sys; from detserve.benchmarks.raw import _detect_loop; "
-                "print(json.dumps(_detect_loop(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))))")  # fmt: skip
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), tmp, str(seconds), str(start_at)], stdout=subprocess.PIPE, text=True)
+                "print(json.dumps(_detect_loop(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5])))")  # fmt: skip
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), tmp, str(seconds), str(start_at), precision], stdout=subprocess.PIPE, text=True)
                  for _ in range(processes)]  # fmt: skip
         parts = []
         for p in procs:
@@ -149,9 +151,11 @@ def ceiling_rows(folder: Path, payloads: Sequence[bytes], *, processes: int = 2,
         "kind": "ceiling", "backend": "onnxruntime-cpu", "threads": 1, "batch": 1, "processes": processes,
         "iters": images, "ms_per_call_p50": None, "ms_per_call_p99": None,
         "ms_per_image": round(1000 * cpu / max(1, images), 3),  # CPU-ms per image
-        "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1),
+        "images_per_s": round(images / wall, 3), "cpu_pct": round(100 * cpu / wall, 1), "precision": precision,
     }  # fmt: skip
-    log(f"  ceiling {processes} processes, batch 1: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    log(f"  ceiling {processes} processes, batch 1, {precision}: {r['images_per_s']:.1f} images/s, {r['ms_per_image']:.1f} CPU-ms/image")
+    if precision != "fp32":
+        return [r]
     return [r, _threads_ceiling(folder, payloads, processes, seconds, log)]
 
 
@@ -213,7 +217,7 @@ def baseline_rows(folder: Path, payloads: Sequence[bytes], *, seconds: float = 3
         data = payloads[next(counter) % len(payloads)]
         yolo_predict(model, [decode(data)], imgsz=manifest.input.imgsz, conf=params.conf, iou=params.iou, max_det=params.max_det)
 
-    r = _measured("baseline", f"ultralytics-{_version('ultralytics')}-torch-eager", 1, 1, one, seconds, warmup=2)
+    r = _measured("baseline", f"ultralytics-{dist_version('ultralytics')}-torch-eager", 1, 1, one, seconds, warmup=2)
     log(f"  baseline ultralytics predict (torch threads=1): {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return [r]
 
@@ -237,6 +241,33 @@ def torch_backend_rows(
         rows.append(r)
         log(f"  detserve torch backend detect batch={b}: {r['ms_per_image']:.1f} ms/image, {r['images_per_s']:.1f} images/s")
     return rows
+
+
+def precision_table(folder: Path, *, batch_sizes: Sequence[int] = (1, 2, 4, 8), rounds: int = 5,
+                    log: Callable[[str], None] = print) -> dict | None:  # fmt: skip
+    """The raw engine, 1 thread: ms per image of the exact artifact and of each gated CPU variant, per batch size.
+
+    One engine each, timed in alternating rounds (``runtime.variants.time_engines``, what ``precision: auto``
+    runs at start, with more rounds) on a full-size input; None when the folder has no gated CPU variant.
+    """
+    from detserve.runtime import variants as variantlib
+    from detserve.runtime.detector import engine_runner
+    from detserve.runtime.engines import load_engine
+    from detserve.runtime.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    pool = variantlib.candidates(manifest, "cpu")
+    if len(pool) < 2:
+        return None
+    runs = {c.name: engine_runner(load_engine(folder, backend="onnxruntime", device="cpu", threads=1, manifest=c.manifest), c.manifest)
+            for c in pool}  # fmt: skip
+    costs = variantlib.time_engines(runs, list(batch_sizes), rounds=rounds)
+    exact = pool[0].name
+    for b in batch_sizes:
+        log(f"  raw engine, 1 thread, batch {b}: " + ", ".join(f"{n} {c[b]:.1f} ms/image" for n, c in costs.items())
+            + "".join(f" ({costs[exact][b] / c[b]:.2f}x {n})" for n, c in costs.items() if n != exact))  # fmt: skip
+    side = variantlib.timing_input(manifest).shape[0]
+    return {"input": f"{side}x{side}", "threads": 1, "rounds": rounds, "exact": exact, "ms_per_image": costs}
 
 
 class LoadProbe:
@@ -267,47 +298,3 @@ class _Defaults:
     def __init__(self, manifest):
         self.manifest = manifest
 
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
-
-
-def jpeg_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
-    """``n`` generated scenes (200-480 px sides) as JPEG bytes: what every server and the baseline get."""
-    import io
-
-    from PIL import Image
-
-    from detserve.training.synthetic import scenes
-
-    out = []
-    for scene in scenes(n, seed):
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).save(buffer, format="JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
-
-
-#: Photo sizes of the mixed workload: VGA, 1080p, 3, 6 and 12 MP (landscape; every fifth payload is each).
-PHOTO_SIZES = ((640, 480), (1920, 1080), (2048, 1536), (3000, 2000), (4000, 3000))
-
-
-def photo_payloads(n: int = 32, seed: int = 7, quality: int = 90) -> list[bytes]:
-    """``n`` generated scenes resized to real photo sizes (VGA to 12 MP) in turn, as JPEG bytes.
-
-    Generated pictures at photo sizes: decode costs what a photo of that size costs, the texture is not a camera's.
-    """
-    import io
-
-    from PIL import Image
-
-    from detserve.training.synthetic import scenes
-
-    out = []
-    for i, scene in enumerate(scenes(n, seed)):
-        buffer = io.BytesIO()
-        Image.fromarray(scene.image).resize(PHOTO_SIZES[i % len(PHOTO_SIZES)], Image.BILINEAR).save(buffer, format="JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out

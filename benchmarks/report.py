@@ -24,7 +24,12 @@ from detserve.benchmarks.loadgen import STAGES
 CALIBRATION_SPREAD = 0.15
 
 #: Server order in tables and plots.
-ORDER = ("detserve-http", "detserve-direct", "detserve-handle", "litserve", "pytriton")
+ORDER = ("detserve-http", "detserve-auto-http", "detserve-direct", "detserve-handle", "litserve", "pytriton")
+#: Servers that are not detserve: the peers every detserve row is compared with.
+PEERS = ("litserve", "pytriton")
+PRECISION_COLUMNS = (
+    "server", "variant", "mAP50-95", "load", "images/s", "p99 ms", "x fp32 ceiling", "x best peer", "best peer p99 ms", "server CPU ms/img",
+)  # fmt: skip
 
 POINT_COLUMNS = (
     "server", "load", "images/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "errors",
@@ -90,7 +95,8 @@ def ratios(results: dict) -> dict[str, float | None]:
     """The headline ratios (detserve-http's best images/s over the others'), also written to results.json."""
     ours = max((p["images_per_s"] for p in ok_points(results, "detserve-http")), default=None)
     out: dict[str, float | None] = {
-        "detserve/ceiling": ratio(ours, max((r["images_per_s"] for r in results.get("raw", []) if r["kind"] == "ceiling"), default=None)),
+        "detserve/ceiling": ratio(ours, max((r["images_per_s"] for r in results.get("raw", []) if r["kind"] == "ceiling"
+                                             and r.get("precision", "fp32") == "fp32"), default=None)),
         "detserve/raw_detect": ratio(ours, (raw_best(results, "detect") or {}).get("images_per_s")),
         "detserve/raw_infer": ratio(ours, (raw_best(results, "infer") or {}).get("images_per_s")),
         "detserve/baseline": ratio(ours, (baseline(results) or {}).get("images_per_s")),
@@ -99,6 +105,38 @@ def ratios(results: dict) -> dict[str, float | None]:
         if name != "detserve-http":
             theirs = max((p["images_per_s"] for p in ok_points(results, name)), default=None)
             out[f"detserve/{name} (best images/s)"] = ratio(ours, theirs)
+    return out
+
+
+def fp32_ceiling(results: dict) -> dict | None:
+    """The no-server ceiling of N processes on the exact (fp32) artifact: what every row's ``x fp32 ceiling`` divides by."""
+    rows = [r for r in results.get("raw", []) if r["kind"] == "ceiling" and not r.get("lanes") and r.get("precision", "fp32") == "fp32"]
+    return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+
+def precision_rows(results: dict) -> list[dict]:
+    """Per closed-loop point of each server: its variant and mAP, its ratio to the fp32 ceiling and to the best peer at the same load."""
+    ceiling = (fp32_ceiling(results) or {}).get("images_per_s")
+    accuracy = (results.get("model") or {}).get("map") or {}
+    peers = {name: {p["concurrency"]: p for p in ok_points(results, name) if p["load"] == "closed"} for name in PEERS}
+    out = []
+    for name in servers_in_order(results):
+        if name.endswith(("-handle", "-direct")):
+            continue
+        variant = results["servers"][name].get("variant", "fp32")
+        for p in ok_points(results, name):
+            if p["load"] != "closed":
+                continue
+            rivals = [peers[n][p["concurrency"]] for n in PEERS if n != name and p["concurrency"] in peers[n]]
+            best = max(rivals, key=lambda q: q["images_per_s"], default=None)
+            out.append({
+                "server": name, "variant": variant, "map50_95": (accuracy.get(variant) or {}).get("map50_95"),
+                "concurrency": p["concurrency"], "images_per_s": p["images_per_s"], "p99_ms": p["latency_ms"].get("p99"),
+                "x_fp32_ceiling": ratio(p["images_per_s"], ceiling),
+                "x_best_peer": ratio(p["images_per_s"], best["images_per_s"]) if best and name not in PEERS else None,
+                "best_peer_p99_ms": best["latency_ms"].get("p99") if best and name not in PEERS else None,
+                "server_cpu_ms_per_image": p.get("server_cpu_ms_per_image"),
+            })  # fmt: skip
     return out
 
 
@@ -166,6 +204,8 @@ def raw_rows(results: dict) -> list[list[Any]]:
         what = names.get(r["kind"], r["kind"])
         if r["kind"] == "ceiling":
             what = what.replace("N processes", f"{r['lanes']} threads, one process" if r.get("lanes") else f"{r.get('processes', '?')} processes")
+            if r.get("precision", "fp32") != "fp32":
+                what += f", {r['precision']}"
         if r["kind"] == "detect" and r["backend"].startswith("torch"):
             what = "detserve torch backend: decode→NMS"
         rows.append([what, r["backend"], r["threads"], r["batch"], r["images_per_s"], r["ms_per_image"], r["ms_per_call_p50"], r["ms_per_call_p99"]])
@@ -208,6 +248,29 @@ def markdown(results: dict) -> str:
     out.append(_table(("ratio", "value"), [[k, v if v is None else f"{v:.2f}×"] for k, v in ratios(results).items()]))
     out += ["", "## Servers side by side", ""]
     out.append(_table(POINT_COLUMNS, point_rows(results)))
+    rows = precision_rows(results)
+    if any(r["variant"] != "fp32" for r in rows) or results.get("precision_table"):
+        out += ["", "## Precision: detserve fp32 and its gated int8 beside the peers (fp32)", ""]
+        sources = sorted({v["on"] for v in ((results.get("model") or {}).get("map") or {}).values()})
+        out.append(f"mAP50-95: from the export's accuracy gate, on {'; '.join(sources) or '(no labelled images)'}. "
+                   "x fp32 ceiling: images/s over the no-server ceiling of the same run (N processes, fp32). "
+                   "x best peer: over the best peer at the same concurrency (the peers run the fp32 graph).")  # fmt: skip
+        out.append("")
+        out.append(_table(PRECISION_COLUMNS, [[
+            r["server"], r["variant"], None if r["map50_95"] is None else f"{r['map50_95']:.4f}", f"closed c={r['concurrency']}",
+            r["images_per_s"], r["p99_ms"], None if r["x_fp32_ceiling"] is None else f"{r['x_fp32_ceiling']:.2f}×",
+            None if r["x_best_peer"] is None else f"{r['x_best_peer']:.2f}×", r["best_peer_p99_ms"], r["server_cpu_ms_per_image"],
+        ] for r in rows]))  # fmt: skip
+        table = results.get("precision_table")
+        if table:
+            names = list(table["ms_per_image"])
+            exact = table["exact"]
+            out += ["", f"Raw engine, {table['threads']} thread, {table['input']} input, ms per image ({table['rounds']} alternating rounds, median):", ""]
+            sizes = sorted({int(b) for c in table["ms_per_image"].values() for b in c})
+            cost = lambda n, b: table["ms_per_image"][n].get(b, table["ms_per_image"][n].get(str(b)))  # noqa: E731 - JSON keys are strings
+            out.append(_table(("batch", *(f"{n} ms/img" for n in names), *(f"{n} speed-up" for n in names if n != exact)), [
+                [b, *(cost(n, b) for n in names), *(f"{cost(exact, b) / cost(n, b):.2f}×" for n in names if n != exact)] for b in sizes
+            ]))  # fmt: skip
     out += ["", "## Raw engine (no server) and baseline", ""]
     out.append(_table(RAW_COLUMNS, raw_rows(results)))
     stages = stage_rows(results)
@@ -281,11 +344,7 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     ax.set_title("Throughput vs p99 latency (closed loop, shared 2-core machine)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = outdir / "throughput-vs-p99.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, outdir / "throughput-vs-p99.png"))
 
     # Batch sizes formed at each server's highest-concurrency closed-loop point (share of images).
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -307,12 +366,24 @@ def plots(results: dict, outdir: Path) -> list[Path]:
     ax.set_title("Batches formed by each server")
     if shown:
         ax.legend(fontsize=7)
+    written.append(_save(fig, outdir / "batch-sizes.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = outdir / "batch-sizes.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
+
+
+def show(markdown: str, written: Iterable[Path]) -> None:
+    """The end of a run: its report on stdout, then the files it wrote."""
+    print()
+    print(markdown)
+    print(f"wrote {', '.join(str(p) for p in written)}", flush=True)
 
 
 def write_all(results: dict, outdir: Path) -> dict[str, Path]:
@@ -320,6 +391,7 @@ def write_all(results: dict, outdir: Path) -> dict[str, Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     results.setdefault("ratios", ratios(results))
     results.setdefault("budgets", budget_table(results))
+    results.setdefault("precision", precision_rows(results))
     files = {"json": write_json(results, outdir / "results.json")}
     md = outdir / "results.md"
     md.write_text(markdown(results))

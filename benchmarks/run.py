@@ -2,7 +2,8 @@
 
     raw engine + baseline (no server)
     -> detserve on an in-process Ray (start_ray(2), one replica): over HTTP, then through a handle
-    -> shutdown -> LitServe (subprocess) -> PyTriton (subprocess)
+    -> detserve again with ``precision: auto`` (its gated int8 variant when that is faster here), over HTTP
+    -> shutdown -> LitServe (subprocess) -> PyTriton (subprocess), both on the fp32 graph
     -> bench-results/<timestamp>/{results.json, results.md, *.png}; the markdown is printed
 
 Every server gets the same JPEG payloads (generated scenes), the same load
@@ -18,7 +19,6 @@ import asyncio
 import datetime as dt
 import os
 import platform
-import signal
 import sys
 import time
 import traceback
@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
 
 offline.apply()
 
 from detserve.benchmarks import loadgen, peers, raw, report  # noqa: E402
-from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan  # noqa: E402
+from detserve.benchmarks import payloads as bench_payloads  # noqa: E402
+from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, WindowPlan, log  # noqa: E402
+from detserve.benchmarks.server import APP, end_own_children, start_detserve, stop_on_sigterm  # noqa: E402
 from detserve.serve.app import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = "bench"
 
 #: detserve's deployment for the benchmark: the CPU defaults of serve.app, but one fixed
 #: replica (no autoscaling) so that every server runs exactly one inference worker.
@@ -89,10 +89,6 @@ FULL = Profile(
     torch_batch_sizes=[1, 8],
     p99_budgets_ms=[100.0, 250.0, 500.0, 1000.0, 2000.0],
 )
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # --- machine and versions ------------------------------------------------------------
@@ -160,20 +156,23 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
         from detserve.export.pipeline import ExportRequest, export_model
         from detserve.runtime.manifest import ManifestError, read_manifest
 
-        folder = ROOT / ".cache" / "bench-models" / f"yolo-shapes-{imgsz}"
+        from detserve.export.defaults import has_int8, int8_gate_sets
+
+        folder = paths.cache_dir() / "bench-models" / f"yolo-shapes-{imgsz}"
         try:
-            if read_manifest(folder).input.imgsz == imgsz:
+            if read_manifest(folder).input.imgsz == imgsz and has_int8(folder):
                 return folder
         except ManifestError:
             pass
-        log(f"exporting {DEFAULT_MODELS['yolo'].weights} at {imgsz} px to {folder}")
-        export_model(ExportRequest(model="yolo", weights=DEFAULT_MODELS["yolo"].weights, out=folder, imgsz=imgsz, force=True, quiet=True))
+        log(f"exporting {DEFAULT_MODELS['yolo'].weights} at {imgsz} px, with its gated int8 variants, to {folder}")
+        export_model(ExportRequest(model="yolo", weights=DEFAULT_MODELS["yolo"].weights, out=folder, imgsz=imgsz, force=True, quiet=True,
+                                   **int8_gate_sets()))  # fmt: skip
         return folder
     if DEFAULT_MODELS["yolo"].weights.is_file():
         from detserve.export.defaults import ensure_default_models
 
-        return ensure_default_models(("yolo",), quiet=True)["yolo"]
-    folder = ROOT / ".cache" / "bench-models" / "yolov8n-320-random"
+        return ensure_default_models(("yolo",), quiet=True, int8=True)["yolo"]
+    folder = paths.cache_dir() / "bench-models" / "yolov8n-320-random"
     from detserve.runtime.manifest import ManifestError, read_manifest
 
     try:
@@ -189,11 +188,26 @@ def resolve_model(arg: str | None, imgsz: int | None = None) -> Path:
 
 
 def model_info(folder: Path) -> dict:
-    from detserve.runtime.manifest import read_manifest
+    """The model's identity, and the mAP of each of its variants from the export's accuracy gate (``map``)."""
+    from detserve.runtime.manifest import exact_variant_name, read_manifest
 
     m = read_manifest(folder)
+    accuracy = {}
+    for v in m.variants:
+        val = v.gate.val if v.gate else None
+        if val is not None:
+            accuracy.setdefault(exact_variant_name(m), {"map50_95": val.reference_map50_95, "map50": val.reference_map50, "on": val.source})
+            accuracy[v.name] = {"map50_95": val.map50_95, "map50": val.map50, "on": val.source, "gate_passed": v.gate.passed}
     return {"folder": str(folder), "name": m.name, "family": m.family, "imgsz": m.input.imgsz, "batch_max": m.batch.max,
-            "source": m.source.file, "artifact_sha256": m.artifact_sha256[:12]}  # fmt: skip
+            "source": m.source.file, "artifact_sha256": m.artifact_sha256[:12], "map": accuracy}  # fmt: skip
+
+
+def has_cpu_variant(folder: Path) -> bool:
+    """Whether ``precision: auto`` has a gated CPU variant to choose from in ``folder``."""
+    from detserve.runtime import variants
+    from detserve.runtime.manifest import read_manifest
+
+    return len(variants.candidates(read_manifest(folder), "cpu")) > 1
 
 
 # --- servers ---------------------------------------------------------------------------
@@ -209,56 +223,27 @@ def open_shapes(profile: Profile, reference_images_per_s: float | None) -> list[
     return [OpenLoop(rate=round(f * reference_images_per_s, 1), seed=i) for i, f in enumerate(profile.open_fractions) if f > 0]
 
 
-def serve_logging_config() -> dict:
-    """deploy.yaml's logging_config (access log off, as shipped), so the benchmark serves like ``make serve``."""
-    import yaml
-
-    try:
-        return dict(yaml.safe_load((ROOT / "deploy.yaml").read_text()).get("logging_config") or {})
-    except (OSError, AttributeError):
-        return {"encoding": "TEXT", "log_level": "INFO", "enable_access_log": False}
-
-
 def detserve_requests(payloads: list[bytes]) -> list[loadgen.HttpRequest]:
     return [loadgen.HttpRequest(f"/{APP}/predict", p, (("Content-Type", "image/jpeg"),)) for p in payloads]
 
 
-def start_detserve(args: dict[str, Any], options: dict[str, Any], request_timeout_s: float = 30.0) -> tuple[str, dict]:
-    """detserve on an in-process Ray, as every benchmark runs it; returns (base URL, logging_config) once ``/bench/info`` answers.
-
-    start_ray(2), Serve's proxy on 127.0.0.1 (a free port, HeadOnly, deploy.yaml's
-    logging_config), the application under ``/bench``. The caller ends it with
-    ``detserve.serve.run.shutdown()``.
-    """
-    from ray import serve
-
-    from detserve.serve.app import application
-    from detserve.serve.run import start_ray
-
-    port = peers.free_port()
-    start_ray(2)
-    logging_config = serve_logging_config()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s}, proxy_location="HeadOnly",
-                logging_config=logging_config)  # fmt: skip
-    serve.run(application(args, options), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=logging_config)
-    base = f"http://127.0.0.1:{port}"
-    _wait_http(f"{base}/{APP}/info", 120)
-    return base, logging_config
-
-
-def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False) -> None:
+def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results: dict, lanes: int = 1, direct: bool = False,
+                 precision: str = "fp32", name: str = "detserve") -> None:  # fmt: skip
     """detserve on an in-process Ray: HTTP points, then handle points, then shutdown.
 
     ``lanes``: engine calls at once in each replica (``DETSERVE_OPTIONS["num_replicas"]``); replicas x lanes = each peer's workers.
     ``direct``: also measure HTTP straight to the replica (Ray's direct ingress), without the proxy process.
+    ``precision``: the application's ``precision`` arg; ``name``: the servers' prefix (``<name>-http``). Only the
+    fp32 run sets the open-loop reference rate and measures the handle and direct ingress; the others reuse its rates.
     """
     from detserve.serve.run import shutdown
 
     if direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
+    first = precision == "fp32"
 
     config = {
-        "args": {"model": str(folder), "threads": 1, "lanes": lanes},
+        "args": {"model": str(folder), "threads": 1, "lanes": lanes, "precision": precision},
         "options": DETSERVE_OPTIONS,
         "ray": "start_ray(2): num_cpus=2, replica num_cpus=1, proxy on 127.0.0.1",
         "settings": f"{DETSERVE_OPTIONS['num_replicas']} replica(s), each {lanes} engine lane(s) + {lanes + 1} decode threads, the scheduler's measured batch policy (cap "
@@ -268,28 +253,31 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
     try:
         base, config["logging_config"] = start_detserve(config["args"], DETSERVE_OPTIONS)
         config["start_s"] = round(time.monotonic() - began, 1)
-        log(f"detserve up on {base}/{APP} in {config['start_s']} s")
+        info = _get_json(f"{base}/{APP}/info")
+        config["variant"], config["precision_choice"] = info.get("variant", "fp32"), info.get("precision_choice")
+        log(f"{name} up on {base}/{APP} in {config['start_s']} s, running variant {config['variant']}")
 
         def server_cpu() -> float | None:  # every Ray process: GCS, raylet, controller, proxy, replica
             return peers.process_tree_cpu(os.getpid(), include_self=False)
 
         shapes = load_shapes(profile)
-        http = results["servers"]["detserve-http"] = {"kind": "http", "config": config, "points": []}
+        server = f"{name}-http"
+        http = results["servers"][server] = {"kind": "http", "config": config, "variant": config["variant"], "points": []}
         points = asyncio.run(
-            loadgen.measure_http("detserve-http", base, detserve_requests(payloads), shapes, profile.plan,
+            loadgen.measure_http(server, base, detserve_requests(payloads), shapes, profile.plan,
                                  stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
         )
         http["points"] = [p.to_dict() for p in points]
-        best = max((p.images_per_s for p in points), default=None)
-        results["config"]["open_loop_reference_images_per_s"] = best
-        opens = open_shapes(profile, best)
+        if first:
+            results["config"]["open_loop_reference_images_per_s"] = max((p.images_per_s for p in points), default=None)
+        opens = open_shapes(profile, results["config"].get("open_loop_reference_images_per_s"))
         if opens:
             more = asyncio.run(
-                loadgen.measure_http("detserve-http", base, detserve_requests(payloads), opens, profile.plan,
+                loadgen.measure_http(server, base, detserve_requests(payloads), opens, profile.plan,
                                      stats_url=f"{base}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
             )
             http["points"] += [p.to_dict() for p in more]
-        if direct:
+        if direct and first:
             replica = _direct_ingress_base()
             direct_config = dict(config, settings=config["settings"] + f"; HTTP straight to the replica's own server ({replica}): "
                                  "Ray's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), no proxy process in the path")  # fmt: skip
@@ -298,12 +286,22 @@ def run_detserve(folder: Path, payloads: list[bytes], profile: Profile, results:
                 loadgen.measure_http("detserve-direct", replica, detserve_requests(payloads), shapes + opens, profile.plan,
                                      stats_url=f"{replica}/{APP}/stats", server_cpu=server_cpu, log=log)  # fmt: skip
             )]
-        if profile.handle:
+        if profile.handle and first:
             handle_config = dict(config, settings=config["settings"] + "; DeploymentHandle.predict.remote(bytes) from the driver")
             entry = results["servers"]["detserve-handle"] = {"kind": "handle", "config": handle_config, "points": []}
             entry["points"] = [p.to_dict() for p in asyncio.run(_measure_handle(base, payloads, shapes + opens, profile.plan, server_cpu))]
     finally:
         shutdown()
+
+
+def _get_json(url: str) -> dict:
+    import json
+    import urllib.request
+
+    loadgen.require_loopback(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def _direct_ingress_base(first: int = 30000, last: int = 30100) -> str:
@@ -336,23 +334,6 @@ async def _measure_handle(base: str, payloads: list[bytes], shapes, plan: Window
     return out
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
-    import urllib.request
-
-    loadgen.require_loopback(url)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with opener.open(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.5)
-
-
 def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, results: dict, workdir: Path, peer_workers: int) -> None:
     """Start one peer, measure it like detserve, stop it (and check that nothing it started is left)."""
     from detserve.serve.app import AppArgs
@@ -382,7 +363,7 @@ def run_peer(name: str, folder: Path, payloads: list[bytes], profile: Profile, r
         shapes = load_shapes(profile) + open_shapes(profile, results["config"].get("open_loop_reference_images_per_s"))
         points = asyncio.run(loadgen.measure_http(name, peer.base_url, requests, shapes, profile.plan, stats=stats,
                                                   server_cpu=peer.tree_cpu_seconds, log=log))  # fmt: skip
-        results["servers"][name] = {"kind": "http", "config": info["config"], "points": [p.to_dict() for p in points]}
+        results["servers"][name] = {"kind": "http", "config": info["config"], "variant": "fp32", "points": [p.to_dict() for p in points]}
         info["status"] = "ran"
     finally:
         left = peer.stop()
@@ -412,6 +393,8 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
         "errors": {},
     }
     wanted = set(only or ("raw", "detserve", "litserve", "pytriton"))
+    if "detserve" in wanted:
+        wanted.add("detserve-int8")  # beside fp32, when the model has a gated int8 variant
     began = time.monotonic()
 
     def stage(name: str, fn: Callable[[], None]) -> None:
@@ -430,10 +413,10 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     folder = resolve_model(model, imgsz)
     results["model"] = model_info(folder)
     if photos:
-        payloads = raw.photo_payloads(profile.payloads)
-        source = f"generated scenes resized to photo sizes {raw.PHOTO_SIZES} in turn, JPEG q90"
+        payloads = bench_payloads.photo_payloads(profile.payloads)
+        source = f"generated scenes resized to photo sizes {bench_payloads.PHOTO_SIZES} in turn, JPEG q90"
     else:
-        payloads = raw.jpeg_payloads(profile.payloads)
+        payloads = bench_payloads.jpeg_payloads(profile.payloads)
         source = "detserve.training.synthetic.scenes(n, seed=7) as JPEG q90, 200-480 px sides"
     results["config"]["payloads"] = {"count": len(payloads), "mean_bytes": sum(map(len, payloads)) // len(payloads), "source": source}
 
@@ -443,6 +426,10 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
         results["raw"] += raw.ceiling_rows(folder, payloads, processes=max(2, peer_workers), seconds=3 * profile.raw_seconds + 2, log=log)
         results["raw"] += raw.baseline_rows(folder, payloads, seconds=profile.baseline_seconds, log=log)
         results["raw"] += raw.torch_backend_rows(folder, payloads, batch_sizes=profile.torch_batch_sizes, seconds=profile.raw_seconds, log=log)
+        if has_cpu_variant(folder):
+            results["precision_table"] = raw.precision_table(folder, batch_sizes=profile.raw_batch_sizes, log=log)
+            results["raw"] += raw.ceiling_rows(folder, payloads, processes=max(2, peer_workers), seconds=3 * profile.raw_seconds + 2, log=log,
+                                               precision="int8")  # fmt: skip
 
     probe = raw.LoadProbe(folder, payloads[0])
     results["calibration_ms"] = {}
@@ -457,6 +444,11 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     calibrate("detserve")
     lanes = max(1, peer_workers // DETSERVE_OPTIONS["num_replicas"])
     stage("detserve", lambda: run_detserve(folder, payloads, profile, results, lanes=lanes, direct=direct))
+    if has_cpu_variant(folder):
+        calibrate("detserve-int8")
+        stage("detserve-int8", lambda: run_detserve(folder, payloads, profile, results, lanes=lanes, precision="auto", name="detserve-auto"))
+    elif "detserve-int8" in wanted:
+        results["errors"]["detserve-int8"] = f"{folder} has no gated int8 variant for CPUs: export it with --precision int8"
     if "detserve" not in wanted or not results["config"].get("open_loop_reference_images_per_s"):
         # Open-loop rates need a reference: without detserve's, use the raw single-image path.
         ref = raw.engine_rows(folder, payloads[:4], batch_sizes=[1], threads=[1], seconds=0.5, log=lambda _: None)[1]
@@ -475,41 +467,6 @@ def run(profile: Profile, *, model: str | None, out_root: Path, only: list[str] 
     return results, files
 
 
-def end_own_children(grace_s: float = 15.0) -> list[str]:
-    """Wait for this process's children (Ray's, after shutdown) to exit; end any that do not, by pid. Returns what had to be ended."""
-    import psutil
-
-    me = psutil.Process()
-    deadline = time.monotonic() + grace_s
-    while (children := [c for c in me.children(recursive=True) if _alive(c)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    ended = []
-    for child in children:
-        try:
-            ended.append(f"{child.pid} {' '.join(child.cmdline())[:80]}")
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=5)
-    for child in children:
-        if _alive(child):
-            child.kill()
-    return ended
-
-
-def _alive(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt  # run the finally blocks: peers stopped, Ray shut down
-
-
 def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.ArgumentParser:
     """The benchmark's options; ``detserve bench --help`` prints this parser's help."""
     parser = argparse.ArgumentParser(prog=prog, description="Raw engine, the baseline, detserve and peer servers, side by side, one at a time (benchmarks/README.md).")
@@ -517,11 +474,15 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     mode.add_argument("--quick", action="store_true", help="a few minutes: 2 closed-loop points + 1 open-loop point per server (default)")
     mode.add_argument("--full", action="store_true", help="concurrency 1..32, three open-loop rates, 5 s windows, 1 and 2 threads raw")
     mode.add_argument("--setup-peers", action="store_true", help="create PyTriton's own venv (needs the package registry), then exit")
+    mode.add_argument("--adapter", metavar="DIR", help="a Dataloop adapter folder as written against its accelerated export, "
+                      "one run, closed loop (--concurrency, default 8): benchmarks/adapter_speed.py")
     mode.add_argument("--overload", action="store_true",
                       help="detserve alone, as deploy.yaml ships it: peak, a burst, an open loop at 2x the peak, large and small requests mixed (benchmarks/overload.py)")  # fmt: skip
     parser.add_argument("--model", help="export folder (default: the default YOLO, or a random-init yolov8n if its weights are missing)")
-    parser.add_argument("--only", help="comma-separated subset of raw,detserve,litserve,pytriton")
-    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (a timestamped folder is made inside)")
+    parser.add_argument("--adapter-model", metavar="NAME", help="with --adapter: the model of its dataloop.json (default: its only one)")
+    parser.add_argument("--only", help="comma-separated subset of raw,detserve,detserve-int8,litserve,pytriton "
+                        "(detserve includes detserve-int8: `precision: auto` beside fp32, when the model has a gated int8 variant)")
+    parser.add_argument("--out", default=str(paths.results_dir()), help="results root (a timestamped folder is made inside)")
     parser.add_argument("--concurrency", help="override the closed-loop points, e.g. 1,4,16")
     parser.add_argument("--p99-budgets", help="p99 budgets in ms for the per-budget comparison, e.g. 250,500")
     parser.add_argument("--peer-workers", type=int, default=1, help="inference workers per peer; detserve's one replica gets as many engine lanes")
@@ -530,7 +491,7 @@ def build_parser(prog: str = "python -m detserve.benchmarks") -> argparse.Argume
     parser.add_argument("--imgsz", type=int, help="export the default YOLO at this input size (e.g. 640) and serve that")
     parser.add_argument("--batch-policy", choices=("measured", "fixed"), help="detserve's user_config batch_policy (default: the shipped one, measured)")
     parser.add_argument("--direct-ingress", action="store_true", help="also measure HTTP straight to the replica (Ray's direct ingress, no proxy process)")
-    parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {raw.PHOTO_SIZES} instead of 200-480 px scenes")
+    parser.add_argument("--photos", action="store_true", help=f"payloads of mixed photo sizes {bench_payloads.PHOTO_SIZES} instead of 200-480 px scenes")
     overload = parser.add_argument_group("--overload")
     overload.add_argument("--overload-seconds", type=float, default=60.0, help="each open loop's length in seconds (default 60)")
     overload.add_argument("--overload-deadline", type=float, default=2.0,
@@ -545,11 +506,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     if args.setup_peers:
         log(f"PyTriton venv ready: {peers.setup_pytriton()}")
         return 0
-    signal.signal(signal.SIGTERM, _sigterm)
+    stop_on_sigterm()
     if args.overload:
         from detserve.benchmarks import overload
 
         return overload.main(args)
+    if args.adapter:
+        from detserve.benchmarks import adapter_speed
+
+        return adapter_speed.main(args.adapter, args.adapter_model, int(args.concurrency or 8), Path(args.out))
     profile = FULL if args.full else QUICK
     if args.concurrency:
         profile = replace(profile, concurrency=[int(x) for x in args.concurrency.split(",")])
@@ -562,9 +527,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m detserve.benchmar
     only = [x.strip() for x in args.only.split(",")] if args.only else None
     results, files = run(profile, model=args.model, out_root=Path(args.out), only=only, peer_workers=args.peer_workers,
                          imgsz=args.imgsz, photos=args.photos, direct=args.direct_ingress)  # fmt: skip
-    print()
-    print(files["markdown"].read_text())
-    log(f"wrote {', '.join(str(p) for p in files.values())}")
+    report.show(files["markdown"].read_text(), files.values())
     return 1 if results["errors"] else 0
 
 

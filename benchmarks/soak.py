@@ -33,29 +33,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import datetime as dt
 import functools
-import io
 import json
 import math
 import random
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
 
 offline.apply()
 
 from detserve.benchmarks import loadgen  # noqa: E402
-from detserve.benchmarks.loadgen import ClosedLoop, HttpRequest, OpenLoop, WindowPlan  # noqa: E402
+from detserve.benchmarks.loadgen import ClosedLoop, HttpRequest, OpenLoop, WindowPlan, log  # noqa: E402
+from detserve.benchmarks.multipart import JSON_HEADERS, json_images_body, multipart_body, multipart_headers  # noqa: E402
+from detserve.benchmarks.payloads import encode  # noqa: E402
+from detserve.benchmarks.server import end_own_children, shipped_settings, start_detserve, stop_on_sigterm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 APP = "soak"
 
 #: The replica's RSS at the end may differ from the baseline by at most this share.
@@ -116,37 +115,24 @@ KIND_BY_NAME = {k.name: k for k in KINDS}
 BOUNDARY = "detservesoakboundary"
 
 
-def _multipart(files: Sequence[bytes], content_type: str = "image/jpeg") -> bytes:
-    out = b""
-    for i, data in enumerate(files):
-        out += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
-                f"Content-Type: {content_type}\r\n\r\n").encode() + data + b"\r\n"  # fmt: skip
-    return out + f"--{BOUNDARY}--\r\n".encode()
-
-
-def _encode(image, fmt: str, **kw) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt, **kw)
-    return buffer.getvalue()
+def _multipart(files: Sequence[bytes]) -> bytes:
+    return multipart_body(files, boundary=BOUNDARY, field="file", filename="{i}.jpg")
 
 
 @functools.lru_cache(maxsize=2)
 def _images(seed: int) -> dict[str, tuple[bytes, ...]]:
     """The encoded good images (generated scenes), made once per process: small JPEG/PNG, large JPEG/PNG."""
-    import numpy as np
     from PIL import Image
 
     from detserve.training.synthetic import scenes
 
     small = [s.image for s in scenes(16, seed)]
-    large = [np.asarray(Image.fromarray(img).resize((1920, 1440), Image.BILINEAR)) for img in small[:3]]
+    large = dict(size=(1920, 1440), resample=Image.BILINEAR)
     return {
-        "jpeg_small": tuple(_encode(img, "JPEG", quality=90) for img in small),
-        "png_small": tuple(_encode(img, "PNG") for img in small[:8]),
-        "jpeg_large": tuple(_encode(img, "JPEG", quality=90) for img in large),
-        "png_large": tuple(_encode(img, "PNG") for img in large[:2]),
+        "jpeg_small": tuple(encode(img, "JPEG", quality=90) for img in small),
+        "png_small": tuple(encode(img, "PNG") for img in small[:8]),
+        "jpeg_large": tuple(encode(img, "JPEG", quality=90, **large) for img in small[:3]),
+        "png_large": tuple(encode(img, "PNG", **large) for img in small[:2]),
     }
 
 
@@ -155,7 +141,7 @@ def payloads(max_body_bytes: int, max_images: int, seed: int = 7) -> dict[str, l
     images = _images(seed)
     jpegs = images["jpeg_small"]
     jpeg, png = (("Content-Type", "image/jpeg"),), (("Content-Type", "image/png"),)
-    multipart = (("Content-Type", f"multipart/form-data; boundary={BOUNDARY}"),)
+    multipart = multipart_headers(BOUNDARY)
     oversized = b"\xff\xd8" + bytes(max_body_bytes + 1022)  # past the limit by 1 KiB; a JPEG's first bytes
     return {
         "jpeg_small": [(j, jpeg, None) for j in jpegs],
@@ -163,8 +149,7 @@ def payloads(max_body_bytes: int, max_images: int, seed: int = 7) -> dict[str, l
         "jpeg_large": [(b, jpeg, None) for b in images["jpeg_large"]],
         "png_large": [(b, png, None) for b in images["png_large"]],
         "multi_multipart": [(_multipart(jpegs[i : i + min(8, max_images)]), multipart, None) for i in (0, 8)],
-        "multi_json": [(json.dumps({"images": [base64.b64encode(j).decode() for j in jpegs[i : i + min(4, max_images)]]}).encode(),
-                        (("Content-Type", "application/json"),), None) for i in (0, 4, 8, 12)],  # fmt: skip
+        "multi_json": [(json_images_body(jpegs[i : i + min(4, max_images)]), JSON_HEADERS, None) for i in (0, 4, 8, 12)],
         "not_an_image": [(b"this is not an image, it is text", jpeg, None)],
         "truncated_jpeg": [(j[: len(j) // 2], jpeg, None) for j in jpegs[:4]],
         "unsupported_type": [(jpegs[0], (("Content-Type", "text/plain"),), None)],
@@ -485,48 +470,6 @@ def summary_lines(result: dict) -> list[str]:
 # --- running it --------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-@dataclass
-class Settings:
-    """What the soak runs against: deploy.yaml's yolo application, pinned to one replica."""
-
-    args: dict
-    options: dict
-    request_timeout_s: float
-    logging_config: dict
-    config_file: str = field(default=str(ROOT / "deploy.yaml"))
-
-    def describe(self) -> str:
-        o = self.options
-        return (f"deploy.yaml's yolo application ({self.args.get('model')}), one replica (autoscaling off), "
-                f"num_cpus {o.get('ray_actor_options', {}).get('num_cpus')}, max_ongoing_requests {o.get('max_ongoing_requests')}, "
-                f"max_queued_requests {o.get('max_queued_requests')}, max_body_bytes {self.args.get('max_body_bytes')}, "
-                f"max_images {self.args.get('max_images')}, request_timeout_s {self.request_timeout_s:g}; start_ray(2), proxy on 127.0.0.1")  # fmt: skip
-
-
-def shipped_settings(config_path: Path, app: str = "yolo", model: str | None = None) -> Settings:
-    """The application ``app`` of the shipped config, as ``detserve serve`` deploys it, with one fixed replica.
-
-    One replica so that the RSS and the fds are those of one process for the whole run
-    (an autoscaled second replica would start and stop with the load).
-    """
-    from detserve.serve.run import load_config
-
-    config = load_config(config_path)
-    [entry] = [a for a in config.applications if a.name == app]
-    options: dict[str, Any] = {}
-    for d in entry.deployments:
-        options = d.model_dump(exclude_unset=True, exclude={"name"})
-    options.update(num_replicas=1, autoscaling_config=None)
-    args = dict(entry.args)
-    if model:
-        args["model"] = model
-    return Settings(args, options, float(config.http_options.request_timeout_s), config.logging_config.model_dump(), str(config_path))
-
-
 def capacity_of(points: Iterable[loadgen.PointResult]) -> tuple[float, float, str]:
     """(requests/s, images/s, which point) of the best closed-loop point: every answer counts, not only 200s."""
     best = (0.0, 0.0, "none")
@@ -647,17 +590,13 @@ async def soak_load(base: str, kinds: Sequence[str], requests: Sequence[HttpRequ
 
 
 def run(args: argparse.Namespace) -> tuple[dict, Path]:
-    from ray import serve
-
-    from detserve.benchmarks.run import _loadavg, _wait_http, end_own_children, machine_info, resolve_model, versions
-    from detserve.benchmarks.peers import free_port
-    from detserve.serve.app import application
-    from detserve.serve.run import set_proxy_body_limits, shutdown, start_ray
+    from detserve.benchmarks.run import _loadavg, machine_info, resolve_model, versions
+    from detserve.serve.run import shutdown
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.out) / f"soak-{stamp}"
     folder = resolve_model(args.model)
-    settings = shipped_settings(Path(args.config), model=str(folder))
+    settings = shipped_settings(args.config, model=str(folder))
     kinds, requests = build_mix(int(settings.args.get("max_body_bytes", 50 * 2**20)), int(settings.args.get("max_images", 64)), f"/{APP}/predict")
     baseline_at_s = min(args.warmup_s, args.seconds / 5)
     result: dict[str, Any] = {
@@ -670,16 +609,10 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     capacity_tally: Tally = {}
     tally: Tally = {}
     began = time.monotonic()
-    set_proxy_body_limits({f"/{APP}": int(settings.args.get("max_body_bytes", 50 * 2**20))})  # as `detserve serve` does
-    start_ray(2)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": settings.request_timeout_s},
-                    proxy_location="HeadOnly", logging_config=settings.logging_config)  # fmt: skip
-        serve.run(application(settings.args, settings.options), name=APP, route_prefix=f"/{APP}", blocking=False,
-                  logging_config=settings.logging_config)  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/{APP}/info", 180)
+        base, _ = start_detserve(settings.args, settings.options, request_timeout_s=settings.request_timeout_s,
+                                 logging_config=settings.logging_config, app=APP, wait_s=180,
+                                 body_limit=int(settings.args.get("max_body_bytes", 50 * 2**20)))  # as `detserve serve` does  # fmt: skip
         log(f"detserve up on {base}/{APP} in {time.monotonic() - began:.0f} s; {settings.describe()}")
         sampler = Sampler(f"{base}/{APP}/stats", find_process("ray::ProxyActor"))
 
@@ -715,27 +648,23 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def build_parser(prog: str = "python -m detserve.benchmarks.soak") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Mixed open-loop load at a share of capacity, watching for unexpected answers, RSS growth and fd leaks (README, Soak).")
+    parser = argparse.ArgumentParser(prog=prog, description="Mixed open-loop load at a share of capacity, watching for unexpected answers, RSS growth and fd leaks (docs/operations.md, Soak).")
     parser.add_argument("--seconds", type=float, default=600.0, help="length of the open-loop load (default 600)")
     parser.add_argument("--fraction", type=float, default=0.7, help="the load as a share of the measured capacity (default 0.7)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples of RSS and fds (default 10)")
     parser.add_argument("--warmup-s", type=float, default=60.0, help="the RSS baseline is the first sample at or after this much load (at most a fifth of --seconds)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16], help="closed-loop points for the capacity (default 8,16)")
-    parser.add_argument("--config", default=str(ROOT / "deploy.yaml"), help="the Serve config whose yolo application is soaked")
+    parser.add_argument("--config", default=None, help="the Serve config whose yolo application is soaked")
     parser.add_argument("--model", help="export folder (default: the default YOLO, exported once)")
-    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="results root (soak-<timestamp>/ is made inside)")
+    parser.add_argument("--out", default=str(paths.results_dir()), help="results root (soak-<timestamp>/ is made inside)")
     return parser
-
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt  # run the finally blocks: Ray shut down
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.seconds <= 0 or args.sample_s <= 0 or not 0 < args.fraction <= 1.5:
         raise SystemExit("--seconds and --sample-s must be > 0 and --fraction in (0, 1.5]")
-    signal.signal(signal.SIGTERM, _sigterm)
+    stop_on_sigterm()
     result, outdir = run(args)
     print()
     print((outdir / "soak.md").read_text())

@@ -50,7 +50,7 @@ def _root(
 def _fail(message: str, code: int = 2) -> None:
     from detserve.runtime.progress import console
 
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
 
@@ -81,23 +81,33 @@ def user_errors(func):
 @app.command()
 @user_errors
 def export(
-    model: str = typer.Option(..., "--model", help="Model family: yolo or fasterrcnn."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the artifact and manifest.json into."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model family: yolo or fasterrcnn. With --adapter: the model of its dataloop.json (default: its only one)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the artifact and manifest.json into (with --adapter: default <DIR>/detserve-export/<model>)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help="Export the weights a Dataloop adapter folder loads, and check the export against the adapter's own predict."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="YOLO: .pt checkpoint or .yaml config. Faster R-CNN: state_dict (.pth); omit for random init."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Faster R-CNN architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (or JSON list/map); no background."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="YOLO: square input size. Faster R-CNN: the transform's min_size."),
     format: str = typer.Option("onnx", "--format", help="onnx, tensorrt, or aoti (the compiled PyTorch engine, built inside a GPU pod)."),
     pod: str = typer.Option("regular", "--pod", help="Target Dataloop pod: regular, gpu-t4, gpu-v100, gpu-a100."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (default: the pod's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or fp16 (default: the pod's); int8: also calibrated int8 variants behind an accuracy gate (docs/precision.md)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch per engine call (default: the pod's)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     parity_threshold: float = typer.Option(0.99, "--parity-threshold", help="Share of source boxes the artifact must match (IoU >= 0.99, same class)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: a folder of images like those you will serve, to calibrate on (default: a photo and generated scenes, with a warning)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="int8: labelled images (YOLO txt labels, or a COCO json) to gate on: mAP50-95 of fp32 and int8."),
+    max_map_drop: float = typer.Option(0.005, "--max-map-drop", help="int8 with --val: the export fails when mAP50-95 drops by more than this."),
+    min_agreement: float = typer.Option(0.9, "--min-agreement", help="int8 without --val: the least share of the fp32 boxes int8 must find (same class, IoU >= 0.9)."),
 ) -> None:
     """Export weights to ONNX / TensorRT, check parity with the source model, write manifest.json."""
     from detserve.export.pipeline import ExportError, ExportRequest, export_model, read_labels
 
+    if adapter is not None:
+        _export_adapter(adapter, model, weights, out, imgsz, force, parity_threshold)
+        return
+    if out is None:
+        _fail("--out is required: the folder to write the artifact and manifest.json into")
     if model not in ("yolo", "fasterrcnn"):
         _fail(f"--model must be yolo or fasterrcnn, got {model!r}")
     try:
@@ -116,6 +126,10 @@ def export(
                 opset=opset,
                 parity_threshold=parity_threshold,
                 force=force,
+                calibration=calibration,
+                val=val,
+                max_map_drop=max_map_drop,
+                min_found_share=min_agreement,
             )
         )
     except ExportError as exc:
@@ -125,17 +139,43 @@ def export(
     console.print(f"[green]exported[/] {manifest.name} -> {out / manifest.artifact} (manifest: {out / 'manifest.json'})")
 
 
+def _export_adapter(folder: Path, model: Optional[str], weights: Optional[Path], out: Optional[Path], imgsz: Optional[int], force: bool, threshold: float) -> None:
+    """``export --adapter``: the adapter's weights exported, then checked box by box against the adapter as written."""
+    from detserve.adapters.accelerate import PARITY_FILE, accelerate
+    from detserve.adapters.user_adapter import AdapterError
+    from detserve.export.pipeline import ExportError
+    from detserve.runtime.progress import console
+
+    try:
+        export, parity = accelerate(folder, model, weights=weights, out=out, imgsz=imgsz, force=force, threshold=threshold)
+    except (AdapterError, ExportError) as exc:
+        _fail(str(exc))
+    used = parity.thresholds
+    console.print(f"[green]exported[/] {folder} -> {export}, serving with conf {used['conf']:g}, iou {used['iou']:g}, max_det {used['max_det']} "
+                  f"({', '.join(f'{k}: {v}' for k, v in used['from'].items())})", soft_wrap=True)  # fmt: skip
+    console.print(parity.summary(), soft_wrap=True)
+    for d in parity.differences:
+        console.print(f"  image {d.image}: {d.side} box {d.label} {d.box} score {d.score:.3f}: {d.reason}", soft_wrap=True, markup=False)
+    if parity.unlisted:
+        console.print(f"  ... and {parity.unlisted} more (all in {export / PARITY_FILE})")
+    if not parity.passed:
+        _fail(f"the export gives the adapter's boxes for {parity.matched_share:.1%} of them, below --parity-threshold {threshold:.2f} "
+              f"(figures in {export / PARITY_FILE}); `detserve serve --adapter {folder} --accelerated` will refuse it: serve the adapter as written", 1)  # fmt: skip
+    console.print(f"serve it with: detserve serve --adapter {folder} --accelerated")
+
+
 @app.command()
 @user_errors
 def models(
     only: Optional[str] = typer.Option(None, "--only", help="yolo or fasterrcnn (default: both)."),
+    int8: bool = typer.Option(False, "--int8", help="Also the gated int8 variants, for `precision: auto|int8` (docs/precision.md)."),
 ) -> None:
     """Export the default models (trained on generated shapes, shipped in models/) into artifacts/."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.progress import console
 
     names = (only,) if only else ("yolo", "fasterrcnn")
-    for name, folder in ensure_default_models(names).items():
+    for name, folder in ensure_default_models(names, int8=int8).items():
         console.print(f"[green]ready[/] {name}: {folder}")
 
 
@@ -155,7 +195,7 @@ def predict(
     import json
 
     from detserve.adapters import adapter_for
-    from detserve.adapters.base import box_annotations
+    from detserve.adapters.box_json import box_annotations
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.draw import draw_boxes
     from detserve.runtime.images import ImageError, decode
@@ -227,6 +267,9 @@ def info(
     typer.echo(f"artifact: {m.artifact} ({m.format}, {m.precision}, pod {m.pod}), input {size} px, batch {m.batch.min}..{m.batch.max}")
     typer.echo(f"classes ({len(m.labels)}): {label_names(m.labels)}")
     typer.echo(f"defaults: {', '.join(f'{k}={v:g}' for k, v in m.defaults.items())}")
+    for v in m.variants:
+        gate = "no gate" if v.gate is None else f"gate {'passed' if v.gate.passed else 'FAILED'}: {v.gate.reason}"
+        typer.echo(f"variant: {v.name} ({v.artifact}, {v.precision}, for {v.target}); {gate}")
 
 
 @app.command()
@@ -332,22 +375,37 @@ def _dataloop_subset(data: Path, subset: Optional[str]) -> tuple[Path, str]:
 @app.command()
 @user_errors
 def serve(
-    config: Path = typer.Option(Path(__file__).resolve().parent.parent / "deploy.yaml", "--config", help="Serve config file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Serve config file (default: the deploy.yaml detserve ships)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="HTTP port."),
     app_name: Optional[list[str]] = typer.Option(None, "--app", metavar="NAME", help="Serve only this application; repeat for more (default: all)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help="Serve a Dataloop adapter folder (dataloop.json, its module, the model's artifacts) instead of the config."),
+    adapter_model: Optional[list[str]] = typer.Option(None, "--model", metavar="NAME", help="With --adapter: serve this model of dataloop.json; repeat for more (default: each, one app per model at /<name>)."),
+    accelerated: bool = typer.Option(False, "--accelerated", help="With --adapter: serve the export `detserve export --adapter` made of the adapter's weights."),
 ) -> None:
-    """Serve the applications of deploy.yaml on an embedded local Ray until Ctrl-C."""
+    """Serve the applications of deploy.yaml (or a Dataloop adapter folder) on an embedded local Ray until Ctrl-C."""
     from detserve.export.defaults import ensure_default_models
     from detserve.runtime.defaults import DEFAULT_MODELS
-    from detserve.serve.run import load_config, main as run_server, require_auth_for
+    from detserve.runtime.paths import deploy_config
+    from detserve.serve.run import AdapterServing, DeployFailed, load_config, main as run_server, require_auth_for
 
     require_auth_for(host)  # before exporting models or starting Ray
-    names = [a.args.get("model") for a in load_config(config).applications if not app_name or a.name in app_name]
-    defaults = tuple(n for n in names if n in DEFAULT_MODELS)
-    if defaults:  # export once here, not in every replica
-        ensure_default_models(defaults)
-    run_server(config, host, port, app_name)
+    config = config or deploy_config()
+    if adapter is None and (adapter_model or accelerated):
+        _fail("--model and --accelerated go with --adapter DIR")
+    serving = None
+    if adapter is not None:
+        serving = AdapterServing(adapter.resolve(), tuple(adapter_model or ()), accelerated)
+    else:
+        names = [a.args.get("model") for a in load_config(config).applications
+                 if (not app_name or a.name in app_name) and a.import_path == "detserve.serve.app:build_app"]  # fmt: skip
+        defaults = tuple(n for n in names if n in DEFAULT_MODELS)
+        if defaults:  # export once here, not in every replica
+            ensure_default_models(defaults)
+    try:
+        run_server(config, host, port, app_name, adapter=serving)
+    except DeployFailed as exc:
+        _fail(str(exc))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

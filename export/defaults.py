@@ -7,8 +7,12 @@ from pathlib import Path
 from detserve.runtime.defaults import DEFAULT_MODELS, is_current, sample_path
 
 
-def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet: bool = False) -> dict[str, Path]:
-    """Export the default models that are missing or stale; return {app: export folder}."""
+def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet: bool = False, int8: bool = False) -> dict[str, Path]:
+    """Export the default models that are missing or stale; return {app: export folder}.
+
+    ``int8``: with their int8 variants too (re-exported when they lack them), gated on the held-out
+    generated scenes the models' README reports (:func:`int8_gate_sets`).
+    """
     from detserve.export.pipeline import ExportRequest, export_model
 
     folders = {}
@@ -19,7 +23,7 @@ def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet
                 f"default weights {model.weights} are missing; reproduce them with "
                 f"`python -m detserve.training {model.family} --out {model.weights}` (see models/README.md)"
             )
-        if not is_current(model):
+        if not is_current(model) or (int8 and not has_int8(model.folder)):
             export_model(
                 ExportRequest(
                     model=model.family,  # type: ignore[arg-type]
@@ -29,11 +33,31 @@ def ensure_default_models(names: tuple[str, ...] = ("yolo", "fasterrcnn"), quiet
                     name=f"{model.weights.stem}",
                     force=True,
                     quiet=quiet,
+                    **(int8_gate_sets() if int8 else {}),
                 )
             )
         folders[name] = model.folder
     write_sample_image()
     return folders
+
+
+def has_int8(folder: Path) -> bool:
+    from detserve.runtime.manifest import read_manifest
+
+    return any(v.precision == "int8" and v.gate is not None for v in read_manifest(folder).variants)
+
+
+def int8_gate_sets() -> dict:
+    """ExportRequest fields of a default model's int8 export: gated on mAP over the held-out generated scenes.
+
+    The default models know only generated shapes, so labelled scenes are their
+    ``--val``: ``synthetic.scenes(EVAL_N, EVAL_SEED)``, the set models/README.md reports,
+    never used in training nor in calibration.
+    """
+    from detserve.training.datasets import scene_set
+    from detserve.training.recipes import EVAL_N, EVAL_SEED
+
+    return {"precision": "int8", "val_images": scene_set(EVAL_N, EVAL_SEED), "val_source": f"generated scenes (seed {EVAL_SEED}, {EVAL_N}: models/README.md's held-out set)"}
 
 
 def write_sample_image() -> Path:

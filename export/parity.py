@@ -51,15 +51,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a + area_b - inter, 1e-12)
 
 
-def compare(source: Detections, artifact: Detections, iou: float = 0.99) -> ParityResult:
-    """Match one image's source detections to the artifact's."""
-    result = ParityResult(images=1, source_boxes=len(source), artifact_boxes=len(artifact))
+def matches(source: Detections, artifact: Detections, iou: float = 0.99) -> list[tuple[int, int]]:
+    """(source index, artifact index) of each matched pair: same class, IoU >= ``iou``, greedy, best IoU first."""
     if not len(source) or not len(artifact):
-        return result
+        return []
     ious = box_iou(source.boxes, artifact.boxes)
     ious[source.class_ids[:, None] != artifact.class_ids[None, :]] = 0.0
     used_s: set[int] = set()
     used_a: set[int] = set()
+    pairs = []
     for flat in np.argsort(-ious, axis=None):
         s, a = divmod(int(flat), ious.shape[1])
         if ious[s, a] < iou:
@@ -68,6 +68,14 @@ def compare(source: Detections, artifact: Detections, iou: float = 0.99) -> Pari
             continue
         used_s.add(s)
         used_a.add(a)
+        pairs.append((s, a))
+    return pairs
+
+
+def compare(source: Detections, artifact: Detections, iou: float = 0.99) -> ParityResult:
+    """Match one image's source detections to the artifact's."""
+    result = ParityResult(images=1, source_boxes=len(source), artifact_boxes=len(artifact))
+    for s, a in matches(source, artifact, iou):
         result.matched += 1
         result.max_box_diff_px = max(result.max_box_diff_px, float(np.abs(source.boxes[s] - artifact.boxes[a]).max()))
         result.max_score_diff = max(result.max_score_diff, float(abs(source.scores[s] - artifact.scores[a])))

@@ -47,7 +47,7 @@ class ExportRequest:
     imgsz: int | None = None
     format: Literal["onnx", "tensorrt", "aoti"] = "onnx"
     pod: str = "regular"
-    precision: Literal["fp32", "fp16"] | None = None  # None: the pod's preference
+    precision: Literal["fp32", "fp16", "int8"] | None = None  # None: the pod's preference; int8: also int8 variants
     max_batch: int | None = None
     opset: int = 17
     parity_threshold: float = 0.99
@@ -57,6 +57,15 @@ class ExportRequest:
     name: str | None = None
     quiet: bool = False
     extra: dict = field(default_factory=dict)
+    # --precision int8 (export/quantize.py, export/gate.py)
+    calibration: Path | None = None  # --calibration: a folder of images like those to serve
+    val: Path | None = None  # --val: labelled images (YOLO txt or COCO json)
+    max_map_drop: float = 0.005  # --max-map-drop: the most mAP50-95 int8 may lose on --val
+    min_found_share: float = 0.9  # without --val: the least share of the fp32 boxes int8 must find
+    calibration_images: list[np.ndarray] | None = None  # instead of --calibration (tests, default models)
+    agreement_images: list[np.ndarray] | None = None  # instead of the held-out parity images
+    val_images: list | None = None  # instead of --val: training.datasets.LabelledImage
+    val_source: str | None = None  # what val_images are, for the manifest
 
 
 def read_labels(path: Path) -> list[str]:
@@ -125,6 +134,11 @@ def export_model(req: ExportRequest) -> Manifest:
         raise ExportError(f"--max-batch must be at least 1, got {req.max_batch}")
     if not 0.0 <= req.parity_threshold <= 1.0:
         raise ExportError(f"--parity-threshold must be between 0 and 1, got {req.parity_threshold}")
+    if not plan.int8 and (req.calibration is not None or req.val is not None):
+        raise ExportError("--calibration and --val are for --precision int8")
+    for flag, folder in (("--calibration", req.calibration), ("--val", req.val)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ExportError(f"{flag} {folder} is not a folder")
     out = Path(req.out)
     prepare_out_dir(out, req.force)
     try:
@@ -150,6 +164,10 @@ def export_model(req: ExportRequest) -> Manifest:
     )
     write_manifest(out, manifest)
     manifest = _check_parity(req, out, manifest)
+    if plan.int8:
+        from detserve.export.quantize import add_int8_variants
+
+        manifest = add_int8_variants(req, out, manifest, target=pod.kind)
     if pod.kind == "gpu":
         manifest = _record_pending(req, out, manifest, plan)
     if plan.format == "tensorrt":
@@ -175,7 +193,7 @@ def gpu_only_steps(req: ExportRequest, manifest: Manifest, plan) -> list[Pending
         machine = f"this machine's GPU is {sm_here}, the {pod.name} pod's is {pod.sm}"
     else:
         machine = ""
-    args = f"--model {manifest.family} --pod {pod.name} --out <folder>"
+    args = f"--model {manifest.family} --pod {pod.name} --out <folder>" + (" --precision int8" if plan.int8 else "")
     steps = []
     if plan.format != "tensorrt":
         if not pod.tensorrt_supported:

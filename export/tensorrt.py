@@ -151,6 +151,7 @@ def build_engine(
     batch_opt: int = 1,
     batch_max: int = 1,
     fp16: bool = True,
+    int8: bool = False,
     workspace_gb: float = 4,
     timing_cache: Path | None = None,
     expected_sm: str | None = None,
@@ -162,6 +163,13 @@ def build_engine(
     ``timing_cache`` is a file, or a folder that gets ``timing_cache_filename``
     in it; it is read when present and written back after the build, which
     makes rebuilds of the same model on the same GPU much faster.
+
+    ``int8``: ``onnx_path`` is a QDQ graph (``export/quantize.py``'s TensorRT
+    encoding) and the engine is built by explicit quantization in a strongly
+    typed network: the Q/DQ nodes say what runs in int8, the graph's own
+    float types say the rest (fp32 here), and no precision flag is set, as
+    TensorRT 10 recommends for Q/DQ networks and TensorRT 11 requires (its
+    networks are all strongly typed; it has no STRONGLY_TYPED flag to set).
     """
     say = progress or (lambda message: None)
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -174,7 +182,7 @@ def build_engine(
     trt = trt_lookup.import_tensorrt()
     sm = trt_lookup.require_gpu(expected_sm, device)
     version = str(trt.__version__)
-    precision = "fp16" if fp16 else "fp32"
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
 
     import torch
 
@@ -182,7 +190,12 @@ def build_engine(
     logger = trt.Logger(trt.Logger.WARNING)
     with torch.cuda.device(device):
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        flags = 0  # explicit batch is the only mode in TensorRT 10
+        if int8:
+            strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+            if strongly_typed is not None:  # TensorRT 10; 11 types every network strongly and dropped the flag
+                flags |= 1 << int(strongly_typed)
+        network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         say(f"parsing {onnx_path.name}")
         # parse_from_file (not parse(bytes)) finds external weight files beside the model.
@@ -199,7 +212,7 @@ def build_engine(
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        if fp16:
+        if fp16 and not int8:  # a strongly typed network takes no precision flag
             if not hasattr(trt.BuilderFlag, "FP16"):  # removed in TensorRT 11 (strong typing only)
                 raise TensorRTBuildError(
                     f"TensorRT {version} has no BuilderFlag.FP16; detserve targets {TENSORRT_PIN}"
@@ -244,6 +257,101 @@ def build_engine(
         build_seconds=seconds,
         timing_cache=cache_path,
     )
+
+
+# -- explicit quantization: the rules a QDQ graph must obey to build -------------
+
+#: ONNX operators the TensorRT ONNX parser takes (onnx-tensorrt docs/operators.md, TensorRT 10.0, opsets 9-20:
+#: every operator marked "Y"). Operators outside the default domain (com.microsoft ...) are never taken.
+TENSORRT_ONNX_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu Clip
+Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout
+Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather GatherElements GatherND Gelu Gemm GlobalAveragePool
+GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization HardSigmoid HardSwish Hardmax Identity If
+ImageScaler InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop
+LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not
+OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN RandomNormal RandomNormalLike RandomUniform RandomUniformLike
+Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
+Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+#: The opsets that parser reads (TensorRT 10.0: 9 to 20).
+TENSORRT_OPSETS = range(9, 21)
+#: Per-channel weight scales lie along the output channels: axis 0 of a Conv's or a transposed Gemm's weight,
+#: axis 1 of a MatMul's (K x N) or a plain Gemm's.
+_OUTPUT_CHANNEL_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
+
+
+def explicit_quantization_violations(model) -> list[str]:
+    """What in a QDQ ONNX graph (a path or a ModelProto) TensorRT's explicit quantization refuses; empty when it builds.
+
+    The rules: every QuantizeLinear/DequantizeLinear is int8 (TensorRT's only
+    8-bit integer quantized type; uint8 only at network inputs and outputs) with
+    a zero point of 0 (symmetric) and positive finite scales; activations are
+    quantized per tensor (a scalar scale), weights per tensor or along their
+    output channels; every node is an operator the ONNX parser takes, in the
+    default domain, at an opset it reads.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    graph = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
+    values = {**constants, **inits}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset not in TENSORRT_OPSETS:
+        found.append(f"opset {opset}: TensorRT's ONNX parser reads opsets {TENSORRT_OPSETS.start}-{TENSORRT_OPSETS.stop - 1}")
+    for node in graph.node:
+        where = f"{node.op_type} {node.name or node.output[0]}"
+        if node.domain not in ("", "ai.onnx"):
+            found.append(f"{where}: domain {node.domain!r}, not an ONNX operator TensorRT parses")
+            continue
+        if node.op_type not in TENSORRT_ONNX_OPS:
+            found.append(f"{where}: TensorRT's ONNX parser has no {node.op_type}")
+            continue
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = values.get(node.input[1])
+        zero = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            found.append(f"{where}: its scale is computed, not a constant")
+        elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            found.append(f"{where}: scales must be positive and finite")
+        if zero is None:
+            if node.op_type == "QuantizeLinear":  # without a zero point, ONNX quantizes to uint8
+                found.append(f"{where}: no zero point, so it quantizes to uint8; TensorRT needs int8 with zero point 0")
+        elif zero.dtype != np.int8:
+            found.append(f"{where}: zero point of type {zero.dtype}; TensorRT takes int8 only")
+        elif np.any(zero != 0):
+            found.append(f"{where}: zero point {zero.ravel()[:4].tolist()}...; TensorRT needs 0 (symmetric)")
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype != np.int8:
+            found.append(f"{where}: weights of type {inits[node.input[0]].dtype}; TensorRT takes int8")
+        if scale is not None and scale.size > 1:
+            weight = node.input[0] in inits
+            if not weight:
+                found.append(f"{where}: a per-channel scale on an activation; TensorRT quantizes activations per tensor")
+            else:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                for user in consumers.get(node.output[0], []):
+                    want = _OUTPUT_CHANNEL_AXIS.get(user.op_type)
+                    if user.op_type == "Gemm":
+                        trans_b = next((a.i for a in user.attribute if a.name == "transB"), 0)
+                        want = 0 if trans_b else 1
+                    if want is not None and user.input[1] == node.output[0] and axis != want:
+                        found.append(f"{where}: per-channel axis {axis}, but the output channels of {user.op_type} {user.name} are axis {want}")
+    for tensor in list(graph.value_info):
+        if tensor.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+            found.append(f"tensor {tensor.name}: uint8 inside the network (TensorRT takes uint8 only as a network input or output)")
+    return found
 
 
 # -- the export pipeline's step ----------------------------------------------
@@ -452,4 +560,57 @@ def build_for_manifest(req: ExportRequest, out: Path, manifest: Manifest, plan: 
             f"source model's boxes (same class, IoU >= 0.99), below --parity-threshold {req.parity_threshold:.2f}; "
             f"{advice} (figures kept in {out / MANIFEST_NAME})"
         )
+    if plan.int8:
+        new = add_int8_engine(req, out, manifest, new, plan, progress=progress)
     return new
+
+
+#: The variant name of an int8 engine built from the TensorRT encoding.
+INT8_ENGINE_VARIANT = "int8-trt-engine"
+
+
+def add_int8_engine(req: ExportRequest, out: Path, onnx_manifest: Manifest, manifest: Manifest, plan: ExportPlan,
+                    progress: Callable[[str], None] | None = None) -> Manifest:  # fmt: skip
+    """Build the int8 engine from the TensorRT encoding (``model.int8-trt.onnx``), gate it like the ONNX variants, record it.
+
+    ``onnx_manifest`` is the exact fp32 ONNX export (the gate's reference),
+    ``manifest`` the engine manifest the folder has now; returns it with the
+    ``int8-trt-engine`` variant, written to ``out``. The engine's gate runs it
+    through ``Detector`` on this GPU, against the fp32 ONNX on onnxruntime.
+    """
+    from detserve.export.pipeline import ExportError
+    from detserve.export.quantize import TRT_ENCODING, agreement_set, gate_variant, val_set
+    from detserve.runtime.manifest import MANIFEST_NAME, Variant, replace_variant
+
+    source = next((v for v in manifest.variants if v.name == TRT_ENCODING.variant), None)
+    if source is None or source.gate is None:
+        raise ExportError(f"no gated {TRT_ENCODING.variant} encoding in {out} to build an int8 engine from: export with --precision int8")
+    chw, (batch_min, batch_opt, batch_max) = manifest_profile(onnx_manifest, plan)
+    try:
+        with step(f"Building the int8 TensorRT engine from {source.artifact} (explicit quantization; takes minutes)", req.quiet):
+            built = build_engine(
+                out / source.artifact, out, input_name=onnx_manifest.input.name, chw=chw, batch_min=batch_min, batch_opt=batch_opt,
+                batch_max=batch_max, fp16=False, int8=True, timing_cache=out, expected_sm=plan.gpu_arch, progress=progress,
+            )  # fmt: skip
+    except (TensorRTUnavailable, TensorRTBuildError, ValueError, OSError) as exc:
+        raise ExportError(f"int8 TensorRT engine build failed: {_one_line(exc)} (the {manifest.precision} engine in {out} serves)") from None
+    bounds = [built.profile[key][0] if len(built.profile[key]) == 4 else 1 for key in ("min", "opt", "max")]
+    variant = Variant(
+        name=INT8_ENGINE_VARIANT, precision="int8", format="tensorrt", artifact=built.path.name, artifact_sha256=sha256_file(built.path),
+        target="gpu", encoding=f"TensorRT engine built from {source.artifact} by explicit quantization, strongly typed network",
+        float_nodes=source.float_nodes, gpu_arch=built.sm, tensorrt_version=built.trt_version, built_from=source.name,
+        batch=onnx_manifest.batch.model_copy(update=dict(zip(("min", "opt", "max"), bounds))),
+    )  # fmt: skip
+    val, val_source = val_set(req, onnx_manifest)
+    try:
+        gate, _ = gate_variant(
+            req, out, onnx_manifest, variant, (source.gate.calibration, source.gate.calibration_images), agreement_set(req), val, val_source,
+            backend="tensorrt", device="cuda:0",
+        )  # fmt: skip
+    except (TensorRTUnavailable, EngineMismatch, ManifestError) as exc:
+        raise ExportError(f"the int8 engine {built.path.name} does not load here: {_one_line(exc)}") from None
+    manifest = replace_variant(manifest, variant.model_copy(update={"gate": gate}))
+    write_manifest(out, manifest)
+    if not gate.passed:
+        raise ExportError(f"int8 accuracy gate failed for {INT8_ENGINE_VARIANT}: {gate.reason} (figures kept in {out / MANIFEST_NAME})")
+    return manifest

@@ -8,26 +8,23 @@ they are.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from detserve.runtime.manifest import ManifestError, read_manifest, sha256_file
-
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
-
-
-def artifacts_dir() -> Path:
-    return Path(os.environ.get("DETSERVE_ARTIFACTS", ROOT / "artifacts"))
+from detserve.runtime.paths import artifacts_dir, models_dir
 
 
 @dataclass(frozen=True)
 class DefaultModel:
     app: str  # the Serve application name and artifacts/ folder
     family: str
-    weights: Path
+    weights_file: str  # in models/
     arch: str | None = None
+
+    @property
+    def weights(self) -> Path:
+        return models_dir() / self.weights_file
 
     @property
     def folder(self) -> Path:
@@ -35,8 +32,8 @@ class DefaultModel:
 
 
 DEFAULT_MODELS = {
-    "yolo": DefaultModel("yolo", "yolo", MODELS / "yolo-shapes.pt"),
-    "fasterrcnn": DefaultModel("fasterrcnn", "fasterrcnn", MODELS / "fasterrcnn-shapes.pth", "fasterrcnn_mobilenet_v3_large_320_fpn"),
+    "yolo": DefaultModel("yolo", "yolo", "yolo-shapes.pt"),
+    "fasterrcnn": DefaultModel("fasterrcnn", "fasterrcnn", "fasterrcnn-shapes.pth", "fasterrcnn_mobilenet_v3_large_320_fpn"),
 }
 
 

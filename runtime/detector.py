@@ -7,6 +7,9 @@ small result; ``run`` then packs each group of same-shape images into one
 tensor, once, runs the engine and post-processes. ``detect`` chains them for
 everyone else. The engine can be onnxruntime, TensorRT or torch without any
 stage noticing.
+
+``precision`` picks the artifact among the export folder's variants (exact
+fp32, gated int8, ...): see ``runtime/variants.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from detserve.runtime import images as imagelib
-from detserve.runtime.engines import Engine, load_engine
-from detserve.runtime.manifest import Manifest, read_manifest
+from detserve.runtime import variants as variantlib
+from detserve.runtime.engines import Engine, load_engine, resolve
+from detserve.runtime.manifest import Manifest, ManifestError, read_manifest, variant_manifest
 from detserve.runtime.postprocess import DetectParams, Detections, clip, filter_detections, unletterbox, yolo_nms
 from detserve.runtime.preprocess import PreparedImage, pack_inputs, prepare
 
@@ -57,11 +61,58 @@ class Detector:
         threads: int = 1,
         manifest: Manifest | None = None,
         engine: Engine | None = None,
+        precision: str = "fp32",
+        batch_sizes: Sequence[int] | None = None,
+        measure=None,
     ):
+        """``precision``: fp32 (the exact artifact), int8, or auto (the fastest gated variant, timed here at
+        ``batch_sizes``); ``measure`` replaces that timing (tests). ``engine`` forces the engine (fp32 only)."""
         self.folder = Path(folder)
-        self.manifest = manifest or read_manifest(self.folder)
-        self.engine = engine or load_engine(self.folder, backend=backend, device=device, threads=threads, manifest=self.manifest)
+        #: the export folder's manifest, variants and all; ``self.manifest`` describes what runs
+        self.export_manifest = manifest or read_manifest(self.folder)
+        self.manifest = self.export_manifest
+        if engine is not None and precision != "fp32":
+            raise ValueError(f"a given engine runs the manifest's own artifact: precision must be fp32, not {precision!r}")
+        if precision == "fp32":
+            self.choice = variantlib.exact_choice(self.export_manifest)
+            self.engine = engine or load_engine(self.folder, backend=backend, device=device, threads=threads, manifest=self.manifest)
+        else:
+            self._choose(precision, backend, device, threads, batch_sizes, measure)
         self.labels = dict(self.manifest.labels)
+
+    def _choose(self, precision: str, backend: str, device: str, threads: int, batch_sizes, measure) -> None:
+        """Pick the variant for ``precision`` (timing the candidates for auto) and keep its engine loaded."""
+        export = self.export_manifest
+        _, where, _ = resolve(export, backend, device)
+        # Only the variants this backend can run at all (a torch backend runs none of the ONNX variants).
+        usable = []
+        for variant in export.variants:
+            try:
+                resolve(variant_manifest(export, variant), backend, device)
+            except ManifestError:
+                continue
+            usable.append(variant)
+        pool_manifest = export.model_copy(update={"variants": usable})
+        engines: dict[str, Engine] = {}
+
+        def load(candidate: variantlib.Candidate) -> Engine:
+            if candidate.name not in engines:
+                engines[candidate.name] = load_engine(self.folder, backend=backend, device=device, threads=threads, manifest=candidate.manifest)
+            return engines[candidate.name]
+
+        def timed(pool: list[variantlib.Candidate], sizes: Sequence[int]) -> dict[str, dict[int, float]]:
+            runs = {}
+            for candidate in pool:
+                try:
+                    runs[candidate.name] = engine_runner(load(candidate), candidate.manifest)
+                except Exception as exc:  # a variant that cannot load here is no candidate
+                    variantlib.log.warning("detserve: variant %s does not load here (%s); not timed", candidate.name, exc)
+            return variantlib.time_engines(runs, sizes)
+
+        candidate, self.choice = variantlib.choose(pool_manifest, precision, where, measure or timed, batch_sizes)
+        self.manifest = candidate.manifest if candidate.variant is not None else export
+        self.engine = load(candidate)
+        variantlib.log.info("detserve: precision %s -> %s (%s)", precision, self.choice.variant, self.choice.reason)
 
     # --- defaults -------------------------------------------------------
     def params(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None, **kw) -> DetectParams:
@@ -76,7 +127,8 @@ class Detector:
 
     def describe(self) -> dict:
         m = self.manifest
-        return {"name": m.name, "version": m.artifact_sha256[:12], "family": m.family, "backend": self.engine.name, "device": self.engine.device}
+        return {"name": m.name, "version": m.artifact_sha256[:12], "family": m.family, "backend": self.engine.name, "device": self.engine.device,
+                "precision": m.precision, "variant": self.choice.variant}  # fmt: skip
 
     # --- stages ---------------------------------------------------------
     def decode(self, data: imagelib.ImageInput, limits: imagelib.Limits = imagelib.Limits()) -> np.ndarray:
@@ -142,3 +194,16 @@ class Detector:
     def warmup(self) -> None:
         """One tiny inference, so that the first request does not pay for lazy initialisation."""
         self.detect([np.full((64, 64, 3), 114, np.uint8)])
+
+
+def engine_runner(engine: Engine, manifest: Manifest):
+    """``run(batch)``: one engine call on ``batch`` copies of a full-size textured image (inputs packed once per size)."""
+    prepared = prepare(variantlib.timing_input(manifest), manifest.input)
+    packed: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def run(batch: int) -> None:
+        if batch not in packed:
+            packed[batch] = pack_inputs([prepared] * batch, manifest.input)
+        engine.run(*packed[batch])
+
+    return run

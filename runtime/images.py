@@ -348,3 +348,73 @@ def _from_array(array: np.ndarray, limits: Limits) -> np.ndarray:
         else:
             array = np.clip(array, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: its format, its size as stored (before EXIF orientation), its frames and orientation."""
+
+    format: str
+    mimetype: str
+    width: int
+    height: int
+    frames: int = 1
+    orientation: int = 1  # EXIF; 5-8 turn the image a quarter
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the EXIF orientation is applied, as :func:`decode` returns the pixels."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
+
+
+def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
+    """Read an image file's header, with :func:`decode`'s limits and error codes, without decoding a pixel.
+
+    For code that decodes the image itself (a user's Dataloop adapter): a
+    decompression bomb, an empty body or bytes that are no image are refused
+    here first, with the same codes :func:`decode` gives.
+    """
+    if not data:
+        raise ImageError("empty", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_open(io.BytesIO(data)) as image:
+                _check_pixels(image.width, image.height, limits)
+                fmt = image.format or "unknown"
+                try:
+                    orientation = int(image.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block: decode ignores it too
+                    orientation = 1
+                return ImageHeader(fmt, Image.MIME.get(fmt, "application/octet-stream"), image.width, image.height,
+                                   int(getattr(image, "n_frames", 1) or 1), orientation)  # fmt: skip
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+    except Exception:  # a header Pillow cannot parse
+        raise _corrupt() from None
+
+
+def admission_size(data: ImageInput) -> tuple[str, int]:
+    """(format, pixels) of any input, for admission: from the header alone (:func:`probe`), before any decode.
+
+    ``array`` for inputs already decoded (numpy arrays, PIL images); ``unknown`` and 0 where there is no header
+    to read (a path) or it does not parse: decode then answers with the file's own error, and the image is costed
+    as the smallest meanwhile.
+    """
+    if isinstance(data, np.ndarray):
+        return "array", int(data.shape[0] * data.shape[1]) if data.ndim >= 2 else 0
+    if isinstance(data, Image.Image):
+        return "array", data.width * data.height
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return "unknown", 0
+    try:
+        header = probe(bytes(data), Limits(max_pixels=2**62, max_bytes=2**62))  # the real limits are decode's to apply
+    except ImageError:
+        return "unknown", 0
+    return header.format.lower(), header.width * header.height

@@ -20,7 +20,9 @@ SCHEMA_VERSION = 1
 Family = Literal["yolo", "fasterrcnn"]
 # "aoti": a torch AOTInductor package (runtime/engines/compiled.py), built on the target GPU
 Format = Literal["onnx", "tensorrt", "aoti"]
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
+#: Where a variant runs fast: onnxruntime's CPU provider, or a GPU (TensorRT).
+Target = Literal["cpu", "gpu"]
 
 
 class ManifestError(ValueError):
@@ -119,6 +121,85 @@ class PendingBuild(_Model):
     command: str  # what to run inside the pod
 
 
+class Kernels(_Model):
+    """The node types onnxruntime executes for an artifact: its optimized graph on the machine that exported it.
+
+    A QDQ graph can run on int8 kernels (``QLinearConv``, ``QGemm``, ...) or be
+    dequantized back to float by an execution provider that cannot fuse it; the
+    counts say which happened.
+    """
+
+    provider: str = "CPUExecutionProvider"
+    ops: dict[str, int]  # op type -> nodes of that type in the optimized graph
+    int8_compute: int  # convolutions and matrix products on int8 kernels
+    float_compute: int  # convolutions and matrix products left in float
+    int8_share: float  # int8_compute / (int8_compute + float_compute)
+
+
+class Agreement(_Model):
+    """How closely a variant reproduces the exact artifact, on held-out images (no labels needed)."""
+
+    images: int
+    source: str  # which images
+    conf: float  # the score threshold of the boxes compared (the model's default)
+    iou: float = 0.9
+    reference_boxes: int  # boxes of the exact artifact at ``conf``
+    found_share: float  # of those, the share the variant finds: same class, IoU >= iou
+    map50_95: float  # the variant's boxes scored against the exact artifact's boxes taken as ground truth
+    map50: float
+
+
+class ValFigures(_Model):
+    """mAP of the exact artifact and of the variant on labelled images (``--val``)."""
+
+    source: str
+    images: int
+    objects: int
+    reference_map50_95: float  # the exact artifact (fp32)
+    reference_map50: float
+    map50_95: float  # the variant
+    map50: float
+    drop: float  # reference_map50_95 - map50_95
+
+
+class Gate(_Model):
+    """The accuracy gate a variant passed (or not) at export; ``precision: auto`` only runs variants that passed."""
+
+    calibration: str  # what calibrated the variant
+    calibration_images: int
+    agreement: Agreement
+    val: ValFigures | None = None
+    basis: Literal["val", "agreement"]  # what decided: the mAP drop on labelled images, or agreement alone
+    max_map_drop: float
+    min_found_share: float
+    passed: bool
+    reason: str  # one line: why it passed or failed
+
+
+class Variant(_Model):
+    """Another artifact of the same model in the same folder (e.g. int8), with the figures that allow serving it.
+
+    The manifest's own artifact is the exact one (parity-checked against the
+    source model); a variant is served only when asked for (``precision``) and
+    when its gate passed.
+    """
+
+    name: str  # "int8-cpu", "int8-trt", "int8-trt-engine"
+    precision: Precision
+    format: Format
+    artifact: str
+    artifact_sha256: str
+    target: Target  # where it runs fast
+    encoding: str  # what the artifact holds, in a line
+    float_nodes: list[str] = Field(default_factory=list)  # what was kept in float, each with why
+    kernels: Kernels | None = None
+    gate: Gate | None = None
+    gpu_arch: str | None = None  # TensorRT engines
+    tensorrt_version: str | None = None
+    batch: BatchSpec | None = None  # when it differs from the manifest's (an engine's profile)
+    built_from: str | None = None  # the variant an engine was built from
+
+
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -142,8 +223,38 @@ class Manifest(_Model):
     parity: Parity | None = None
     program: ProgramFile | None = None
     pending: list[PendingBuild] = Field(default_factory=list)
+    # Other artifacts of the same model (int8, TensorRT engines), each with its gate;
+    # manifests written before variants existed have none and load unchanged.
+    variants: list[Variant] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
+
+
+def exact_variant_name(manifest: Manifest) -> str:
+    """The name the manifest's own artifact goes by among variants: "fp32", or "fp16-trt" for a TensorRT engine."""
+    return manifest.precision if manifest.format == "onnx" else f"{manifest.precision}-{'trt' if manifest.format == 'tensorrt' else manifest.format}"
+
+
+def variant_manifest(manifest: Manifest, variant: Variant) -> Manifest:
+    """The manifest as if ``variant`` were the folder's artifact: what engines and the detector load."""
+    update = {
+        "artifact": variant.artifact,
+        "artifact_sha256": variant.artifact_sha256,
+        "precision": variant.precision,
+        "format": variant.format,
+        "gpu_arch": variant.gpu_arch if variant.format == "tensorrt" else manifest.gpu_arch,
+        "tensorrt_version": variant.tensorrt_version if variant.format == "tensorrt" else manifest.tensorrt_version,
+        "variants": [],
+    }
+    if variant.batch is not None:
+        update["batch"] = variant.batch
+    return manifest.model_copy(update=update)
+
+
+def replace_variant(manifest: Manifest, variant: Variant) -> Manifest:
+    """The manifest with ``variant`` added, or put in place of the one of the same name."""
+    kept = [v for v in manifest.variants if v.name != variant.name]
+    return manifest.model_copy(update={"variants": [*kept, variant]})
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -9,9 +9,7 @@ setting below closes a connection that was seen with strace on these machines
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import stat
 from pathlib import Path
 
 #: Where detserve keeps its writable state (Ultralytics settings, dtlpy files,
@@ -42,7 +40,7 @@ def environment() -> dict[str, str]:
         # to it or to every interface) unless this is 0 when ray is imported.
         LOOPBACK_SWITCH: "0",
         # Ray: token authentication on every Ray RPC. The token file is the run
-        # directory's (ray_auth_env); Ray never writes ~/.ray/auth_token while
+        # directory's (serve/ray_auth.py); Ray never writes ~/.ray/auth_token while
         # RAY_AUTH_TOKEN_PATH is set. RAY_AUTH_MODE=disabled opts out (loopback only then).
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
@@ -55,7 +53,7 @@ def environment() -> dict[str, str]:
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "detserve.serve.middleware:middlewares",
         # Serve's controller loops every 0.1 s by default. At 0.5 s it took 1.2 % of a core instead of 2.8 %, and
         # the GCS it polls 0.6 % instead of 1.4 %: 2.6 % more images/s for the engine at 640 px on 2 cores
-        # (2026-12-04). Deploys, scaling decisions and replica restarts start up to 0.4 s later.
+        # (docs/benchmarks.md). Deploys, scaling decisions and replica restarts start up to 0.4 s later.
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"),
         # dtlpy writes ~/.dataloop otherwise.
         "DATALOOP_PATH": str(HOME / "dataloop"),
@@ -86,64 +84,6 @@ def shell_exports(cluster: bool = False) -> str:
     if cluster:
         env.pop(LOOPBACK_SWITCH)
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
-
-
-def ray_run_dir() -> Path:
-    """The embedded Ray's run directory (its ``_temp_dir``): ``DETSERVE_RAY_TMP`` or /tmp/detserve-ray-<uid>."""
-    return Path(os.environ.get("DETSERVE_RAY_TMP", f"/tmp/detserve-ray-{os.getuid()}"))
-
-
-def ray_auth_dir(run_dir: Path | None = None) -> Path:
-    """The owner-only (0700) folder of the run directory that holds the Ray token and the cluster address."""
-    return (run_dir or ray_run_dir()) / "auth"
-
-
-def ray_auth_enabled() -> bool:
-    """Whether Ray token authentication is on (the default; ``RAY_AUTH_MODE=disabled`` turns it off)."""
-    return os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
-
-
-def private_dir(folder: Path) -> Path:
-    """``folder``, made owner-only (0700); refuses a link or a folder of another user (someone could read or plant files in it)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.lstat()
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-        raise RuntimeError(f"{folder} is a link or belongs to another user; remove it (DETSERVE_RAY_TMP moves the Ray run folder elsewhere)")
-    os.chmod(folder, 0o700)
-    return folder
-
-
-def ray_token_file(run_dir: Path | None = None) -> Path:
-    """The Ray auth token of this run directory: made once (64 hex chars), mode 0600 in a 0700 folder.
-
-    Reused on later starts so that a second cluster, or a driver attached to the
-    first, sharing the run directory keeps working; delete it to rotate the token.
-    """
-    path = private_dir(ray_auth_dir(run_dir)) / "token"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        info = path.lstat()
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-            raise RuntimeError(f"{path} is not a plain file of yours; remove it and start again") from None
-        os.chmod(path, 0o600)
-        if path.read_text().strip():
-            return path
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32) + "\n")
-    return path
-
-
-def ray_auth_env(run_dir: Path | None = None) -> dict[str, str]:
-    """The Ray auth variables of the run directory's cluster: mode, and the token file when auth is on.
-
-    Created here (the token file too) so that the embedded Ray, its workers and
-    any driver attaching to it read one token from one place.
-    """
-    if not ray_auth_enabled():
-        return {"RAY_AUTH_MODE": "disabled"}
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file(run_dir))}
 
 
 def _ensure_ultralytics_files(config_dir: Path) -> None:

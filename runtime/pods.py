@@ -19,7 +19,7 @@ Format = Literal["onnx", "tensorrt", "aoti"]
 Precision = Literal["fp32", "fp16"]
 
 FORMATS: tuple[Format, ...] = ("onnx", "tensorrt", "aoti")
-PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 #: The TensorRT release the `gpu` extra pins (pyproject.toml); engines built by
 #: another version do not load, so messages name it.
@@ -118,6 +118,9 @@ class ExportPlan:
     opt_batch: int
     max_batch: int
     reason: str = ""  # empty when the request was taken as it was
+    # --precision int8: the exact artifact is built at ``precision`` (the pod's), and int8 variants
+    # beside it from one calibration (export/quantize.py); on TensorRT pods an int8 engine too.
+    int8: bool = False
 
     @property
     def changed(self) -> bool:
@@ -157,6 +160,9 @@ def export_plan(pod_name: str, requested_format: str | None = None, requested_pr
         raise ValueError(f"unknown format {requested_format!r}; choose one of: {', '.join(FORMATS)}")
     if requested_precision is not None and requested_precision not in PRECISIONS:
         raise ValueError(f"unknown precision {requested_precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    int8 = requested_precision == "int8"
+    if int8:
+        requested_precision = None  # the exact artifact: the pod's own precision
     precision: Precision = requested_precision or pod.precision  # type: ignore[assignment]
 
     def plan(fmt: Format, backend: Backend, precision: Precision, reason: str = "") -> ExportPlan:
@@ -169,6 +175,7 @@ def export_plan(pod_name: str, requested_format: str | None = None, requested_pr
             opt_batch=pod.opt_batch,
             max_batch=pod.max_batch,
             reason=reason,
+            int8=int8,
         )
 
     if requested_format == "aoti":

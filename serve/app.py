@@ -1,16 +1,22 @@
-"""The Ray Serve deployment: an adapter behind dynamic batching, reached over HTTP and handles.
+"""The Ray Serve deployment: a served model behind admission by deadline and fair batches, over HTTP and handles.
 
-Request path, one stage per line (see ``DetectionServer.detect``):
+Request path, one stage per line (see ``Replica.detect``):
 
-    bytes --decode+preprocess (thread pool)--> Job --@serve.batch--> one engine call
-          --postprocess per request--> Dataloop box annotations
+    admit --> model.prepare (decode threads) --> fair batches (serve/scheduler.py)
+          --> model.predict (engine lanes) --> model.encode --> the answer
 
-Decoding runs in worker threads while the engine thread runs the previous
-batch, so the two overlap. The deployment knows adapters and detectors, never
-which engine (ONNX, TensorRT, torch) is underneath.
+The model is a :class:`~detserve.serve.contract.ServingContract`: an export
+folder on detserve's engines (``ExportedModel``), or a user's own Dataloop
+adapter folder (``serve.adapter_model.AdapterModel``). The deployment owns
+HTTP, admission, batching, metrics and scaling, and never knows which.
+Decoding runs in worker threads while an engine lane runs the previous batch,
+so the two overlap.
 
-``build_app(args)`` is the import path for ``deploy.yaml``; the defaults here are
-for a CPU pod and are overridden per application there.
+``Replica`` is the plain class; ``DetectionServer`` is Serve's deployment of it
+(tests and in-process code build ``Replica`` directly, without Ray).
+``build_app(args)`` is the import path for ``deploy.yaml`` (exported models),
+``build_adapter_app(args)`` the one for adapter folders (deploy-adapter.yaml);
+the defaults here are for a CPU pod and are overridden per application there.
 """
 
 
@@ -34,16 +40,17 @@ from fastapi import Request  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from ray import serve  # noqa: E402
 
-from detserve.runtime.images import ImageError, ImageInput, Limits  # noqa: E402
-from detserve.runtime.postprocess import DetectParams, Detections  # noqa: E402
-from detserve.serve.batching import BatchTimings, Item, prepare, run_batch  # noqa: E402
-from detserve.serve.scheduler import (  # noqa: E402
-    PROXY_MARGIN_S, Overloaded, Scheduler, Settings, measure_curve, probe_sizes, request_budget_s, retry_after_header,
+from detserve.adapters.dataloop_app import ClusterSize, ReplicaPlan  # noqa: E402
+from detserve.runtime.images import ImageError, ImageInput, Limits, admission_size  # noqa: E402
+from detserve.serve.admission import (  # noqa: E402
+    ADMIT_HEADER, ANSWER_BEFORE_TIMEOUT_S, REFUSED_BY_HEADER, DecodeCost, RequestCost, request_budget_s, retry_after_header,
 )  # fmt: skip
-from detserve.serve.proxy_admission import LoadReport  # noqa: E402
 from detserve.serve import client_deadline, protocol  # noqa: E402
 from detserve.serve.arrival import RECEIVED_AT_HEADER  # noqa: E402
+from detserve.serve.batching import BatchTimings, Item  # noqa: E402
+from detserve.serve.contract import ExportedModel, ServingContract  # noqa: E402
 from detserve.serve.http import RequestLimits, build_api, image_error  # noqa: E402
+from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -73,7 +80,23 @@ class AppArgs(BaseModel):
     max_images: int = 64
     max_pixels: int = 40_000_000
     fast_decode: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the model input "
-                              "(letterbox models; boxes can differ slightly from the exact path: README, 'Fast decode')")
+                              "(letterbox models; boxes can differ slightly from the exact path: docs/scheduler.md, 'Fast decode')")
+    precision: Literal["fp32", "int8", "auto"] = Field(
+        "fp32", description="fp32: the exact export; int8: its gated int8 variant; auto: the fastest variant whose accuracy gate "
+        "passed, timed at start on this machine (docs/precision.md)")  # fmt: skip
+
+
+class AdapterArgs(AppArgs):
+    """``args`` of an adapter application (``import_path: detserve.serve.app:build_adapter_app``).
+
+    ``backend``, ``device``, ``threads`` and ``fast_decode`` apply to the accelerated export only;
+    the adapter as written runs as its own code decides.
+    """
+
+    adapter: str = Field(description="the adapter's folder: dataloop.json, the module it names, the model's artifacts")
+    model: str | None = Field(None, description="a components.models[].name of dataloop.json; default: its only model")
+    accelerated: bool = Field(False, description="serve the export `detserve export --adapter` made of the adapter's weights")
+    export: str | None = Field(None, description="that export's folder; default: <adapter>/detserve-export/<model>")
 
 
 class UserConfig(BaseModel):
@@ -126,10 +149,7 @@ def waited_since_proxy(request: Request) -> float:
 def header_timeout(request: Request, max_s: float) -> float | None:
     """The client's deadline from the ``x-request-timeout-seconds`` header (None without one); raises the 422 of
     a value that cannot be used, as the ingress does (serve/client_deadline.py)."""
-    problem = client_deadline.check({k.encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}, max_s)
-    if problem is not None:
-        raise problem
-    return protocol.client_timeout_s(request.headers.get(DEADLINE_HEADER), max_s)
+    return client_deadline.deadline_s(dict(request.headers.raw), max_s)
 
 
 def images_text(n: int) -> str:
@@ -142,10 +162,41 @@ def resolve_model(model: str) -> Path:
 
     if model in DEFAULT_MODELS:
         return default_folder(model)
-    path = Path(model).expanduser()
-    if not path.is_absolute():
-        path = Path(os.environ.get("DETSERVE_ROOT", Path.cwd())) / path
-    return path
+    return resolve_path(model)
+
+
+def resolve_path(path: str) -> Path:
+    """A folder named in args: relative ones are from where ``detserve serve`` ran (``DETSERVE_ROOT``), as in every replica."""
+    folder = Path(path).expanduser()
+    if not folder.is_absolute():
+        from detserve.runtime.paths import root
+
+        folder = root() / folder
+    return folder
+
+
+def app_args(args: dict[str, Any]) -> AppArgs:
+    """``args`` of an application, checked: an adapter application's when they name an ``adapter`` folder."""
+    return AdapterArgs(**args) if "adapter" in args else AppArgs(**args)
+
+
+def serving_model(args: AppArgs) -> ServingContract:
+    """The model an application serves, not yet set up: an export folder, an adapter folder, or an adapter's export."""
+    if isinstance(args, AdapterArgs):
+        folder = resolve_path(args.adapter)
+        if not args.accelerated:
+            from detserve.serve.adapter_model import AdapterModel
+
+            return AdapterModel(folder, args.model)
+        from detserve.adapters.dataloop_app import export_folder, read_app
+
+        app = read_app(folder)
+        model = app.model(args.model)
+        export = resolve_path(args.export) if args.export else export_folder(app, model)
+        return ExportedModel(export, backend=args.backend, device=args.device, threads=args.threads, fast_decode=args.fast_decode,
+                             precision=args.precision, name=model.name)  # fmt: skip
+    return ExportedModel(resolve_model(args.model), backend=args.backend, device=args.device, threads=args.threads,
+                         fast_decode=args.fast_decode, precision=args.precision)  # fmt: skip
 
 
 class _Metrics:
@@ -164,71 +215,71 @@ class _Metrics:
         self.errors = metrics.Counter("detserve_errors_total", "failed images by kind", tag_keys=("kind",))
 
 
-@serve.deployment(
-    name="DetectionServer",
-    # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
-    # Ray's own queue in front of it only ever sees overflow beyond this (deploy.yaml says why 2048).
-    max_ongoing_requests=2048,
-    max_queued_requests=256,
-    backpressure_config={"status_code": 503, "retry_after_s": 1},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
-    ray_actor_options={"num_cpus": 1},
-    autoscaling_config={
-        "min_replicas": 1,
-        "initial_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 60,
-    },
-)
-@serve.ingress()  # the app is built per replica, around the replica: __serve_build_asgi_app__
-class DetectionServer:
+class Replica:
+    """One replica of a detserve application, without Ray: a served model (``self.model``) behind admission,
+    fair batches, HTTP and the handle API. ``DetectionServer`` deploys it; tests build it directly.
+
+    What ``build_api`` (serve/http.py) needs of it is ``http.ApiServer``.
+    """
+
     def __init__(self, args: dict[str, Any] | None = None):
-        from detserve.adapters import adapter_for
         from detserve.serve.replica_grpc import bind_to_node_address
 
-        bind_to_node_address()  # before Serve starts this replica's gRPC server (serve/replica_grpc.py)
-
-        self.args = AppArgs(**(args or {}))
-        folder = resolve_model(self.args.model)
-        self.adapter = adapter_for(folder, backend=self.args.backend, device=self.args.device, threads=self.args.threads)
-        self.detector = self.adapter.detector
+        bind_to_node_address()  # in a Serve replica: before Serve starts its gRPC server (serve/replica_grpc.py)
+        self.args = app_args(args or {})
+        self.model = serving_model(self.args)
+        self.model.setup()
         self.limits = Limits(max_pixels=self.args.max_pixels, max_bytes=self.args.max_body_bytes)
         self.request_limits = RequestLimits(self.args.max_body_bytes, self.args.max_images)
-        lanes = self.args.lanes or replica_cpus()
+        lanes, express = self.args.lanes or replica_cpus(), self.args.express_lane
+        if self.model.predict_threads is not None:  # a model whose predict may not run on more threads than this
+            lanes = min(lanes, self.model.predict_threads)
+            express = express and lanes < self.model.predict_threads
         # Cores accounted for: ``lanes`` engine calls at once (one intra-op thread
         # each by default) plus decode threads that fill the gaps between them. The
         # express lane's thread runs only beside a large request's batches, one small batch at a time.
-        settings = Settings(lanes=lanes, express=self.args.express_lane)
+        settings = Settings(lanes=lanes, express=express, max_batch_size=min(DEFAULT_MAX_BATCH_SIZE, self.model.max_batch))
         self.decode_pool = ThreadPoolExecutor(self.args.decode_threads or lanes + 1, thread_name_prefix="decode")
         self.engine_pool = ThreadPoolExecutor(lanes + settings.express, thread_name_prefix="engine")
         self.metrics = _Metrics()
         self.stage_seconds: collections.Counter[str] = collections.Counter()
-        self.detector.warmup()
-        self.info = self.detector.describe()
+        self.info = self.model.summary()
         self.scheduler = Scheduler(self._run_batch, settings, executor=self.engine_pool)
         self._measure_cost_curve()
+        self.scheduler.decode = self._measure_decode()
         self.replica_tag = _replica_tag()
         log.info("detserve replica ready: %s, %s", self.info, self.scheduler.stats())
 
     def _measure_cost_curve(self) -> None:
-        """Time the engine at each batch size up to the cap, on an image of the model's full input size."""
-        import numpy as np
+        """Time the model's predict at each batch size up to the cap, on an image of its full input size."""
+        sample, params = self.model.sample(), self.model.params()
+        cap = min(self.scheduler.settings.max_batch_size, self.model.max_batch)
+        self.scheduler.curve = measure_curve(lambda n: self.model.predict([sample] * n, [params] * n, BatchTimings()), probe_sizes(cap))
 
-        spec = self.detector.manifest.input
-        side = spec.imgsz or spec.min_size or 320
-        sample = self.detector.prepare(np.full((side, side, 3), 114, np.uint8))
-        params = self.detector.params()
-        cap = min(self.scheduler.settings.max_batch_size, self.detector.engine.max_batch)
-        self.scheduler.curve = measure_curve(lambda n: self.detector.run([sample] * n, params), probe_sizes(cap))
+    def _measure_decode(self) -> DecodeCost:
+        """Time the model's prepare per megapixel for JPEG and PNG, on a photo-like image (admission by pixels)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        side = 1024  # a megapixel: big enough that the per-pixel cost dominates
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        pixels = (ramp[None, :, None] * 0.5 + ramp[:, None, None] * 0.3 + rng.normal(0, 12, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        cost = DecodeCost()
+        for fmt, options in (("jpeg", {"quality": 90}), ("png", {})):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format=fmt.upper(), **options)
+            data = buf.getvalue()
+            seconds = min(self.model.prepare(data, Limits()).decode_s for _ in range(2))
+            cost.observe(fmt, side * side, seconds)
+        return cost
 
     def reconfigure(self, user_config: dict) -> None:
         config = UserConfig(**(user_config or {}))
         settings = self.scheduler.settings
-        cap = min(config.max_batch_size, self.detector.engine.max_batch)
+        cap = min(config.max_batch_size, self.model.max_batch)
         remeasure = cap > max(self.scheduler.curve.seconds, default=0)
         settings.max_batch_size = cap
         settings.batch_wait_s = config.batch_wait_timeout_s
@@ -237,14 +288,14 @@ class DetectionServer:
             self._measure_cost_curve()
 
     async def check_health(self) -> None:
-        """Healthy when the engine still answers a tiny image."""
+        """Healthy when the model's own check passes (an exported model: its engine still answers a tiny image)."""
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(self.engine_pool, self.detector.warmup), timeout=20)
+        await asyncio.wait_for(loop.run_in_executor(self.engine_pool, self.model.check), timeout=20)
 
     # ---- the batch (engine thread) --------------------------------------
-    def _run_batch(self, items: list[Item], params: list[DetectParams]) -> list[Detections | Exception]:
+    def _run_batch(self, items: list[Item], params: list[Any]) -> list[Any]:
         timings = BatchTimings()
-        results = run_batch(self.detector, items, params, timings)
+        results = self.model.predict(items, params, timings)
         self.stage_seconds["engine"] += timings.engine_s
         self.stage_seconds["postprocess"] += timings.postprocess_s
         self.stage_seconds["queue_wait"] += sum(timings.queue_s)
@@ -269,10 +320,17 @@ class DetectionServer:
         budget = self.budget_s(timeout_s)
         return time.monotonic() + budget - min(max(waited_s, 0.0), budget)
 
-    async def detect(self, images: list[ImageInput], params: DetectParams, deadline: float, budget_s: float | None = None) -> dict:
-        """admit -> decode + prepare (threads) -> fair batches (engine) -> postprocess -> annotations."""
+    def request_cost(self, images: list[ImageInput]) -> tuple[RequestCost, list[tuple[str, int]]]:
+        """What admission costs a request by, from its images' headers (no decode), and each image's (format, pixels)."""
+        sizes = [admission_size(image) for image in images]
+        decode = self.scheduler.decode
+        return RequestCost(len(images), sum(decode.predict(fmt, px) for fmt, px in sizes), sum(px for _, px in sizes)), sizes
+
+    async def detect(self, images: list[ImageInput], params: Any, deadline: float, budget_s: float | None = None) -> dict:
+        """admit (by images and pixels) -> prepare (decode threads) -> fair batches -> predict (engine lanes) -> encode."""
+        cost, sizes = self.request_cost(images)
         try:
-            ticket = self.scheduler.admit(len(images), deadline, params, budget_s)
+            ticket = self.scheduler.admit(cost, deadline, params, budget_s)
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
@@ -281,13 +339,13 @@ class DetectionServer:
                 "overloaded",
                 f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
                 "(the Retry-After header), or send fewer images per request",
-                headers={"Retry-After": retry_after_header(exc.retry_after_s)},
+                headers={"Retry-After": retry_after_header(exc.retry_after_s), REFUSED_BY_HEADER: "replica"},
             ) from None  # fmt: skip
         reason = None
         try:
             # The whole answer, decode included, is bounded by the deadline (monotonic = the loop's clock).
             async with asyncio.timeout_at(deadline):
-                items = await self._prepare_all(ticket, images)
+                items = await self._prepare_all(ticket, images, sizes)
                 detections = await self.scheduler.wait(ticket)
         except TimeoutError:
             reason = "deadline"
@@ -303,20 +361,22 @@ class DetectionServer:
             raise
         finally:
             self.scheduler.release(ticket, reason)
-        for det in detections:
+        for i, det in enumerate(detections):
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
-                raise protocol.error("inference_failed", f"the model failed on this image: {det}")
+                where = f"image {i}: " if len(detections) > 1 else ""
+                code = getattr(det, "code", "inference_failed")  # a served adapter's PredictionError names its own
+                raise protocol.error(code, f"{where}the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
-        if sum(map(len, detections)) <= INLINE_ENCODE_BOXES:
-            body = self.encode(items, detections)
+        if sum(map(self.model.boxes, detections)) <= INLINE_ENCODE_BOXES:
+            body = self.model.encode(items, detections)
         else:  # off the loop: other requests go on meanwhile
-            body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.encode, items, detections)
+            body = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.model.encode, items, detections)
         self.stage_seconds["encode"] += time.perf_counter() - start
         return body
 
-    async def _prepare_all(self, ticket, images: list[ImageInput]) -> list[Item]:
+    async def _prepare_all(self, ticket, images: list[ImageInput], sizes: list[tuple[str, int]]) -> list[Item]:
         """Decode and prepare one image at a time per request, each joining the queue as it is ready.
 
         One at a time, so a request of 64 large photos holds one decode thread,
@@ -326,33 +386,17 @@ class DetectionServer:
         items: list[Item] = []
         for i, image in enumerate(images):
             try:
-                item = await loop.run_in_executor(self.decode_pool, prepare, self.detector, image, self.limits, self.args.fast_decode)
+                item = await loop.run_in_executor(self.decode_pool, self.model.prepare, image, self.limits)
             except ImageError as exc:
                 self.metrics.errors.inc(tags={"kind": exc.code})
                 raise image_error(exc, i if len(images) > 1 else None) from None
             self.metrics.decode.observe(item.decode_s)
+            self.scheduler.decode.observe(*sizes[i], item.decode_s)
             self.stage_seconds["decode"] += item.decode_s
             item.queued_at = time.perf_counter()
             items.append(item)
             self.scheduler.add(ticket, i, item)
         return items
-
-    def encode(self, items: list[Item], detections: list[Detections]) -> dict:
-        from detserve.adapters.base import box_annotations
-
-        name = self.info["name"]
-        return {
-            "model": {k: self.info[k] for k in ("name", "version", "backend", "device")},
-            "results": [
-                {
-                    "width": item.width,
-                    "height": item.height,
-                    "frames": item.frames,
-                    "annotations": box_annotations(det, self.adapter.labels, name, None),
-                }
-                for item, det in zip(items, detections)
-            ],
-        }
 
     # ---- Python handle API ---------------------------------------------
     async def predict(
@@ -372,12 +416,15 @@ class DetectionServer:
         """
         batch = images if isinstance(images, list) else [images]
         timeout_s = protocol.client_timeout_s(timeout_s, self.args.request_timeout_s, name="timeout_s")
-        params = self.detector.params(conf=conf, iou=iou, max_det=max_det)
-        return await self.detect(batch, params, self.deadline(timeout_s), self.budget_s(timeout_s))
+        return await self.detect(batch, self.params(conf, iou, max_det), self.deadline(timeout_s), self.budget_s(timeout_s))
 
     # ---- HTTP (routes, errors and OpenAPI: serve/http.py) ---------------------
     def __serve_build_asgi_app__(self):
         return build_api(self)
+
+    def params(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None) -> Any:
+        """One request's settings, as the model takes them."""
+        return self.model.params(conf=conf, iou=iou, max_det=max_det)
 
     def request_deadline(self, request: Request) -> tuple[float, float]:
         """(deadline, budget_s) for an HTTP request: counted from when the proxy received it."""
@@ -388,7 +435,7 @@ class DetectionServer:
         """The deadline a request had, in the client's numbers: its header's, or the server's request timeout."""
         server = self.args.request_timeout_s
         if budget_s is not None and budget_s < self.budget_s(None):  # the client asked for less than the server's
-            return f"the {budget_s + PROXY_MARGIN_S:g} s its {DEADLINE_HEADER} gave"
+            return f"the {budget_s + ANSWER_BEFORE_TIMEOUT_S:g} s its {DEADLINE_HEADER} gave"
         return f"the server's request timeout of {server:g} s"
 
     def _too_short_message(self, n_images: int, alone_s: float, budget_s: float | None) -> str:
@@ -396,16 +443,13 @@ class DetectionServer:
         budget = self.budget_s(None) if budget_s is None else budget_s
         return (f"the work for {images_text(n_images)} takes about {alone_s:.2f} s here even with nothing queued, more than "
                 f"{self._deadline_text(budget_s)} leaves for the work ({budget:.2f} s, once the server's "
-                f"{PROXY_MARGIN_S:g} s margin for the answer's way back is taken): give a longer {DEADLINE_HEADER}, "
-                "or send fewer images per request")  # fmt: skip
+                f"{ANSWER_BEFORE_TIMEOUT_S:g} s margin for the answer's way back is taken): give a longer {DEADLINE_HEADER}, "
+                "or send fewer or smaller images")  # fmt: skip
 
-    def load_report(self, images: int) -> LoadReport:
-        """What the proxy's admission needs from this replica, sent with every /predict answer (serve/proxy_admission.py)."""
-        s = self.scheduler.settings
-        return LoadReport(
-            replica=self.replica_tag, images_per_s=self.scheduler.effective_images_per_s(), request_timeout_s=self.args.request_timeout_s,
-            headroom=s.headroom, margin_s=s.margin_s, max_images=self.args.max_images, images=images,
-        )  # fmt: skip
+    def admission_header(self) -> dict[str, str]:
+        """This replica's :class:`~detserve.serve.admission.Outlook`, sent with every /predict answer for the ingress."""
+        outlook = self.scheduler.outlook(self.replica_tag, self.budget_s(None), time.time() - self.scheduler.clock())
+        return {ADMIT_HEADER: outlook.header()}
 
     async def stats(self) -> dict:
         sizes = dict(sorted(self.scheduler.batch_sizes.items()))
@@ -415,12 +459,34 @@ class DetectionServer:
         return {"batch_sizes": sizes, "batches": sum(sizes.values()), "images": images,
                 "mean_batch_size": images / max(1, sum(sizes.values())),
                 "stage_seconds": dict(self.stage_seconds),
-                "scheduler": self.scheduler.stats(),
+                "scheduler": self.scheduler.stats(), **self.model.stats(),
                 "pid": me.pid, "rss_bytes": me.memory_info().rss, "open_fds": me.num_fds()}  # fmt: skip
 
     async def http_info(self) -> dict:
-        m = self.detector.manifest
-        return {**self.info, "labels": self.adapter.labels, "input": m.input.model_dump(), "batch": m.batch.model_dump()}
+        return self.model.describe()
+
+
+#: Serve's deployment of ``Replica``; the app is built per replica, around the replica (``__serve_build_asgi_app__``).
+DetectionServer = serve.deployment(
+    name="DetectionServer",
+    # Requests must reach the replica to be admitted by deadline (serve/scheduler.py):
+    # Ray's own queue in front of it only ever sees overflow beyond this (deploy.yaml says why 2048).
+    max_ongoing_requests=2048,
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 1},
+    autoscaling_config={
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+)(serve.ingress()(Replica))
 
 
 def _replica_tag() -> str:
@@ -432,10 +498,43 @@ def _replica_tag() -> str:
 
 
 def application(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
-    """The detserve application, for code: ``args`` as in deploy.yaml, ``options`` as its ``deployments:`` entry."""
-    AppArgs(**args)  # fail at deploy time, with the field name, not in the replica
+    """The detserve application, for code: ``args`` as in deploy.yaml, ``options`` as its ``deployments:`` entry.
+
+    An adapter application (``args`` name an ``adapter`` folder) gets its deployment options from the model's
+    compute config first (:func:`adapter_plan`); ``options`` win over them.
+    """
+    checked = app_args(args)  # fail at deploy time, with the field name, not in the replica
+    if isinstance(checked, AdapterArgs):
+        options = {**adapter_plan(checked).deployment_options(), **(options or {})}
     deployment = DetectionServer.options(**options) if options else DetectionServer
     return deployment.bind(args)
+
+
+def adapter_plan(args: AdapterArgs, cluster: ClusterSize | None = None, apps_sharing: int = 1) -> ReplicaPlan:
+    """An adapter model's Serve settings from its compute config, capped to ``cluster`` (default: what Ray has free).
+
+    Checks the application first, as its builder runs: the folder and model exist, and an accelerated one
+    has an export that passed its check against the adapter (AppError otherwise).
+    """
+    from detserve.adapters.dataloop_app import AppError, accelerated_problem, export_folder, read_app, replica_plan
+
+    app = read_app(resolve_path(args.adapter))
+    model = app.model(args.model)
+    if args.accelerated:
+        problem = accelerated_problem(resolve_path(args.export) if args.export else export_folder(app, model))
+        if problem:
+            raise AppError(f"{model.name}: {problem}")
+    return replica_plan(model, cluster or free_cluster(), apps_sharing)
+
+
+def free_cluster() -> ClusterSize:
+    """What the Ray cluster has free for new applications; outside Ray, this machine's CPUs and free memory."""
+    import ray
+
+    if ray.is_initialized():
+        free = ray.available_resources()
+        return ClusterSize(free.get("CPU", 0.0), free.get("memory", 0.0), free.get("GPU", 0.0))
+    return ClusterSize(float(os.cpu_count() or 1), float(psutil.virtual_memory().available), 0.0)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -445,3 +544,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     per-deployment options come from the config file's ``deployments:``.
     """
     return application(args)
+
+
+def build_adapter_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for a Dataloop adapter folder (``import_path: detserve.serve.app:build_adapter_app``).
+
+    ``args``: :class:`AdapterArgs` (``adapter``: the folder, ``model``: one of its models). The deployment's
+    resources and autoscaling come from the model's compute config, capped to this cluster (one log line
+    says so); the config file's ``deployments:`` entry still wins. deploy-adapter.yaml is an example.
+    """
+    plan = adapter_plan(AdapterArgs(**args))
+    if plan.note:
+        logging.getLogger("ray.serve").warning(plan.note)
+    return DetectionServer.options(**plan.deployment_options()).bind(args)

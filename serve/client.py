@@ -86,7 +86,7 @@ def _retryable(response: httpx.Response) -> bool:
 
     Which codes those are is the registry's (``retryable`` in serve/protocol.py). A
     detserve replica drops a request's work at its deadline, which comes before the
-    proxy's own timeout (``PROXY_MARGIN_S``); so after either 408 (the replica's
+    proxy's own timeout (``ANSWER_BEFORE_TIMEOUT_S``); so after either 408 (the replica's
     ``deadline_exceeded``, or the proxy's ``timeout`` when the answer was late on the
     way back) nothing is left running for it. A model failure would only repeat.
     """

@@ -7,7 +7,7 @@ a plain decimal number greater than 0 and at most the route's request timeout).
 reads the same header for its own timer (a value of 0 or less would switch that
 timer off, and an unreadable one would be ignored). A valid deadline no request
 can meet, because it leaves nothing once the server's margin for the answer's way
-back is taken (``PROXY_MARGIN_S``), is refused at once with 422
+back is taken (``ANSWER_BEFORE_TIMEOUT_S``), is refused at once with 422
 ``deadline_too_short``: otherwise Ray's timer would answer it a 408 ``timeout``
 a few milliseconds later, after the request had started.
 
@@ -21,28 +21,26 @@ from collections.abc import Mapping
 
 from detserve.serve import protocol
 from detserve.serve.route_limits import DEFAULT_REQUEST_TIMEOUT_S, limit_for, timeouts_from_env
-from detserve.serve.scheduler import PROXY_MARGIN_S, request_budget_s
+from detserve.serve.admission import ANSWER_BEFORE_TIMEOUT_S, request_budget_s
 
 _HEADER = protocol.TIMEOUT_HEADER.encode()
 
 
-def too_short_message(sent: str, margin_s: float = PROXY_MARGIN_S) -> str:
+def too_short_message(sent: str, margin_s: float = ANSWER_BEFORE_TIMEOUT_S) -> str:
     """The 422 ``deadline_too_short`` of a deadline that leaves no time once the margin is taken."""
     return (f"{protocol.TIMEOUT_HEADER}: {sent} leaves no time to work: the server answers {margin_s:g} s before a "
             f"deadline, so that the answer can travel back in time; send more than {margin_s:g} s, "
             "with room for the images' decode and inference")  # fmt: skip
 
 
-def check(headers: Mapping[bytes, bytes], max_s: float) -> protocol.DetserveError | None:
-    """The error a request's deadline header earns at the ingress, or None when it may go on."""
+def deadline_s(headers: Mapping[bytes, bytes], max_s: float) -> float | None:
+    """The request's deadline header in seconds (None without one), or the 422 it earns: ``invalid_deadline``, or
+    ``deadline_too_short`` when it leaves no time once the margin is taken."""
     sent = headers.get(_HEADER)
-    try:
-        seconds = protocol.client_timeout_s(sent, max_s)
-    except protocol.DetserveError as exc:
-        return exc
+    seconds = protocol.client_timeout_s(sent, max_s)
     if seconds is not None and request_budget_s(max_s, seconds) <= 0:
-        return protocol.error("deadline_too_short", too_short_message(sent.decode("latin-1")))
-    return None
+        raise protocol.error("deadline_too_short", too_short_message(sent.decode("latin-1")))
+    return seconds
 
 
 class ClientDeadline:
@@ -57,8 +55,10 @@ class ClientDeadline:
         path = scope.get("path", "")
         if scope["type"] != "http" or path.startswith("/-/"):
             return await self.app(scope, receive, send)
-        problem = check(dict(scope.get("headers", [])), limit_for(path, self.timeouts, self.default))
-        if problem is None:
-            return await self.app(scope, receive, send)
-        for message in problem.asgi_messages():
-            await send(message)
+        try:
+            deadline_s(dict(scope.get("headers", [])), limit_for(path, self.timeouts, self.default))
+        except protocol.DetserveError as problem:
+            for message in problem.asgi_messages():
+                await send(message)
+            return
+        return await self.app(scope, receive, send)

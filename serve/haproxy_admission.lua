@@ -1,27 +1,17 @@
--- detserve's admission, applied in HAProxy itself (serve/ingress.py loads it into the config Ray writes).
+-- detserve's admission, compared in HAProxy itself (serve/ingress.py loads it into the config Ray writes).
 --
--- Why: a request the replica refuses has already cost the replica's Python HTTP server the
--- whole request (about 5-8 CPU-ms here, on the cores the engine needs). Under 2x overload that is
--- half the arrivals. So each replica tells HAProxy, on every /predict answer, when it will next
--- have room (the x-detserve-admit header, built by RouteAdmission.outlook in
--- serve/proxy_admission.py), and HAProxy answers the requests that arrive before then with the
--- same JSON 503 and Retry-After, in C and Lua, without a byte reaching Python.
+-- The constants above (HEADER, REFUSED_BY, TIMEOUT_HEADER, RETRY_SLOT, BODY, FRESH_S) are written by
+-- detserve.serve.proxy_admission.render_lua; this file is not loaded without them.
 --
--- The rule is the replica's (detserve.serve.scheduler.late_by) for a one-image request:
---   refused when  now < until            (a request already queued would miss its deadline)
---            or   finish - now > headroom * budget   (this request would miss its own)
--- where finish is when the replica's queue (and this image) is done, and budget is the server's,
--- or the client's x-request-timeout-seconds less the margin when that is shorter. Requests are
--- refused here only when every server of the backend that reported within FRESH_S says so; the
--- report is a little old by the time it is used (the replica admitted more since), so HAProxy is
--- more lenient than the replica, never stricter, and the replica's own check stays the bound.
+-- Why here: a request the replica refuses has already cost the replica's Python HTTP server the whole request,
+-- on the cores the engine needs. So each replica sends, with every /predict answer, its outlook (HEADER):
+-- refuse a one-image request arriving before open_at, or one whose client timeout ends before need_until,
+-- unless that timeout is under least_timeout (serve/admission.py, Outlook). This action compares a request's arrival with it and does nothing else. It
+-- refuses only when every UP server of the backend that reported within FRESH_S would refuse; an outlook only
+-- ages towards leniency, so HAProxy lets through what the replica may still refuse, never the other way.
 
-local HEADER = "x-detserve-admit"
-local FRESH_S = 5.0
-local REFUSED_HERE = "refused at the ingress, before the app"  -- = proxy_admission.REFUSED_HERE
-
--- backend name -> server name -> report; backend name -> next free Retry-After slot (RetrySlots)
-local reports, next_free = {}, {}
+-- backend name -> server name -> {open_at, need_until, spread, heard}
+local reports = {}
 
 local function now_s()
     local t = core.now()
@@ -29,16 +19,14 @@ local function now_s()
 end
 
 local function parse(value)
-    local report = {}
-    for key, number in string.gmatch(value, "(%w+)=([^;]+)") do
-        report[key] = tonumber(number)
+    local open_at = tonumber(string.match(value, "open_at=([^;]+)") or "")
+    local need_until = tonumber(string.match(value, "need_until=([^;]+)") or "")
+    local least_timeout = tonumber(string.match(value, "least_timeout=([^;]+)") or "")
+    local spread = tonumber(string.match(value, "spread=([^;]+)") or "")
+    if open_at == nil or need_until == nil or least_timeout == nil or spread == nil then
+        return nil
     end
-    for _, key in ipairs({"finish", "until", "budget", "headroom", "margin", "alone", "rate"}) do
-        if report[key] == nil then
-            return nil
-        end
-    end
-    return report
+    return {open_at = open_at, need_until = need_until, least_timeout = least_timeout, spread = spread}
 end
 
 core.register_action("detserve_heard", {"http-res"}, function(txn)
@@ -57,25 +45,6 @@ core.register_action("detserve_heard", {"http-res"}, function(txn)
     reports[backend][server] = report
 end)
 
--- Seconds until a one-image request with ``client_s`` (or none) would be admitted by ``report``; nil: admitted now.
-local function wait_for(report, now, client_s)
-    if now - report.heard > FRESH_S or report.rate <= 0 then
-        return nil
-    end
-    local budget = report.budget
-    if client_s ~= nil and client_s > 0 and client_s - report.margin < budget then
-        budget = math.max(0, client_s - report.margin)
-    end
-    if report.alone > budget then
-        return nil  -- hopeless even alone: the replica answers it 422 with the reason
-    end
-    local wait = math.max(report["until"] - now, report.finish - now - report.headroom * budget)
-    if wait <= 0 then
-        return nil
-    end
-    return wait, report
-end
-
 local function server_up(backend, server)
     local be = core.backends[backend]
     local srv = be and be.servers[server]
@@ -84,6 +53,16 @@ local function server_up(backend, server)
     end
     local status = srv:get_stats()["status"] or ""
     return string.sub(status, 1, 2) == "UP"
+end
+
+local function refuses(report, now, client_s)
+    if client_s ~= nil and client_s < report.least_timeout then
+        return false  -- too short even for an idle replica: it goes on, and the replica says why (a 422)
+    end
+    if now < report.open_at then
+        return true
+    end
+    return client_s ~= nil and now + client_s < report.need_until
 end
 
 core.register_action("detserve_admit", {"http-req"}, function(txn)
@@ -101,40 +80,29 @@ core.register_action("detserve_admit", {"http-req"}, function(txn)
         return  -- HAProxy's own 503 (no replica) applies
     end
     local now = now_s()
-    local client_s = tonumber(txn.f:req_hdr("x-request-timeout-seconds") or "")
-    if client_s ~= nil and client_s ~= client_s then
-        client_s = nil  -- NaN
+    local client_s = tonumber(txn.f:req_hdr(TIMEOUT_HEADER) or "")
+    if client_s ~= nil and not (client_s > 0 and client_s < math.huge) then
+        client_s = nil  -- not a usable timeout: the replica answers it with a 422
     end
-    local refusing, soonest, ahead = 0, math.huge, nil
+    local refusing, soonest = 0, nil
     for server, report in pairs(known) do
-        local wait, used = wait_for(report, now, client_s)
-        if wait ~= nil and server_up(backend, server) then
+        if now - report.heard <= FRESH_S and server_up(backend, server) and refuses(report, now, client_s) then
             refusing = refusing + 1
-            if wait < soonest then
-                soonest, ahead = wait, used
+            if soonest == nil or report.open_at < soonest.open_at then
+                soonest = report
             end
         end
     end
     if refusing < up then
         return  -- some replica has room (or has not reported): the replica decides
     end
-    -- Spread the Retry-After of a burst's refusals at the rate the replicas take requests back
-    -- (serve/scheduler.py, RetrySlots): the same drain for all would bring them back together.
-    local budget = ahead.budget
-    local soonest_at = now + soonest
-    local at = math.min(math.max(soonest_at, next_free[backend] or -math.huge), soonest_at + budget)
-    next_free[backend] = at + 1 / ahead.rate
-    local retry = math.max(1, math.ceil(at - now))
-    local message = string.format(
-        "the server is busy: the images queued ahead would take %.1f s, past the deadline (%s). "
-            .. "Retry after %d s (the Retry-After header), or send fewer images per request",
-        math.max(0, ahead.finish - now), REFUSED_HERE, retry)
-    local body = '{"error": {"code": "overloaded", "message": "' .. message .. '"}}'
+    local retry = math.max(1, math.ceil(math.max(0, soonest.open_at - now) + math.random() * soonest.spread))
+    local body = string.gsub(BODY, RETRY_SLOT, tostring(retry))
     local reply = txn:reply({
         status = 503,
         reason = "Service Unavailable",
         headers = {["content-type"] = {"application/json"}, ["retry-after"] = {tostring(retry)},
-                   ["x-detserve-refused-by"] = {"haproxy"}},
+                   [REFUSED_BY] = {"haproxy"}},
         body = body,
     })
     txn:done(reply)

@@ -11,11 +11,10 @@ whatever the encoding (Content-Length or chunked, raw, JSON or multipart):
 multipart is parsed by python-multipart's streaming parser from those same
 chunks, so an oversized upload costs at most ``max_body_bytes`` of memory.
 
-``build_api(server)`` makes the FastAPI app around anything with the
-``DetectionServer`` methods it calls (``detect``, ``stats``, ``describe_api``
-and the ``detector``/``request_limits`` attributes): the deployment builds it
-per replica (``__serve_build_asgi_app__``), tests build it around a server
-that runs without Ray.
+``build_api(server)`` makes the FastAPI app around anything that is an
+:class:`ApiServer` (``serve.app.Replica`` is): the deployment builds it per
+replica (``__serve_build_asgi_app__``), tests build it around a replica that
+runs without Ray.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -413,6 +412,8 @@ class ModelSummary(BaseModel):
     version: str
     backend: str
     device: str
+    precision: str = Field(description="fp32, fp16 or int8: the precision of the artifact that answered")
+    variant: str = Field(description="which of the export's variants answered: fp32 (the exact export), int8-cpu, ... (docs/precision.md)")
 
 
 class PredictResponse(BaseModel):
@@ -468,8 +469,33 @@ def _swagger_ui_dir() -> Path:
     return Path(swagger_ui_path)
 
 
-def build_api(server) -> FastAPI:
-    """The FastAPI app of one replica, around ``server`` (a DetectionServer, or a stand-in in tests)."""
+class ApiServer(Protocol):
+    """What ``build_api`` needs of the server it wraps (``serve.app.Replica``)."""
+
+    request_limits: RequestLimits
+
+    def params(self, conf: float | None, iou: float | None, max_det: int | None) -> Any:
+        """One request's settings from its query parameters."""
+
+    def request_deadline(self, request: Request) -> tuple[float, float]:
+        """(deadline on the event loop's clock, the whole budget in seconds) of an HTTP request; raises the 422 of a
+        deadline header that cannot be used."""
+
+    async def detect(self, images: list[bytes], params: Any, deadline: float, budget_s: float | None = None) -> dict:
+        """The answer body for the images, or a ``DetserveError``."""
+
+    def admission_header(self) -> dict[str, str]:
+        """This replica's outlook as it answers, for the admission in front of it."""
+
+    async def stats(self) -> dict:
+        """What /stats shows."""
+
+    async def http_info(self) -> dict:
+        """What /info shows."""
+
+
+def build_api(server: ApiServer) -> FastAPI:
+    """The FastAPI app of one replica, around ``server`` (a ``serve.app.Replica``, or a stand-in in tests)."""
     api = FastAPI(
         title="detserve",
         description=(
@@ -526,25 +552,21 @@ def build_api(server) -> FastAPI:
         deadline = server.request_deadline(request)  # a deadline header that is not used is refused before the body is read
         images = await read_images(request, server.request_limits)
 
-        def load() -> dict[str, str]:
-            """This replica's load as it answers, for the proxy's admission (serve/proxy_admission.py; the proxy strips it)."""
-            return {protocol.LOAD_HEADER: server.load_report(len(images)).header()}
-
         try:
-            params = server.detector.params(conf=conf, iou=iou, max_det=max_det)
+            params = server.params(conf, iou, max_det)
             # A Response, so FastAPI does not validate and re-serialise the body through
             # PredictResponse (1.5 ms per 20-box image); the model stays for the OpenAPI spec,
             # and tests/test_fuzz.py checks that the answers keep to it.
             body = await server.detect(images, params, *deadline)
         except DetserveError as exc:
-            exc.headers = {**(exc.headers or {}), **load()}
+            exc.headers = {**(exc.headers or {}), **server.admission_header()}
             raise
         except asyncio.CancelledError:
             # Ray cancels the handler when the client disconnects; images not
             # yet decoded or batched are dropped with it (see README, "Serve").
             log.info("detserve: the client went away; its %d image(s) were dropped", len(images))
             raise
-        return JSONResponse(body, headers=load())
+        return JSONResponse(body, headers=server.admission_header())
 
     @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(*ROUTING_ERRORS, 500))
     async def stats() -> dict:

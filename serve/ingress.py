@@ -40,8 +40,7 @@ import re
 import sys
 from pathlib import Path
 
-from detserve.runtime import offline
-from detserve.serve import protocol
+from detserve.serve import protocol, ray_auth
 from detserve.serve.route_limits import DEFAULT_MAX_BODY_BYTES, body_limits_from_env, limit_for
 
 #: "haproxy" (default) or "python": read by :func:`environment`, before Ray starts.
@@ -116,7 +115,7 @@ def environment(environ=os.environ) -> dict[str, str]:
     # Ray's default is /tmp/haproxy-serve, shared by every user, and its admin socket is `mode 666 level admin`:
     # anyone who can reach it can reconfigure HAProxy. Here it sits in an owner-only folder, with a short path
     # (a unix socket path has at most 107 bytes, and Ray adds a 56-character node id).
-    base = offline.private_dir(Path(f"/tmp/detserve-haproxy-{os.getuid()}"))
+    base = ray_auth.private_dir(Path(f"/tmp/detserve-haproxy-{os.getuid()}"))
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(shim),
@@ -187,7 +186,9 @@ def rewrite(config: str, error_dir: Path, body_limits: dict[str, int] | None = N
 
 def loopback_config(path: Path) -> None:
     """Rewrite the config Ray wrote at ``path`` in place (under Ray's own lock file), with the error files beside it."""
-    lua = protocol.lua_prelude().encode() + (Path(__file__).with_name("haproxy_admission.lua")).read_bytes()
+    from detserve.serve.proxy_admission import render_lua
+
+    lua = protocol.lua_prelude().encode() + render_lua()  # the registry's constants, then admission's own
     files = {f"detserve-{status}.http": error_file(status) for status in ERROR_STATUSES} | {ADMISSION_LUA: lua}
     for name, wanted in files.items():
         target = path.parent / name

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 TIMEOUT_HEADER = "x-request-timeout-seconds"
 #: Seconds to wait before retrying a 503, as HTTP defines it.
 RETRY_AFTER_HEADER = "retry-after"
-#: ``haproxy`` on an error HAProxy answered itself: admission's 503 (serve/haproxy_admission.lua), the body limit's 413.
+#: Which layer answered a refusal itself: ``replica``, ``proxy`` or ``haproxy`` on admission's 503 (serve/admission.py),
+#: ``haproxy`` on the body limit's 413 when HAProxy answered it.
 REFUSED_BY_HEADER = "x-detserve-refused-by"
-#: Internal: a replica's load, on each /predict answer, for the admission in front of it (stripped there).
-LOAD_HEADER = "x-detserve-load"
-#: Internal: when a replica next has room, for HAProxy's admission (stripped there).
+#: Internal: a replica's admission outlook, on each /predict answer, for the ingress in front of it (stripped there).
 ADMIT_HEADER = "x-detserve-admit"
 #: Internal: wall-clock time the server received the request (set by the ingress; a client's own is replaced).
 RECEIVED_AT_HEADER = "x-detserve-received-at"
@@ -48,10 +47,10 @@ HEADERS: tuple[Header, ...] = (
     Header(TIMEOUT_HEADER, "client", "the request's deadline in seconds: a plain decimal number greater than 0 and at most "
            "the server's request timeout (30 s by default); anything else is refused with 422 `invalid_deadline`"),
     Header(RETRY_AFTER_HEADER, "server", "on a 503: whole seconds after which a retry should find room"),
-    Header(REFUSED_BY_HEADER, "server", "`haproxy` on an error HAProxy answered itself, without reaching a replica "
-           "(a 503 of admission, a 413 of the body limit)"),
-    Header(LOAD_HEADER, "internal", "a replica's load, for the admission in front of it"),
-    Header(ADMIT_HEADER, "internal", "when a replica next has room, for HAProxy's admission"),
+    Header(REFUSED_BY_HEADER, "server", "on a 503 of detserve's admission, which layer refused: `replica`, `proxy` (the "
+           "Python proxy's middleware) or `haproxy`; on a 413, `haproxy` when HAProxy refused the Content-Length "
+           "without reaching a replica. A 503 without it is not detserve's rule"),
+    Header(ADMIT_HEADER, "internal", "a replica's admission outlook, for the ingress in front of it"),
     Header(RECEIVED_AT_HEADER, "internal", "when the server received the request; deadlines count from it"),
 )
 
@@ -98,11 +97,16 @@ ERRORS: tuple[ErrorCode, ...] = (
     ErrorCode("bad_json_shape", 422, "BadRequest", 'the JSON body is valid JSON but not {"images": ["<base64>", ...]}'),
     ErrorCode("invalid_deadline", 422, "BadRequest", "x-request-timeout-seconds is not a number of seconds greater than 0 and "
               "at most the server's request timeout"),
+    ErrorCode("prepare_failed", 422, "BadImage", "a served Dataloop adapter's prepare_item_func failed on (or returned None "
+              "for) the image"),
     ErrorCode("deadline_too_short", 422, "DeadlineTooShort", "the deadline is too short for these images even on an idle server: "
               "give a longer x-request-timeout-seconds, or fewer images"),
     ErrorCode("internal", 500, "ServerError", "the server (or the replica serving the request) failed; it keeps serving",
               retryable=True),
-    ErrorCode("inference_failed", 500, "ServerError", "the model failed on this image"),
+    ErrorCode("inference_failed", 500, "ServerError", "the model failed on this image (a served adapter's predict raised, "
+              "for its whole batch)"),
+    ErrorCode("invalid_prediction", 500, "ServerError", "a served adapter's predict returned something other than one "
+              "AnnotationCollection per image"),
     ErrorCode("overloaded", 503, "Overloaded", "the server would not answer in time now: retry after Retry-After seconds",
               retryable=True),
     ErrorCode("unavailable", 503, "Overloaded", "no replica can take the request now (starting or restarting)", retryable=True),

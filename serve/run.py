@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detserve.runtime import offline
+from detserve.runtime import offline, paths
+from detserve.serve import ray_auth
 from detserve.serve import ingress
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_config(path: Path):
@@ -60,17 +59,17 @@ def placement_problems(config, cpus: float) -> list[str]:
 
 def proxy_body_limits(config) -> dict[str, int]:
     """{route prefix: max_body_bytes} of every application of ``config``: the limits the ingress enforces (serve/body_limit.py)."""
-    from detserve.serve.app import AppArgs
+    from detserve.serve.app import app_args
 
-    return {app.route_prefix: AppArgs(**(app.args or {})).max_body_bytes for app in config.applications if app.route_prefix}
+    return {app.route_prefix: app_args(app.args or {}).max_body_bytes for app in config.applications if app.route_prefix}
 
 
 def route_timeouts(config) -> dict[str, float]:
     """{route prefix: request_timeout_s} of every application of ``config``: the longest deadline each accepts
     (serve/client_deadline.py)."""
-    from detserve.serve.app import AppArgs
+    from detserve.serve.app import app_args
 
-    return {app.route_prefix: AppArgs(**(app.args or {})).request_timeout_s for app in config.applications if app.route_prefix}
+    return {app.route_prefix: app_args(app.args or {}).request_timeout_s for app in config.applications if app.route_prefix}
 
 
 def set_proxy_body_limits(limits: dict[str, int]) -> None:
@@ -115,9 +114,9 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
     import ray
 
     _require_loopback_ray()
-    temp = offline.ray_run_dir()
+    temp = ray_auth.run_dir()
     temp.mkdir(parents=True, exist_ok=True)
-    auth = offline.ray_auth_env(temp)
+    auth = ray_auth.environment(temp)
     # RAY_AUTH_TOKEN would win over the file in every Ray process.
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update(auth)
@@ -128,7 +127,7 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
         object_store_memory=200 * 1024 * 1024,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(temp),
-        runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(ROOT)}},
+        runtime_env={"env_vars": {**env, **auth, paths.ROOT_ENV: str(paths.root())}},
         logging_level="WARNING",
         configure_logging=True,
         _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
@@ -144,7 +143,7 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
 
 
 def _address_file(run_dir: Path) -> Path:
-    return offline.ray_auth_dir(run_dir) / "address"
+    return ray_auth.auth_dir(run_dir) / "address"
 
 
 def _require_loopback_ray() -> None:
@@ -171,11 +170,11 @@ def attach(run_dir: Path | None = None) -> str:
     import ray
 
     _require_loopback_ray()
-    run_dir = run_dir or offline.ray_run_dir()
+    run_dir = run_dir or ray_auth.run_dir()
     address_file = _address_file(run_dir)
     if not address_file.exists():
         raise FileNotFoundError(f"no running detserve serve found ({address_file} is missing); start one, or pass its run directory (DETSERVE_RAY_TMP)")
-    token = offline.ray_auth_dir(run_dir) / "token"
+    token = ray_auth.auth_dir(run_dir) / "token"
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)} if token.exists() else {"RAY_AUTH_MODE": "disabled"})
     address = address_file.read_text().strip()
@@ -185,7 +184,7 @@ def attach(run_dir: Path | None = None) -> str:
 
 def require_auth_for(host: str) -> None:
     """Refuse a non-loopback HTTP host while Ray token authentication is off."""
-    if not _is_loopback(host) and not offline.ray_auth_enabled():
+    if not _is_loopback(host) and not ray_auth.enabled():
         raise ValueError(f"--host {host} reaches beyond this machine and needs Ray token auth: unset RAY_AUTH_MODE=disabled, or use --host 127.0.0.1")
 
 
@@ -258,7 +257,7 @@ def exposure_line() -> str:
     if not exposed:
         return "Every socket of the server is on 127.0.0.1 (docs/security.md)."
     ports = ", ".join(f"{one.address} ({Path(one.process).name})" for one in exposed)
-    if offline.ray_auth_enabled():
+    if ray_auth.enabled():
         return f"Not on loopback: {ports}. Ray's RPC ports require the Ray token (docs/security.md says why each is there)."
     return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen beyond loopback: anyone who reaches them can call them."
 
@@ -279,6 +278,10 @@ class _OwnServeNotice(logging.Filter):
         return "New http_options" not in record.getMessage()
 
 
+#: The Serve config builders ``detserve serve --config`` runs: exported models, and Dataloop adapter folders.
+IMPORT_PATHS = ("detserve.serve.app:build_app", "detserve.serve.app:build_adapter_app")
+
+
 def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> list[str]:
     """Start Serve and every application of the config (or ``only`` those); returns their route prefixes."""
     from ray import serve
@@ -294,30 +297,161 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     problems = placement_problems(chosen, float(ray.cluster_resources().get("CPU", 0)))
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
-    http = config.http_options
     logging_config = LoggingConfig(**{**(config.logging_config.model_dump() if config.logging_config else {}), "log_level": log_level()})
-    serve_logger = logging.getLogger("ray.serve")
-    serve_logger.setLevel(log_level())
-    serve_logger.addFilter(_OwnServeNotice())
-    serve.start(
-        http_options={"host": host, "port": port, "request_timeout_s": http.request_timeout_s},
-        proxy_location="HeadOnly",
-        logging_config=logging_config,
-    )
+    start_serve(host, port, config.http_options.request_timeout_s, logging_config)
     targets = []
     for app in config.applications:
         if only and app.name not in only:
             continue
-        if app.import_path != "detserve.serve.app:build_app":
-            raise ValueError(f"application {app.name}: detserve serve runs detserve.serve.app:build_app apps; use `serve run` for {app.import_path}")
+        if app.import_path not in IMPORT_PATHS:
+            raise ValueError(f"application {app.name}: detserve serve runs {' and '.join(IMPORT_PATHS)} apps; use `serve run` for {app.import_path}")
         options: dict[str, Any] = {}
         for d in app.deployments:
             options = d.model_dump(exclude_unset=True, exclude={"name"})
         targets.append(serve.RunTarget(application(app.args, options), name=app.name, route_prefix=app.route_prefix, logging_config=logging_config))
     if not targets:
         raise ValueError(f"no application of {config_path} matches --app {' '.join(only or [])}: choose from {', '.join(a.name for a in config.applications)}")
-    serve.run_many(targets)  # one call: the apps start side by side, Serve is connected to once
+    return run_targets(targets)
+
+
+@dataclass(frozen=True)
+class AdapterServing:
+    """``detserve serve --adapter DIR [--model NAME ...] [--accelerated]``: one application per model, at /<model name>."""
+
+    folder: Path
+    models: tuple[str, ...] = ()  # empty: every model of the folder's dataloop.json
+    accelerated: bool = False
+    request_timeout_s: float = 30.0
+
+
+def adapter_apps(serving: AdapterServing, cluster=None) -> list[tuple[str, dict[str, Any], Any]]:
+    """(model name, args, ReplicaPlan) of each application; the cluster is shared equally among them.
+
+    Reads only dataloop.json (no adapter code runs here): a folder or model name that is wrong stops here, before Ray.
+    """
+    from detserve.adapters.dataloop_app import accelerated_problem, export_folder, read_app, replica_plan
+    from detserve.serve.app import AdapterArgs, free_cluster
+
+    app = read_app(serving.folder)
+    names = list(serving.models) or list(app.models)
+    apps = []
+    for name in names:
+        model = app.model(name)
+        problem = accelerated_problem(export_folder(app, model)) if serving.accelerated else None
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        args = AdapterArgs(adapter=str(app.folder), model=name, accelerated=serving.accelerated, request_timeout_s=serving.request_timeout_s)
+        apps.append((name, args.model_dump(exclude_defaults=True), replica_plan(model, cluster or free_cluster(), len(names))))
+    return apps
+
+
+def check_adapter(serving: AdapterServing) -> None:
+    """Import and load the folder's adapters in a child process, as each replica will, before Ray starts.
+
+    A replica that fails to start is retried by Serve (three times, some 50 s here) and reported as a Ray
+    traceback; this says the same in one line (:class:`DeployFailed`), at once. A child process, so that the
+    adapter's imports, model and memory do not stay in the process that runs Ray. An accelerated app runs no
+    adapter code: nothing to check.
+    """
+    import subprocess
+
+    if serving.accelerated:
+        return
+    done = subprocess.run([sys.executable, "-m", "detserve.adapters.user_adapter", str(serving.folder), *serving.models],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode == 3:
+        raise DeployFailed(done.stdout.strip().splitlines()[-1])
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DeployFailed(f"checking the adapter in {serving.folder} failed: {tail}")
+
+
+def config_adapters(config, only: list[str] | None = None) -> list[AdapterServing]:
+    """The adapter applications of a Serve config (``build_adapter_app``), as ``detserve serve --adapter`` would name them."""
+    from detserve.serve.app import AdapterArgs, resolve_path
+
+    out = []
+    for app in config.applications:
+        if app.import_path == IMPORT_PATHS[1] and (not only or app.name in only):
+            args = AdapterArgs(**(app.args or {}))
+            out.append(AdapterServing(resolve_path(args.adapter), (args.model,) if args.model else (), args.accelerated, args.request_timeout_s))
+    return out
+
+
+def deploy_adapter(serving: AdapterServing, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """Start Serve and one application per model of an adapter folder; returns their route prefixes.
+
+    Resources and autoscaling come from each model's compute config, capped to this Ray (one line each says so).
+    """
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from detserve.serve.app import DetectionServer
+
+    require_auth_for(host)
+    apps = adapter_apps(serving)
+    logging_config = LoggingConfig(encoding="TEXT", log_level=log_level(), enable_access_log=False)
+    start_serve(host, port, serving.request_timeout_s, logging_config)
+    targets = []
+    for name, args, plan in apps:
+        if plan.note:
+            logging.getLogger("detserve").warning(plan.note)
+        deployment = DetectionServer.options(**plan.deployment_options())
+        targets.append(serve.RunTarget(deployment.bind(args), name=name, route_prefix=f"/{name}", logging_config=logging_config))
+    return run_targets(targets)
+
+
+def start_serve(host: str, port: int, request_timeout_s: float, logging_config) -> None:
+    from ray import serve
+
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(log_level())
+    serve_logger.addFilter(_OwnServeNotice())
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s},
+        proxy_location="HeadOnly",
+        logging_config=logging_config,
+    )
+
+
+class DeployFailed(RuntimeError):
+    """An application did not start; the message is one line: what failed, where."""
+
+
+def run_targets(targets: list) -> list[str]:
+    """Start the applications side by side (Serve is connected to once); returns their route prefixes.
+
+    An adapter that cannot be imported or loaded fails its replicas; Serve then reports the application as
+    failed with the replicas' tracebacks. :class:`DeployFailed` keeps the one line that says what and where.
+    """
+    from ray import serve
+
+    try:
+        serve.run_many(targets)
+    except RuntimeError as exc:
+        line = deploy_failure_line(str(exc)) or deploy_failure_line(_deployment_messages())
+        if line is None:
+            raise
+        raise DeployFailed(line) from None
     return [t.route_prefix for t in targets]
+
+
+def _deployment_messages() -> str:
+    """What Serve says about every deployment (a failed replica's traceback among it)."""
+    from ray import serve
+
+    try:
+        return "\n".join(d.message for app in serve.status().applications.values() for d in app.deployments.values())
+    except Exception:  # Serve itself is gone: nothing more to say
+        return ""
+
+
+def deploy_failure_line(message: str) -> str | None:
+    """The one line of a failed adapter application's report that names the file and the error, if there is one."""
+    import re
+
+    found = re.search(r"(?:AdapterError|AppError): ([^\n]+)", message)
+    return found.group(1).strip() if found else None
 
 
 def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path, listening: str = "") -> list[str]:
@@ -351,16 +485,33 @@ def shutdown() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
-        _address_file(offline.ray_run_dir()).unlink(missing_ok=True)
+        _address_file(ray_auth.run_dir()).unlink(missing_ok=True)
 
 
-def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None) -> None:
+def main(
+    config_path: Path | None = None, host: str = "127.0.0.1", port: int = 8000, only: list[str] | None = None,
+    adapter: AdapterServing | None = None,
+) -> None:
+    """Serve the config's applications (or ``adapter``'s models) until Ctrl-C."""
     from detserve.runtime.defaults import sample_path
     from detserve.runtime.progress import console, step
 
-    config = load_config(config_path)
-    set_proxy_body_limits(proxy_body_limits(config))
-    set_route_timeouts(route_timeouts(config))
+    config_path = config_path or paths.deploy_config()
+    if adapter is not None:
+        from detserve.serve.app import AppArgs
+
+        apps = adapter_apps(adapter)  # checks the folder and its models before Ray starts
+        with step("Checking the adapter (import and load, as each replica will)"):
+            check_adapter(adapter)
+        set_proxy_body_limits({f"/{name}": AppArgs().max_body_bytes for name, _, _ in apps})
+        set_route_timeouts({f"/{name}": adapter.request_timeout_s for name, _, _ in apps})
+    else:
+        config = load_config(config_path)
+        set_proxy_body_limits(proxy_body_limits(config))
+        set_route_timeouts(route_timeouts(config))
+        for serving in config_adapters(config, only):
+            with step(f"Checking the adapter in {serving.folder} (import and load, as each replica will)"):
+                check_adapter(serving)
     with step("Starting Ray on 127.0.0.1"):
         start_ray()
     # Ctrl-C and SIGTERM both stop Serve and Ray. SIGINT explicitly: a
@@ -369,7 +520,7 @@ def main(config_path: Path = ROOT / "deploy.yaml", host: str = "127.0.0.1", port
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with step("Starting Serve and the applications (a replica loads its model)"):
-            routes = deploy(config_path, host, port, only)
+            routes = deploy_adapter(adapter, host, port) if adapter is not None else deploy(config_path, host, port, only)
     except BaseException:
         shutdown()
         raise

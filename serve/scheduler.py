@@ -2,15 +2,16 @@
 
 Plain asyncio, no Ray, so tests drive it directly with a fake engine.
 
-- **Admission.** A request is admitted only when the scheduler predicts that
-  every admitted image, this request's included, is answered before the
-  earliest deadline among them: ``now + outstanding_images / images_per_s``.
-  The rate comes from what the replica measures (seconds per batch at each
-  batch size, and its engine lanes). Otherwise :class:`Overloaded` at once,
-  with the time until enough work drains (the ``Retry-After``). Because
-  batches are shared round-robin (below), no admitted request finishes later
-  than the whole queue drains, so the check holds for every request, not only
-  the newest.
+- **Admission** (the rule and its arithmetic: serve/admission.py). A request is admitted only when the
+  scheduler predicts that every admitted image, this request's included, is answered within ``headroom`` of
+  the time to the earliest deadline among them, and that its own images (their pixels, from their headers)
+  can be decoded one after another and run before its own deadline. The engine's rate comes from what the
+  replica measures (seconds per batch at each batch size, and its engine lanes); decode's from what its
+  decode threads take per megapixel. Otherwise :class:`Overloaded` at once, with the time until enough work
+  drains (the ``Retry-After``), or, when even an idle replica could not make it, a "hopeless" refusal (422).
+  Because batches are shared round-robin (below), no admitted request finishes later than the whole queue
+  drains, so the check holds for every request, not only the newest. :meth:`Scheduler.outlook` sums the
+  rule up for the ingress, which only compares.
 - **Fairness.** Batches are made of images, not requests: each batch takes one
   ready image from each request in turn, and a request with nothing run yet
   goes ahead of those already served, so a 64-image request cannot starve a
@@ -29,12 +30,10 @@ Plain asyncio, no Ray, so tests drive it directly with a fake engine.
   releases it (``release(ticket, "deadline")``): its images that have not
   started are dropped, not run for nobody. A cancelled request (client gone)
   is dropped the same way.
-- **Calibration.** The engine's cost curve does not see what else a request
-  waits for: decode, the event loop, other processes on the same cores. So the
-  scheduler compares, for every request that waited behind a queue, the time it
-  took with the time it was predicted to take, and keeps an EWMA of the ratio
-  (``slowdown``, from 1 to ``SLOWDOWN_MAX``). Predictions are multiplied by it: a replica that
-  admitted too much under a burst admits less at once, not after a wave of 408s.
+- **Throughput.** The engine's cost curve does not see what else the replica does under load: decode, the
+  event loop, the proxy, other processes on the same cores. So a queue's drain is planned at the rate the
+  replica really answers images while it has a backlog (:class:`detserve.serve.admission.Throughput`); the
+  curve stands in before the first backlog and once the measured one is stale.
 - **Batch policy.** :class:`CostCurve` holds seconds per batch by size,
   measured at warm-up and updated by every batch; one batch in
   ``EXPLORE_EVERY`` runs a neighbouring size so that its figure stays current
@@ -63,26 +62,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from detserve.serve.admission import (
+    ANSWER_BEFORE_TIMEOUT_S, DecodeCost, Outlook, RequestCost, RetrySlots, Throughput, late_by, open_at,
+)  # fmt: skip
+
 #: A size within this share of the cheapest cost per image counts as as cheap (the largest such wins).
 #: 15 %, not less, because the figures are noisy and not measured alike. One batch's time varies by 15-20 %
 #: here from batch to batch, and a size the policy does not run rests on a few explored batches, each run
 #: beside whatever the other lanes run. With 5 %, at 640 px and two lanes, the policy switched among 1, 2
 #: and 4 in every c=16 run. Real differences on a GPU are multiples, far above it.
 #: The largest, not the smallest: within that noise the figures cannot tell the sizes apart, and under
-#: load the bigger batch was the cheaper one. At 640 px with two lanes and c=16-64 (2026-12-04), batches
-#: of 8 ran at 79-81 ms an image in the engine against 84-90 for the policy's batches of 1-2, and gave
-#: 23.4 and 24.5 images/s against 21.4-22.4 (LitServe, batching 5-8: 25.4-25.5, 75 ms an image); a flat
-#: warm-up curve, measured alone, had chosen 1. A short queue still goes the quickest way (quickest_batch).
+#: load the bigger batch was the cheaper one (at 640 px on two lanes, batch 8 ran some 8 % cheaper an image
+#: than the batches of 1-2 that a flat warm-up curve had chosen; docs/benchmarks.md). A short queue still
+#: goes the quickest way (quickest_batch).
 COST_TOLERANCE = 0.15
-#: Only requests predicted to wait at least this long calibrate ``slowdown`` (shorter ones are mostly noise).
-CALIBRATE_MIN_S = 0.05
-SLOWDOWN_ALPHA = 0.2
-#: ``slowdown`` stays at or below this. Under steady load it measures 1.0-1.6 here (the overload
-#: benchmark's phases). Above 2 it was only ever seen from the first requests of a burst on a replica
-#: not yet under load: their short predictions are dwarfed by a fixed delay (the event loop taking in
-#: hundreds of arrivals), the ratio reached the old cap of 4, and, applied to the whole queue, it
-#: refused a third of a 300-request burst that the replica then answered in under 10 s.
-SLOWDOWN_MAX = 2.0
 #: One batch in this many tries the next measured size up or down (in turn), when enough images are ready.
 EXPLORE_EVERY = 16
 #: A size not run for this many batches is not chosen until it runs again. Its figure is from other times
@@ -96,63 +89,8 @@ STALE_AFTER = 4 * EXPLORE_EVERY
 #: own HTTP server takes in 300 connections at once (the HAProxy ingress), its batches ran at about half speed
 #: for a second and a half. Planned at that speed, a burst's last third was refused, then all of it was answered
 #: in 7 s by the speed that came back. The median of 128 batches ignores such a dip and follows a lasting change
-#: within about 64 batches; ``slowdown`` (measured on requests, up to 2x) still covers what the curve misses.
+#: within about 64 batches; under a backlog the measured throughput (serve/admission.py) plans instead.
 STEADY_BATCHES = 128
-
-
-#: The replica answers this much before the proxy's own timeout would fire.
-PROXY_MARGIN_S = 0.5
-
-
-def request_budget_s(server_timeout_s: float, client_timeout_s: float | None) -> float:
-    """Seconds a request has from arrival to answer: the client's timeout when shorter than the server's, less the margin.
-
-    One rule for the replica (``DetectionServer.budget_s``) and the proxy's admission (serve/proxy_admission.py).
-    """
-    budget = server_timeout_s
-    if client_timeout_s is not None and 0 < client_timeout_s < budget:
-        budget = client_timeout_s
-    return max(0.0, budget - PROXY_MARGIN_S)
-
-
-def late_by(now: float, images: float, images_per_s: float, earliest_deadline: float, headroom: float, margin_s: float,
-            latest_deadline: float = math.inf) -> tuple[float, float] | None:
-    """The admission rule: ``None`` when ``images`` (the queue and the new request) finish inside the plan, else
-    (predicted seconds until the last is answered, seconds until there is room: the Retry-After).
-
-    The plan is ``headroom`` of the time to the earliest deadline among the queued requests and this one. The
-    replica's :meth:`Scheduler.admit` and the proxy's admission both decide with it.
-
-    The Retry-After is at most the time to ``latest_deadline`` (the last deadline in the queue): by then every
-    queued request has been answered or dropped (a 408), so there is room whatever the rate. The bound matters
-    in a burst, when the measured rate dips while the connections arrive: a Retry-After from that dip alone told
-    a 400-request burst to come back after 20-48 s, and the replica idled meanwhile.
-    """
-    finish = now + images / images_per_s + margin_s
-    if finish <= now + headroom * (earliest_deadline - now):
-        return None
-    return finish - now, max(0.0, min(finish - earliest_deadline, latest_deadline - now))
-
-
-@dataclass
-class RetrySlots:
-    """Spreads refused requests' Retry-After at the rate the server can take them back.
-
-    Every refusal in a burst sees the same queue, so the drain alone gives them all the same Retry-After and
-    they come back together, to be refused together again: 400 retrying clients with 8 tries each ran out of
-    tries while the replica still had room. Instead each refusal books the next free slot, ``images /
-    images_per_s`` after the last one, no sooner than its own Retry-After and no later than one ``horizon_s``
-    (its deadline's budget) after that: clients that never come back (an open loop) cannot push the line out
-    for ever.
-    """
-
-    next_free: float = -math.inf
-
-    def book(self, now: float, retry_after_s: float, images: int, images_per_s: float, horizon_s: float) -> float:
-        soonest = now + retry_after_s
-        at = min(max(soonest, self.next_free), soonest + max(0.0, horizon_s))
-        self.next_free = at + images / images_per_s
-        return at - now
 
 
 class Overloaded(Exception):
@@ -281,7 +219,6 @@ class Ticket:
     in_line: bool = False  # in one of the scheduler's lines (fresh or served); a closed one is skipped there
     future: asyncio.Future | None = None
     admitted_at: float = 0.0
-    predicted_s: float = 0.0  # admitted_at -> last image done, as the cost curve alone predicts it (no slowdown)
 
 
 @dataclass
@@ -294,7 +231,7 @@ class Settings:
     # continuing images (the express lane, ``Scheduler._lane``). The executor then needs lanes + 1 threads.
     express: bool = True
     policy: str = "measured"  # "measured": the cheapest size per image up to the cap; "fixed": always aim for the cap
-    margin_s: float = 0.05  # answer this much before the deadline (encode + HTTP hop)
+    encode_s: float = 0.05  # reserved before a deadline for encoding and sending the answer
     headroom: float = 0.8  # plan queued work into this share of the time left (the rest absorbs what no curve sees)
 
 
@@ -331,7 +268,8 @@ class Scheduler:
         self._order = itertools.count()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()  # admitted, shed, deadline, cancelled
-        self.slowdown = 1.0  # measured time / predicted time, EWMA (see Calibration above)
+        self.throughput = Throughput()  # images answered per second of backlog (see Calibration above)
+        self.decode = DecodeCost()  # decode + prepare seconds per megapixel, by format (admission by pixels)
         self.retry_slots = RetrySlots()
         self._batches = 0
         self._wake: asyncio.Event | None = None
@@ -412,73 +350,106 @@ class Scheduler:
         return best
 
     def images_per_s(self) -> float | None:
-        """The replica's capacity at its target batch size, from the curve's steady figure (``STEADY_BATCHES``)."""
+        """The replica's engine capacity at its target batch size, from the curve's steady figure (``STEADY_BATCHES``)."""
         size = self.target_batch()
         per_image = self.curve.steady_per_image(size)
         return None if not per_image else self.settings.lanes / per_image
 
-    def effective_images_per_s(self) -> float | None:
-        """:meth:`images_per_s` as requests really see it (``slowdown``): what admission plans with, here and in the proxy."""
+    def drain_rate(self) -> float | None:
+        """Images per second a queue drains at: what the replica answered over its recent backlog, else the curve's."""
+        return self.throughput.images_per_s(self.clock()) or self.images_per_s()
+
+    def predicted_drain_s(self, cost: RequestCost | int | None = None) -> float:
+        """Seconds until every admitted image, and ``cost``'s, is answered: the queue at :meth:`drain_rate`, or this
+        request's own decode (one image after another) and its last image, if longer."""
+        cost = RequestCost(cost) if isinstance(cost, int) else cost or RequestCost(0)
+        rate, engine = self.drain_rate(), self.images_per_s()
+        queue = (self.outstanding + cost.images) / rate if rate else 0.0
+        own = cost.decode_s + (1 / engine if engine and cost.images else 0.0)
+        return max(queue, own)
+
+    def alone_s(self, cost: RequestCost) -> float:
+        """Seconds ``cost`` takes on an idle replica: its images at the engine's rate, or its own decode and last image."""
+        rate = self.images_per_s() or math.inf
+        return max(cost.images / rate, cost.decode_s + 1 / rate) + self.settings.encode_s
+
+    def _queue_changed(self) -> None:
+        """The queue moved: a backlog starts or ends. A backlog is more images, from more requests, than the lanes
+        run at once: one large request alone decodes one image at a time, and its pace is not the replica's."""
+        lanes = self.settings.lanes
+        self.throughput.backlog(self.clock(), self.outstanding > lanes and len(self.tickets) > lanes)
+
+    def outlook(self, replica: str, server_budget_s: float, wall_offset_s: float = 0.0) -> Outlook:
+        """For the ingress (serve/admission.py): from when a one-image request would be admitted, as :meth:`admit`
+        rules, if nothing else were admitted meanwhile. Clock times become wall-clock ones by ``wall_offset_s``."""
+        now, s = self.clock(), self.settings
         rate = self.images_per_s()
-        return None if rate is None else rate / self.slowdown
-
-    def curve_drain_s(self, extra_images: int = 0) -> float:
-        """Seconds until every admitted image (and ``extra_images`` more) is answered, by the cost curve alone."""
-        rate = self.images_per_s()
-        return 0.0 if rate is None else (self.outstanding + extra_images) / rate
-
-    def predicted_drain_s(self, extra_images: int = 0) -> float:
-        """:meth:`curve_drain_s` corrected by what requests really took (``slowdown``)."""
-        return self.slowdown * self.curve_drain_s(extra_images)
-
-    def calibrate(self, ticket: Ticket, took_s: float) -> None:
-        """A request that waited behind a queue took ``took_s`` (at least; it may have missed its deadline)."""
-        if ticket.predicted_s < CALIBRATE_MIN_S:
-            return
-        ratio = took_s / ticket.predicted_s
-        ratio = min(max(ratio, 1.0), SLOWDOWN_MAX)
-        self.slowdown = (1 - SLOWDOWN_ALPHA) * self.slowdown + SLOWDOWN_ALPHA * ratio
+        if rate is None:  # nothing measured: the replica decides
+            return Outlook(replica, 0.0, 0.0, 0.0, 0.0)
+        finish = now + (self.outstanding + 1) / (self.drain_rate() or rate) + s.encode_s
+        earliest = self._earliest_deadline()
+        at = open_at(now, finish, earliest, server_budget_s, s.headroom)
+        if self.outstanding + 1 > s.max_queued_images:
+            at = max(at, now + (self.outstanding + 1 - s.max_queued_images) / rate)
+        # A client deadline D is admitted (by this report) when finish - now <= headroom * (D - now).
+        # A client's timeout T gives the deadline now + T - ANSWER_BEFORE_TIMEOUT_S (request_budget_s).
+        need = now + (finish - now) / s.headroom + ANSWER_BEFORE_TIMEOUT_S if s.headroom > 0 else math.inf
+        least = self.alone_s(RequestCost(1)) / s.headroom + ANSWER_BEFORE_TIMEOUT_S if s.headroom > 0 else math.inf
+        spread = max(1.0, (finish - now) / 2)
+        return Outlook(replica, at + wall_offset_s, need + wall_offset_s, least, spread)
 
     # ---- admission -------------------------------------------------------
-    def admit(self, n_images: int, deadline: float, params: Any = None, budget_s: float | None = None) -> Ticket:
-        """Reserve room for a request of ``n_images`` due by ``deadline`` (clock time), or raise :class:`Overloaded`.
+    def admit(self, cost: RequestCost | int, deadline: float, params: Any = None, budget_s: float | None = None) -> Ticket:
+        """Reserve room for a request (its images, and their decode time by their pixels) due by ``deadline``
+        (clock time), or raise :class:`Overloaded`.
 
         ``budget_s``: the whole time the client gave, when part of it went before the replica saw the
         request (the proxy's queue); "hopeless" (a 422) is judged against it, not against what is left.
         """
+        cost = RequestCost(cost) if isinstance(cost, int) else cost
+        n_images = cost.images
         now = self.clock()
         s = self.settings
+        rate = self.images_per_s() or math.inf
         if self.outstanding + n_images > s.max_queued_images:
-            rate = self.images_per_s() or 1.0
             excess = self.outstanding + n_images - s.max_queued_images
             self.counts["shed"] += 1
-            raise Overloaded(excess / rate, self.predicted_drain_s(n_images), deadline - now,
+            raise Overloaded(excess / min(rate, 1e9), self.predicted_drain_s(cost), deadline - now,
                              f"{self.outstanding} images are queued; the limit is {s.max_queued_images}")  # fmt: skip
-        alone = n_images / (self.images_per_s() or math.inf) + s.margin_s  # idle: no queue, no slowdown
-        if alone > (deadline - now if budget_s is None else budget_s):
+        # Idle, nothing queued: if even then it misses the plan, retrying will not help (a 422).
+        alone = self.alone_s(cost)
+        budget = deadline - now if budget_s is None else budget_s
+        if alone > s.headroom * budget:
             self.counts["shed"] += 1
-            raise Overloaded(0.0, alone, deadline - now,
-                             f"{n_images} images take about {alone:.2f} s here even with nothing queued, "
-                             f"and the deadline is {max(0.0, deadline - now):.2f} s away", hopeless=True)  # fmt: skip
+            raise Overloaded(0.0, alone, deadline - now, self._too_much(cost, alone, budget), hopeless=True)
         earliest, latest = self._deadline_bounds(deadline)
-        rate = self.effective_images_per_s() or math.inf
-        late = late_by(now, self.outstanding + n_images, rate, earliest, s.headroom, s.margin_s, latest)
+        late = late_by(now, self.predicted_drain_s(cost), earliest, s.headroom, s.encode_s, latest)
         if late is not None:
             self.counts["shed"] += 1
-            predicted_s, retry_after_s = late
-            retry_after_s = self.retry_slots.book(now, retry_after_s, n_images, rate, deadline - now)
-            raise Overloaded(retry_after_s, predicted_s, deadline - now,
-                             f"the {self.outstanding} images queued ahead would take {predicted_s:.1f} s, "
+            finish_s, retry_after_s = late
+            own_s = n_images / (self.drain_rate() or rate)
+            retry_after_s = self.retry_slots.book(now, retry_after_s, own_s, deadline - now)
+            raise Overloaded(retry_after_s, finish_s, deadline - now,
+                             f"the {self.outstanding} images queued ahead would take {finish_s:.1f} s, "
                              f"past the deadline {earliest - now:.1f} s away")  # fmt: skip
         ticket = Ticket(n=n_images, deadline=deadline, params=params, items=[None] * n_images, results=[None] * n_images,
-                        admitted_at=now, predicted_s=self.curve_drain_s(n_images))  # fmt: skip
+                        admitted_at=now)  # fmt: skip
         self.outstanding += n_images
         self.tickets.add(ticket)
+        self._queue_changed()
         order = next(self._order)
         heapq.heappush(self._soonest, (deadline, order, ticket))
         heapq.heappush(self._latest, (-deadline, order, ticket))
         self.counts["admitted"] += 1
         return ticket
+
+    def _too_much(self, cost: RequestCost, alone_s: float, budget_s: float) -> str:
+        """Why a request is hopeless, in the numbers it sent: its images and pixels, against its deadline."""
+        what = f"{cost.images} image{'s' if cost.images != 1 else ''}"
+        if cost.pixels:
+            what += f" ({cost.pixels / 1e6:.0f} megapixels, about {cost.decode_s:.1f} s to decode one after another)"
+        return (f"{what} take about {alone_s:.2f} s here even with nothing queued, more than "
+                f"{self.settings.headroom:.0%} of the {max(0.0, budget_s):.2f} s this request has")
 
     def _deadline_bounds(self, deadline: float) -> tuple[float, float]:
         """The earliest and the latest deadline among the admitted tickets and ``deadline``."""
@@ -488,6 +459,12 @@ class Scheduler:
         earliest = min(deadline, self._soonest[0][0]) if self._soonest else deadline
         latest = max(deadline, -self._latest[0][0]) if self._latest else deadline
         return earliest, latest
+
+    def _earliest_deadline(self) -> float:
+        """The earliest deadline among the admitted tickets (inf with none)."""
+        while self._soonest and self._soonest[0][2].closed:
+            heapq.heappop(self._soonest)
+        return self._soonest[0][0] if self._soonest else math.inf
 
     def add(self, ticket: Ticket, index: int, item: Any) -> None:
         """Image ``index`` of ``ticket`` is prepared: it may join the next batch."""
@@ -530,8 +507,6 @@ class Scheduler:
         ticket.closed = True
         if reason:
             self.counts[reason] += 1
-        if reason == "deadline":  # it would have taken longer still: at least this much
-            self.calibrate(ticket, self.clock() - ticket.admitted_at)
         # Images never handed to a batch leave now; those in a batch leave when it ends (_finish).
         self.outstanding -= ticket.n - ticket.started
         self._ready -= len(ticket.ready)
@@ -539,6 +514,7 @@ class Scheduler:
             self._waiting -= 1
         ticket.ready.clear()  # it stays in its line, closed, until a lane passes it (take_batch)
         self.tickets.discard(ticket)
+        self._queue_changed()
         if ticket.future is not None and not ticket.future.done():
             ticket.future.cancel()
 
@@ -630,17 +606,18 @@ class Scheduler:
                     self._express_running = False
                     self._wake.set()  # bulk work held back meanwhile may go on
             self.curve.observe(len(batch), self.clock() - start)
+            self.throughput.finished(self.clock(), len(batch))
             self.batch_sizes[len(batch)] += 1
             for (ticket, index), result in zip(batch, results):
                 self._finish(ticket, index, result)
 
     def _finish(self, ticket: Ticket, index: int, result: Any) -> None:
         self.outstanding -= 1  # every image handed to a batch is counted out here, once
+        self._queue_changed()
         ticket.results[index] = result
         ticket.done += 1
         if ticket.closed or ticket.done < ticket.n:
             return
-        self.calibrate(ticket, self.clock() - ticket.admitted_at)
         if ticket.future is None:
             ticket.future = asyncio.get_running_loop().create_future()
         if not ticket.future.done():
@@ -649,6 +626,7 @@ class Scheduler:
     # ---- what /stats shows -------------------------------------------------
     def stats(self) -> dict:
         rate = self.images_per_s()
+        measured = self.throughput.images_per_s(self.clock())
         return {
             "outstanding_images": self.outstanding,
             "ready_images": self.ready_images(),
@@ -659,14 +637,10 @@ class Scheduler:
             "ms_per_image_by_batch": self.curve.snapshot(),
             "images_per_s": None if rate is None else round(rate, 2),
             "predicted_drain_s": round(self.predicted_drain_s(), 3),
-            "slowdown": round(self.slowdown, 3),
+            "measured_images_per_s": None if measured is None else round(measured, 2),
+            "decode_ms_per_mp": {fmt: round(1000 * v, 2) for fmt, v in sorted(self.decode.s_per_mp.items())},
             "counts": dict(self.counts),
         }
-
-
-def retry_after_header(seconds: float) -> str:
-    """``Retry-After`` takes whole seconds: round up, at least 1."""
-    return str(max(1, math.ceil(seconds)))
 
 
 def measure_curve(run: Callable[[int], None], sizes: Sequence[int], repeats: int = 2, clock: Callable[[], float] = time.perf_counter) -> CostCurve:

@@ -18,10 +18,11 @@ import collections
 import io
 import json
 import os
-import socket
 import sys
 import time
-from pathlib import Path
+
+from detserve.benchmarks.ports import free_port
+from detserve.runtime import paths
 
 # Fast autoscaling metrics, as Ray's own autoscaling tests use. Read by every Ray
 # process at start, so set before Ray starts (the raylets pass them to workers).
@@ -31,12 +32,6 @@ FAST_METRICS_ENV = {
 }
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 APP, DEPLOYMENT = "yolo", "DetectionServer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_png() -> bytes:
@@ -237,6 +232,7 @@ def autoscale(export: str, max_replicas: int = 2, heavy_workers: int = 8, up_tim
 def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: int = 6, retries: int = 8) -> dict:
     """Head (no CPUs) + two 1-CPU workers; one replica per worker; kill a worker under load."""
     from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
     from detserve.serve import ingress
 
@@ -245,14 +241,14 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
     import ray
     from ray.cluster_utils import Cluster
 
-    temp = offline.ray_run_dir() / "cluster"
+    temp = ray_auth.run_dir() / "cluster"
     # Cluster writes <RAY_TMPDIR>/ray/ray_current_cluster (the machine-wide /tmp/ray without it):
     # keep that in this run's own folder too.
     (temp / "ray").mkdir(parents=True, exist_ok=True)
     os.environ["RAY_TMPDIR"] = str(temp)
     # Token auth on, as on a real cluster: every node (each a child of this process) reads
     # the same token file, and so does the driver.
-    auth = offline.ray_auth_env(temp)
+    auth = ray_auth.environment(temp)
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.update(auth)
     node = {"object_store_memory": 100 * 1024 * 1024, "node_ip_address": "127.0.0.1"}
@@ -277,7 +273,7 @@ def multinode(export: str, before_s: float = 4, after_s: float = 10, workers: in
 
         ray.init(
             address=cluster.address, logging_level="WARNING",
-            runtime_env={"env_vars": {**env, **auth, "DETSERVE_ROOT": str(Path(__file__).resolve().parent.parent)}},
+            runtime_env={"env_vars": {**env, **auth, paths.ROOT_ENV: str(paths.root())}},
         )  # fmt: skip
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly", logging_config=QUIET)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 from pathlib import Path
 
@@ -10,10 +11,44 @@ import numpy as np
 import pytest
 
 import detserve.runtime.offline
+from detserve.benchmarks.ports import free_port  # noqa: F401  (the tests' one way to get a port)
 
 detserve.runtime.offline.apply()
+# A deleted application's replica otherwise holds its HTTP server open for 30 s under the HAProxy ingress (Ray's
+# direct-ingress draining floor, for load balancers to deregister it): each serve.delete in the suite waited that
+# long. Nothing balances across the test Ray's replicas. Read by every Ray process at start, so set before it.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- no network ---------------------------------------------------------------
+
+_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", None}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach a host other than loopback fails the test (even if dtlpy swallows the error)."""
+    attempts: list[str] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in _LOCAL_HOSTS:
+            attempts.append(f"connect {address}")
+            raise ConnectionRefusedError(f"offline test: no connection to {address}")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL_HOSTS:
+            attempts.append(f"resolve {host!r}")
+            raise socket.gaierror(f"offline test: no lookup of {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +95,6 @@ def fasterrcnn_export(tmp_path_factory) -> Path:
 QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def metrics_port() -> int:
     return free_port()
@@ -97,9 +126,36 @@ def serve_cluster(metrics_port):
     shutdown()
 
 
-def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+def orientation_exif(orientation: int):
+    """EXIF that tells a viewer to turn the stored pixels (tag 0x0112: 3 half turn, 6 and 8 quarter turns)."""
     from PIL import Image
 
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.fixture(scope="session")
+def yolo_url(serve_cluster, yolo_export):
+    """The default YOLO as an application of the session's Ray, for every module that needs one running (its
+    URL prefix, ``.../yolo``). One replica: an autoscaled second one would start (and warm up, taking a core)
+    in the middle of a later test."""
+    from ray import serve
+
+    from detserve.serve.app import application
+
+    options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 32,
+               "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}}  # fmt: skip
+    serve.run(application({"model": str(yolo_export)}, options), name="yolo", route_prefix="/yolo", blocking=False, logging_config=QUIET)
+    return f"{serve_cluster}/yolo"
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", *, orientation: int | None = None, **kwargs) -> bytes:
+    """``image`` as a file in ``fmt`` (Pillow's save options in ``kwargs``), with an EXIF orientation if given."""
+    from PIL import Image
+
+    if orientation is not None:
+        kwargs["exif"] = orientation_exif(orientation)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
@@ -109,17 +165,26 @@ def encode(image: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
 def local_client(yolo_export):
     """The real FastAPI app of a replica around the real server class, in this process: no Ray.
 
-    ``DetectionServer`` is Serve's deployment; ``func_or_class.__mro__[1]`` is the
-    plain class under Serve's ingress wrapper. Its scheduler is plain asyncio, so
-    decode, admission, batching, limits, errors and encoding are the deployment's
-    own. Small limits so the limit tests stay fast.
+    ``Replica`` is the plain class Serve deploys (``DetectionServer``). Its scheduler is
+    plain asyncio, so decode, admission, batching, limits, errors and encoding are the
+    deployment's own. Small limits so the limit tests stay fast.
     """
     from starlette.testclient import TestClient
 
-    from detserve.serve.app import DetectionServer
+    from detserve.serve.app import Replica
     from detserve.serve.http import build_api
 
-    server = DetectionServer.func_or_class.__mro__[1]({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
+    server = Replica({"model": str(yolo_export), "max_body_bytes": 2 * 1024 * 1024, "max_images": 4})
     with TestClient(build_api(server), raise_server_exceptions=False) as client:
         client.server = server
         yield client
+
+
+@pytest.fixture(scope="session")
+def tutorial_export(tmp_path_factory) -> Path:
+    """The Dataloop tutorial adapter's weights exported by `detserve export --adapter` once per session (parity checked)."""
+    from detserve.adapters.accelerate import accelerate
+
+    out, parity = accelerate(ROOT / "adapters" / "apps" / "examples" / "yolo-tutorial", out=tmp_path_factory.mktemp("accelerated") / "yolo20n", quiet=True)
+    assert parity.passed, parity.summary()
+    return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +37,10 @@ PX, SCORE = 0.5, 1e-3  # agreement with the reference: box corners (pixels), sco
 
 # --- no network ---------------------------------------------------------------
 
-_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", None}
-
-
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to reach a host other than loopback fails the test (even if dtlpy swallows the error)."""
-    attempts: list[str] = []
-    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in _LOCAL_HOSTS:
-            attempts.append(f"connect {address}")
-            raise ConnectionRefusedError(f"offline test: no connection to {address}")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in _LOCAL_HOSTS:
-            attempts.append(f"resolve {host!r}")
-            raise socket.gaierror(f"offline test: no lookup of {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+def _offline(no_network):
+    """Every test here fails if it tries to reach a host other than loopback (conftest.no_network)."""
     yield
-    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 # --- offline dtlpy entities -----------------------------------------------------
@@ -208,12 +186,6 @@ def assert_model_info(annotations: list[dict], model: dl.Model, labels: set[str]
         assert a["label"] in labels
 
 
-def exif_rotated_jpeg(image: np.ndarray, orientation: int = 6) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return encode(image, "JPEG", quality=92, exif=exif)
-
-
 def as_displayed(path: Path) -> np.ndarray:
     """The RGB pixels a viewer shows for a file (EXIF applied by PIL, not by detserve)."""
     with Image.open(path) as im:
@@ -234,7 +206,7 @@ def image_files(tmp_path_factory, scenes) -> list[tuple[Path, np.ndarray]]:
         path.write_bytes(encode(scene.image, fmt, **({"quality": 92} if fmt == "JPEG" else {})))
         files.append(path)
     rotated = folder / "rotated.jpg"
-    rotated.write_bytes(exif_rotated_jpeg(scenes[4].image))
+    rotated.write_bytes(encode(scenes[4].image, "JPEG", quality=92, orientation=6))
     files.append(rotated)
     out = [(path, as_displayed(path)) for path in files]
     h, w = scenes[4].image.shape[:2]
@@ -558,7 +530,8 @@ def test_fasterrcnn_train_and_save_give_a_servable_export(fasterrcnn_export, sce
 @pytest.mark.parametrize("n,model_id", [(0, None), (1, None), (37, "m-123")])
 def test_box_annotations_equal_dtlpys_own_to_json(n, model_id):
     """The serving path's direct JSON is what dtlpy would write, key order included (byte-for-byte once dumped)."""
-    from detserve.adapters.base import box_annotations, to_collection
+    from detserve.adapters.base import to_collection
+    from detserve.adapters.box_json import box_annotations
     from detserve.runtime.postprocess import Detections
 
     rng = np.random.default_rng(n)

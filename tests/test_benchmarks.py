@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -12,27 +11,13 @@ from aiohttp import web
 
 from detserve.benchmarks import loadgen, report
 from detserve.benchmarks.loadgen import ClosedLoop, OpenLoop, Window, WindowPlan, diff_stats, is_stable, percentile, require_loopback
+from tests import stand_in
 
 # --- a tiny local server ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _serve(handler, stats=None):
-    app = web.Application()
-    app.router.add_post("/predict", handler)
-    if stats is not None:
-        app.router.add_get("/stats", stats)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = _free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    return runner, f"http://127.0.0.1:{port}"
+    return await stand_in.start(("POST", "/predict", handler), *([("GET", "/stats", stats)] if stats is not None else []))
 
 
 def _fast_plan(**kw) -> WindowPlan:
@@ -330,7 +315,7 @@ def test_photo_payloads_span_vga_to_twelve_megapixels():
 
     from PIL import Image
 
-    from detserve.benchmarks.raw import PHOTO_SIZES, photo_payloads
+    from detserve.benchmarks.payloads import PHOTO_SIZES, photo_payloads
 
     sizes = [Image.open(io.BytesIO(p)).size for p in photo_payloads(5)]
     assert sizes == list(PHOTO_SIZES) and Image.open(io.BytesIO(photo_payloads(1)[0])).format == "JPEG"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
+
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_check(name: str, export: Path, timeout_s: float) -> dict:

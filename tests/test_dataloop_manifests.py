@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +25,8 @@ from dtlpy.ml.base_model_adapter import AdapterDefaults  # noqa: E402
 
 from detserve.adapters.base import CONFIG_KEYS, label_map  # noqa: E402
 from detserve.training.synthetic import CLASSES  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "adapters" / "apps"
 README = APPS / "README.md"
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from detserve.serve.app import AppArgs, UserConfig
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def configs():
@@ -67,3 +65,19 @@ def test_every_replica_autoscaling_asks_for_can_be_placed_on_two_cores():
     # ... and the check does find a config that cannot be placed
     problems = placement_problems(deploy, cpus=1)
     assert problems and "max_replicas" in problems[-1]
+
+
+def test_the_adapter_config_builds_adapter_apps_with_valid_args():
+    """deploy-adapter.yaml: every app is an adapter app whose args name a folder and one of its models."""
+    from detserve.adapters.dataloop_app import read_app
+    from detserve.serve.app import AdapterArgs, build_adapter_app
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy-adapter.yaml").read_text()))
+    assert {a.name for a in config.applications} == {"yolo20n", "fasterrcnn-shapes"}
+    for app in config.applications:
+        assert app.import_path == "detserve.serve.app:build_adapter_app" and app.route_prefix == f"/{app.name}"
+        args = AdapterArgs(**app.args)
+        assert read_app(ROOT / args.adapter).model(args.model).name == app.name
+        assert app.runtime_env["env_vars"]["YOLO_OFFLINE"] == "1"
+    built = build_adapter_app({"adapter": str(ROOT / "adapters/apps/examples/yolo-tutorial")})
+    assert type(built).__name__ == "Application"

@@ -9,7 +9,6 @@ bookkeeping (with a stand-in for the capture). What needs a GPU is marked
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +27,8 @@ from detserve.runtime.device import (
 )
 from detserve.runtime.postprocess import DetectParams, unletterbox, yolo_nms
 from detserve.runtime.preprocess import letterbox, pack
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 IMGSZ = 320  # models/yolo-shapes.pt is trained at 320
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")

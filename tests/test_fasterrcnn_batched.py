@@ -6,10 +6,10 @@ the exported ONNX graph run by onnxruntime:
 
 * images of one aspect ratio but different original sizes pad to the same
   size alone and in a batch, so every image must match ``model([image])``
-  (IoU >= 0.99, same label, score within 1e-4), for N = 1..8;
+  (IoU >= 0.99, same label, score within 1e-4), for N in BATCH_SIZES (1 to 8);
 * images of mixed sizes share the batch's padding, which changes the
   backbone's features near the padded border: they must match torchvision's
-  batched forward ``model(images)`` (the same computation), for N = 1..8.
+  batched forward ``model(images)`` (the same computation), for the same N.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from detserve.runtime.postprocess import Detections  # noqa: E402
 from detserve.runtime.batched_rcnn import INPUT_NAMES, OUTPUT_NAMES, BatchedFasterRCNN, resize_and_batch  # noqa: E402
 from detserve.export.fasterrcnn import export_batched  # noqa: E402
 from detserve.export.parity import ParityResult, compare  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "models" / "fasterrcnn-shapes.pth"
 SCORE_TOL = 1e-4
 #: detections this close to box_score_thresh may appear on one side only (fp32 noise)
@@ -164,7 +164,9 @@ def test_resize_and_batch_is_torchvisions_transform(trained, mixed_images):
 
 # --------------------------------------------------------------------------- parity, trained model
 
-BATCH_SIZES = range(1, 9)
+#: Batch sizes checked against torchvision: one image, the smallest batch, an odd size, and the largest
+#: batch Faster R-CNN gets on a GPU pod (8). Every size from 1 to 8 cost twice the time of these four.
+BATCH_SIZES = (1, 2, 5, 8)
 
 
 @pytest.fixture(scope="module")

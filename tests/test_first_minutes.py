@@ -3,15 +3,13 @@ model looks for, `detserve status` without a server says so, the ready banner is
 
 from __future__ import annotations
 
-import socket
-
 import click
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from detserve.cli import app
-from tests.conftest import encode
+from tests.conftest import encode, free_port
 
 runner = CliRunner()
 
@@ -71,9 +69,7 @@ def test_info_names_the_classes(yolo_export):
 
 
 def test_status_without_a_server_says_so_in_one_line():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     result = runner.invoke(app, ["status", "--url", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]

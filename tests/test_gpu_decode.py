@@ -15,11 +15,7 @@ from tests.conftest import encode
 
 
 def jpeg_with_orientation(image: np.ndarray, orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
-    return buf.getvalue()
+    return encode(image, "JPEG", quality=95, orientation=orientation)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ pod, and say which GPU-only builds it left for the pod and why.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +28,7 @@ from detserve.runtime.engines.compiled import (
 from detserve.runtime.engines.tensorrt import EngineMismatch
 from detserve.runtime.manifest import ManifestError, read_manifest
 from detserve.runtime.pods import export_plan
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +229,7 @@ def test_gpu_check_without_cuda_exits_cleanly_saying_so(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # about 30 s: every section of the GPU script on the CPU; `make test` keeps the no-GPU run above
 def test_gpu_check_cpu_smoke_runs_every_section_without_the_missing_packages(a100_export, tmp_path):
     out, _ = a100_export
     result = _gpu_check("--model", str(out), "--out", str(tmp_path / "out"), "--cpu-smoke", env={"OMP_NUM_THREADS": "1"})

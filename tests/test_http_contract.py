@@ -324,7 +324,7 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
     """Ray cancels the handler task when the client goes away; images not yet batched are dropped."""
     server = local_client.server
     calls = {"infer": 0}
-    real_decode, real_infer = server.detector.decode, server.detector.run
+    real_decode, real_infer = server.model.detector.decode, server.model.detector.run
 
     def slow_decode(*args, **kwargs):
         import time
@@ -336,8 +336,8 @@ def test_a_request_cancelled_while_decoding_never_reaches_the_engine(local_clien
         calls["infer"] += 1
         return real_infer(*args, **kwargs)
 
-    monkeypatch.setattr(server.detector, "decode", slow_decode)
-    monkeypatch.setattr(server.detector, "run", counting_infer)
+    monkeypatch.setattr(server.model.detector, "decode", slow_decode)
+    monkeypatch.setattr(server.model.detector, "run", counting_infer)
 
     async def main():
         task = asyncio.create_task(_call(local_client.app, _scope(), [{"type": "http.request", "body": png(), "more_body": False}]))
@@ -465,7 +465,8 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
 
     from starlette.requests import Request
 
-    from detserve.serve.app import PROXY_MARGIN_S, DetectionServer, waited_since_proxy
+    from detserve.serve.admission import ANSWER_BEFORE_TIMEOUT_S
+    from detserve.serve.app import Replica, waited_since_proxy
 
     def request(stamp: bytes | None) -> Request:
         headers = [] if stamp is None else [(b"x-detserve-received-at", stamp)]
@@ -474,13 +475,13 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     assert 1.9 < waited_since_proxy(request(repr(time.time() - 2).encode())) < 3
     assert waited_since_proxy(request(repr(time.time() + 60).encode())) == 0.0  # a clock ahead of ours: no credit
     assert waited_since_proxy(request(b"junk")) == 0.0 and waited_since_proxy(request(None)) == 0.0
-    cls = DetectionServer.func_or_class  # the class under @serve.deployment
+    cls = Replica  # the plain class Serve deploys
     server = SimpleNamespace(args=SimpleNamespace(request_timeout_s=30.0))
     server.budget_s = lambda timeout_s: cls.budget_s(server, timeout_s)
     deadline = cls.deadline
     now = time.monotonic()
-    assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - PROXY_MARGIN_S)) < 0.1
-    assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - PROXY_MARGIN_S)) < 0.1
+    assert abs(deadline(server, 2.0, 0.0) - (now + 2.0 - ANSWER_BEFORE_TIMEOUT_S)) < 0.1
+    assert abs(deadline(server, 2.0, 1.0) - (now + 1.0 - ANSWER_BEFORE_TIMEOUT_S)) < 0.1
     assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted
 
 
@@ -592,8 +593,9 @@ def test_detserve_serve_hands_the_proxy_each_apps_limit_and_the_body_limit_is_ou
     from detserve.serve.app import AppArgs
     from detserve.serve.body_limit import BodyLimit
     from detserve.serve.middleware import middlewares
-    from detserve.serve.run import ROOT, load_config, proxy_body_limits
+    from detserve.runtime.paths import deploy_config
+    from detserve.serve.run import load_config, proxy_body_limits
 
-    assert proxy_body_limits(load_config(ROOT / "deploy.yaml")) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
+    assert proxy_body_limits(load_config(deploy_config())) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
     assert route_limits.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
     assert middlewares()[-1].cls is BodyLimit  # Ray wraps in list order: the last sees requests first

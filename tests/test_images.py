@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from detserve.runtime import images as imagelib
 from detserve.runtime.images import ImageError, Limits, decode
-from tests.conftest import encode
+from tests.conftest import encode, orientation_exif
 
 
 def gradient(h: int = 48, w: int = 64) -> np.ndarray:
@@ -37,11 +37,7 @@ def test_jpeg_decodes_close():
 @pytest.mark.parametrize("orientation,expect", [(1, lambda a: a), (3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
 def test_exif_orientation_is_applied(orientation, expect):
     image = gradient(40, 60)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", exif=exif)
-    out = decode(buf.getvalue())
+    out = decode(encode(image, "PNG", orientation=orientation))
     np.testing.assert_array_equal(out, expect(image))
 
 
@@ -182,9 +178,7 @@ def _jpeg(array: np.ndarray, orientation: int | None = None, mode: str = "RGB", 
     out = io.BytesIO()
     save = {"quality": 90, **save}
     if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        save["exif"] = exif
+        save["exif"] = orientation_exif(orientation)
     Image.fromarray(array).convert(mode).save(out, "JPEG", **save)
     return out.getvalue()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,17 +115,25 @@ def serve_in_thread(app, port: int):
 
 
 class FakeReplica:
-    """A replica's HTTP server as HAProxy sees it: detserve's admission middleware in front of an app that answers
-    /predict with the replica's load report (2 images/s), holding requests marked ``x-hold`` until :meth:`free`."""
+    """A replica's HTTP server as HAProxy sees it: detserve's middleware in front of an app that admits /predict
+    with the replica's real :class:`Scheduler` (2 images/s, the server's 30 s timeout) and answers with its real
+    outlook; requests marked ``x-hold`` stay queued until :meth:`free`."""
 
     def __init__(self):
         import asyncio
 
-        from detserve.serve.proxy_admission import LOAD_HEADER, LoadReport, ProxyAdmission
+        from detserve.serve.admission import ADMIT_HEADER, REFUSED_BY_HEADER, request_budget_s
+        from detserve.serve.proxy_admission import ProxyAdmission, parse_timeout
+        from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings
 
-        self.seen = 0  # requests that reached the app (past the middleware)
+        self.scheduler = Scheduler(lambda items, params: items, Settings(max_batch_size=1), curve=CostCurve({1: 0.5}))
+        self.seen = 0  # requests that reached the app (past HAProxy and the middleware)
+        self.verdicts: list[str] = []
         self.held, self.loop = None, None
-        report = LoadReport("r1", 2.0, 30.0, 0.8, 0.05, 64, 1).header().encode()
+
+        def outlook() -> tuple[bytes, bytes]:
+            o = self.scheduler.outlook("r1", request_budget_s(30.0, None), time.time() - self.scheduler.clock())
+            return ADMIT_HEADER.encode(), o.header().encode()
 
         async def app(scope, receive, send):
             if scope["type"] != "http":
@@ -135,24 +144,38 @@ class FakeReplica:
             self.seen += 1
             while (await receive()).get("more_body"):
                 pass
-            if (b"x-hold", b"1") in scope["headers"]:
+            headers = dict(scope["headers"])
+            deadline = self.scheduler.clock() + request_budget_s(30.0, parse_timeout(headers.get(b"x-request-timeout-seconds")))
+            try:
+                ticket = self.scheduler.admit(1, deadline)
+            except Overloaded as exc:
+                self.verdicts.append("hopeless" if exc.hopeless else "refused")
+                status = 422 if exc.hopeless else 503
+                await send({"type": "http.response.start", "status": status, "headers": [
+                    (b"content-type", b"application/json"), (REFUSED_BY_HEADER.encode(), b"replica"), outlook()]})
+                return await send({"type": "http.response.body", "body": b'{"error": {"code": "x", "message": "x"}}'})
+            self.verdicts.append("admitted")
+            if headers.get(b"x-hold") == b"1":
                 if self.held is None:
                     self.held, self.loop = asyncio.Event(), asyncio.get_running_loop()
                 await self.held.wait()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (LOAD_HEADER, report)]})  # fmt: skip
-            await send({"type": "http.response.body", "body": b'{"predictions": []}'})
+            self.scheduler.release(ticket)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), outlook()]})
+            await send({"type": "http.response.body", "body": b'{"results": []}'})
 
         self.asgi = ProxyAdmission(app, haproxy=True)
 
     def free(self) -> None:
         if self.held is not None:
             self.loop.call_soon_threadsafe(self.held.set)
+            self.held = None  # the next held requests wait for the next free()
 
 
 def test_haproxy_refuses_what_the_replica_would_refuse_without_reaching_it(tmp_path):
+    """The real HAProxy running the real Lua (rendered as detserve-haproxy renders it) in front of a replica whose
+    admission is the real scheduler: once the replica's answers say it is full, HAProxy refuses the same requests
+    the replica would, and only those, without the replica seeing them."""
     import concurrent.futures
-    import time
 
     import httpx
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
@@ -181,31 +204,50 @@ def test_haproxy_refuses_what_the_replica_would_refuse_without_reaching_it(tmp_p
                     break
                 except httpx.TransportError:
                     time.sleep(0.05)
-            first = client.post(url, content=b"jpeg", headers=photo)  # the replica's rate, heard by the middleware
+            first = client.post(url, content=b"jpeg", headers=photo)  # the replica's outlook, heard by HAProxy
             assert first.status_code == 200 and "x-detserve-admit" not in first.headers  # HAProxy strips it
-            # 2 images/s, a 5 s deadline: 4.5 s of budget, 0.8 of it planned: 7 requests fit, the rest are refused.
-            short = {**photo, "x-request-timeout-seconds": "5", "x-hold": "1"}
+            # 2 images/s, a 5.3 s deadline: 4.8 s of budget, 0.8 of it planned: 7 requests fit, the rest are refused.
+            short = {**photo, "x-request-timeout-seconds": "5.3", "x-hold": "1"}
             burst = [pool.submit(httpx.post, url, content=b"jpeg", headers=short, timeout=10) for _ in range(16)]
             deadline = time.monotonic() + 5
-            while sum(f.done() for f in burst) + replica.seen - 1 < 16 and time.monotonic() < deadline:
+            while sum(f.done() for f in burst) + replica.verdicts.count("admitted") - 1 < 16 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            admitted = replica.seen - 1
-            assert 1 <= admitted < 16 and all(f.result().status_code == 503 for f in burst if f.done())
-            # The replica's refusals told HAProxy: the same request is refused there now, and the replica never sees it.
+            admitted = replica.verdicts.count("admitted") - 1
+            assert 5 <= admitted <= 7 and all(f.result().status_code == 503 for f in burst if f.done())  # 7 if they all arrive at once
+            # The replica's answers told HAProxy: the same requests are refused there now, and the replica never sees them.
+            seen = replica.seen
             later = [client.post(url, content=b"jpeg", headers=short) for _ in range(5)]
-            assert [r.status_code for r in later] == [503] * 5 and replica.seen - 1 == admitted
+            later += [client.post(url, content=b"jpeg", headers=photo) for _ in range(3)]  # the server's 30 s: an earlier deadline is queued
+            assert [r.status_code for r in later] == [503] * 8 and replica.seen == seen
             for r in later:
                 error = r.json()["error"]
                 assert r.headers["x-detserve-refused-by"] == "haproxy" and int(r.headers["retry-after"]) >= 1
                 assert error["code"] == "overloaded" and "refused at the ingress" in error["message"]
-                assert "x-detserve-admit" not in r.headers
-            # A request that could not make its deadline even alone goes on: the replica says why (here: the app).
+                assert error["message"].count(r.headers["retry-after"] + " s") == 1 and "x-detserve-admit" not in r.headers
+            # What the replica would refuse, HAProxy refused; what the replica would admit or call hopeless goes on.
             hopeless = client.post(url, content=b"jpeg", headers={**photo, "x-request-timeout-seconds": "0.6"})
-            assert replica.seen - 1 == admitted + 1 and hopeless.status_code == 200
+            assert replica.seen == seen + 1 and hopeless.status_code == 422 and replica.verdicts[-1] == "hopeless"
             replica.free()
             assert [f.result().status_code for f in burst].count(200) == admitted
-        # Drained: the last answers said there is room, and HAProxy lets requests through again.
-        assert httpx.post(url, content=b"jpeg", headers=photo).status_code == 200
+            # Drained: the last answers said there is room, and HAProxy lets requests through again.
+            assert client.post(url, content=b"jpeg", headers=photo).status_code == 200
+            # A queue of far deadlines (12 images: 6 s) leaves room for the server's own 30 s, not for a client's 5 s;
+            # 15 s is enough (6.55 s of work within 0.8 x 14.5 s). HAProxy refuses only the 5 s one.
+            far = [pool.submit(httpx.post, url, content=b"jpeg", headers={**photo, "x-hold": "1"}, timeout=20) for _ in range(12)]
+            until = time.monotonic() + 10
+            while replica.verdicts.count("admitted") < admitted + 2 + 12 and time.monotonic() < until:
+                time.sleep(0.02)
+            client.post(url, content=b"jpeg", headers={**photo, "x-request-timeout-seconds": "0.6"})  # an answer: the outlook, now
+            seen = replica.seen
+            five = client.post(url, content=b"jpeg", headers={**photo, "x-request-timeout-seconds": "5"})
+            assert five.status_code == 503 and five.headers["x-detserve-refused-by"] == "haproxy" and replica.seen == seen
+            verdicts, until = len(replica.verdicts), time.monotonic() + 10
+            fifteen = pool.submit(httpx.post, url, content=b"jpeg", headers={**photo, "x-request-timeout-seconds": "15", "x-hold": "1"}, timeout=20)
+            while len(replica.verdicts) == verdicts and time.monotonic() < until:
+                time.sleep(0.02)
+            assert replica.verdicts[-1] == "admitted"
+            replica.free()
+            assert fifteen.result().status_code == 200 and all(f.result().status_code == 200 for f in far)
     finally:
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode(errors="replace")

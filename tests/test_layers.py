@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 
 #: folder -> (its subpackage, the subpackages it may import besides itself)
 LAYERS = {

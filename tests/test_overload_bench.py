@@ -5,30 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 
 import pytest
 from aiohttp import web
 
 from detserve.benchmarks import loadgen, overload, peers
 from detserve.benchmarks.overload import Reply
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests import stand_in
 
 
 async def _serve(handler):
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/predict", handler)
-    app.router.add_post(f"/{overload.APP}/predict", handler)  # the benchmark's own route
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    # /predict, and the benchmark's own route
+    return await stand_in.start(("POST", "/predict", handler), ("POST", f"/{overload.APP}/predict", handler), client_max_size=64 * 1024 * 1024)
 
 
 # --- the burst shape and the response hook --------------------------------------------------
@@ -49,8 +37,8 @@ def test_a_burst_has_every_request_in_flight_at_once_and_keeps_each_retry_after(
         in_flight -= 1
         i = int(request.headers["x-i"])
         if i % 4 == 0:
-            body = {"error": {"code": "overloaded", "message": f"{overload.REPLICA_SHED_PREFIX}: 9 images queued"}}
-            return web.json_response(body, status=503, headers={"Retry-After": str(1 + i % 3)})
+            body = {"error": {"code": "overloaded", "message": "the server is busy: 9 images queued"}}
+            return web.json_response(body, status=503, headers={"Retry-After": str(1 + i % 3), "x-detserve-refused-by": "replica"})
         return web.json_response({"results": []})
 
     seen = {}
@@ -86,14 +74,14 @@ def test_a_burst_counts_timeouts_and_transport_failures_as_results():
 
 
 def test_classify_tells_who_shed_a_request():
-    from detserve.serve.proxy_admission import Refusal, refusal_body
+    from detserve.serve.proxy_admission import refusal_body
 
     ray_queue = json.dumps({"error": {"code": "overloaded", "message": "the server's queue is full: retry after 1 second(s)"}}).encode()
     assert overload.classify(503, {"Retry-After": "1"}, ray_queue) == ("1", "overloaded", "ray-queue")
     replica = json.dumps({"error": {"code": "overloaded", "message": "the server is busy: the 9 images queued ahead ..."}}).encode()
-    assert overload.classify(503, {"Retry-After": "2"}, replica) == ("2", "overloaded", "replica")
-    headers, body = refusal_body(Refusal(2.5, 3.0, 1.0, 40))
-    assert overload.classify(503, {"Retry-After": headers["retry-after"]}, body) == ("3", "overloaded", "proxy")
+    assert overload.classify(503, {"Retry-After": "2", "x-detserve-refused-by": "replica"}, replica) == ("2", "overloaded", "replica")
+    body = refusal_body("3")
+    assert overload.classify(503, {"Retry-After": "3", "x-detserve-refused-by": "proxy"}, body) == ("3", "overloaded", "proxy")
     haproxy = {"Retry-After": "3", "x-detserve-refused-by": "haproxy"}  # serve/haproxy_admission.lua's refusals
     assert overload.classify(503, haproxy, body) == ("3", "overloaded", "haproxy")
     assert overload.classify(408, {}, json.dumps({"error": {"code": "deadline_exceeded", "message": "x"}}).encode()) == (None, "deadline_exceeded", None)

@@ -6,7 +6,6 @@ engines and is skipped without TensorRT and a CUDA GPU.
 
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
@@ -49,8 +48,8 @@ from detserve.export.tensorrt import (
     manifest_profile,
     profile_shapes,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # -- the pod table -------------------------------------------------------------
 
@@ -164,7 +163,7 @@ def test_plan_fp16_on_cpu_builds_fp32_and_says_why():
     assert "fp16" in plan.reason and "CPU" in plan.reason
 
 
-@pytest.mark.parametrize(("fmt", "precision", "word"), [("engine", None, "format"), ("onnx", "int8", "precision")])
+@pytest.mark.parametrize(("fmt", "precision", "word"), [("engine", None, "format"), ("onnx", "int4", "precision")])
 def test_plan_rejects_unknown_values(fmt, precision, word):
     with pytest.raises(ValueError, match=word):
         export_plan("gpu-t4", fmt, precision)
@@ -243,7 +242,7 @@ def test_engine_filename_keeps_dots_in_the_stem():
 
 
 @pytest.mark.parametrize(
-    "args", [("m", "75", "10.14", "fp16"), ("m", "sm_75", "ten", "fp16"), ("m", "sm_75", "10.14", "int8"), ("", "sm_75", "10.14", "fp16")]
+    "args", [("m", "75", "10.14", "fp16"), ("m", "sm_75", "ten", "fp16"), ("m", "sm_75", "10.14", "int4"), ("", "sm_75", "10.14", "fp16")]
 )
 def test_engine_filename_rejects_bad_parts(args):
     with pytest.raises(ValueError):

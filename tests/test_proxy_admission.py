@@ -1,150 +1,128 @@
-"""Admission in the proxy (serve/proxy_admission.py): the replica's rule, applied before the replica trip."""
+"""Admission's one rule (serve/admission.py, serve/scheduler.py) and the ingress that only compares
+(serve/proxy_admission.py; HAProxy's Lua runs live in tests/test_ingress.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 
-from detserve.serve.proxy_admission import REFUSED_HERE, LoadReport, ProxyAdmission, Refusal, RouteAdmission
-from detserve.serve.scheduler import PROXY_MARGIN_S, CostCurve, Overloaded, Scheduler, Settings
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detserve.serve.admission import ANSWER_BEFORE_TIMEOUT_S, FRESH_S, Outlook, RequestCost, request_budget_s
+from detserve.serve.proxy_admission import REFUSED_HERE, ProxyAdmission, render_lua
+from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
 
 
-def report(rate: float | None = 10.0, replica: str = "a", timeout: float = 2.0 + PROXY_MARGIN_S, images: int = 1) -> LoadReport:
-    return LoadReport(replica, rate, timeout, headroom=0.8, margin_s=0.05, max_images=64, images=images)
+def scheduler(rate: float = 10.0, headroom: float = 0.8, clock: Clock | None = None, **kw) -> Scheduler:
+    return Scheduler(lambda items, params: items, Settings(max_batch_size=1, headroom=headroom, **kw),
+                     curve=CostCurve({1: 1 / rate}), clock=clock or Clock())  # fmt: skip
 
 
-def admitted(route: RouteAdmission, n: int, **kwargs) -> list[int | Refusal]:
-    return [route.decide(**{"content_length": None, "client_timeout_s": None, **kwargs}) for _ in range(n)]
+def test_the_outlook_round_trips_and_junk_is_ignored():
+    o = Outlook("replica-x7", 1765000000.125, 1765000004.5, 0.7, 2.0)
+    assert Outlook.parse(o.header().encode()) == o and Outlook.parse(o.header()) == o
+    for junk in (None, "", "replica=a", "replica=a;open_at=x;need_until=1;least_timeout=1;spread=1",
+                 "replica=a;open_at=nan;need_until=1;least_timeout=1;spread=1",
+                 "replica=a;open_at=1;need_until=1;least_timeout=1;spread=-1"):  # fmt: skip
+        assert Outlook.parse(junk) is None
 
 
-def test_the_load_report_round_trips_and_junk_is_ignored():
-    r = report(12.5, "replica-x7")
-    assert LoadReport.parse(r.header().encode()) == r
-    assert LoadReport.parse(report(None).header()) == report(None)
-    for junk in (b"", b"rate=3", b"replica=a;rate=x;timeout=1;headroom=1;margin=0;max_images=1;images=1",
-                 report(-1.0).header().encode(), report(float("inf")).header().encode()):  # fmt: skip
-        assert LoadReport.parse(junk) is None
+def test_an_outlook_refuses_before_open_at_and_too_short_timeouts_unless_hopeless():
+    o = Outlook("a", open_at=100.0, need_until=110.0, least_timeout_s=1.0, spread_s=4.0)
+    assert o.refuses(99.9) and not o.refuses(100.0)
+    assert o.refuses(101.0, client_timeout_s=5.0) and not o.refuses(101.0, client_timeout_s=9.0)
+    assert not o.refuses(99.0, client_timeout_s=0.5)  # even an idle replica would refuse it: it goes on, for its 422
+    assert o.retry_after_s(98.0, u=0.0) == 2.0 and o.retry_after_s(98.0, u=1.0) == 6.0 and o.retry_after_s(101.0, u=0.5) == 2.0
 
 
-def test_without_a_report_everything_goes_to_the_replica():
-    route = RouteAdmission(clock=Clock())
-    assert all(isinstance(v, int) for v in admitted(route, 500))
-    route.heard(report(None), None)  # a replica that has not measured its curve yet
-    assert isinstance(route.decide(None, None), int)
-
-
-def test_the_proxy_admits_what_the_plan_holds_and_refuses_the_rest_with_a_retry_after():
+@settings(max_examples=200, deadline=None)
+@given(
+    queued=st.lists(st.tuples(st.integers(1, 8), st.floats(0.5, 40.0)), max_size=30),
+    rate=st.floats(2.0, 80.0),
+    headroom=st.sampled_from([0.6, 0.8, 1.0]),
+    client=st.one_of(st.none(), st.floats(0.05, 60.0)),
+    measured=st.one_of(st.none(), st.floats(1.0, 80.0)),
+)
+def test_the_outlook_refuses_exactly_what_admit_refuses_for_one_image(queued, rate, headroom, client, measured):
+    """At the moment it is sent, the outlook and the replica's own admit give the same verdict on one image,
+    whatever the queue, its deadlines, the measured throughput and the client's timeout: the ingress compares, the rule is one."""
+    server_timeout = 30.0
     clock = Clock()
-    route = RouteAdmission(clock=clock)
-    route.heard(report(10.0), None)
-    # budget 2.0 s; plan 0.8 x 2.0 = 1.6 s; n images finish at n / 10 + 0.05 s: n <= 15
-    verdicts = admitted(route, 20)
-    tokens = [v for v in verdicts if isinstance(v, int)]
-    refusals = [v for v in verdicts if isinstance(v, Refusal)]
-    assert len(tokens) == 15 and len(refusals) == 5 and route.refused == 5
-    assert all(r.in_flight_images == 15 and abs(r.predicted_s - 1.65) < 1e-9 for r in refusals)
-    # Each refusal books the next tenth of a second (one image at 10/s), so they do not all come back together.
-    assert [round(r.retry_after_s, 9) for r in refusals] == [0.0, 0.1, 0.2, 0.3, 0.4]
-    for token in tokens[:5]:  # answered: room for five more
-        route.leave(token)
-    assert sum(isinstance(v, int) for v in admitted(route, 6)) == 5
-
-
-def test_a_dipped_rate_does_not_send_clients_away_past_the_last_deadline_in_flight():
-    clock = Clock()
-    route = RouteAdmission(clock=clock)
-    route.heard(report(10.0), None)
-    admitted(route, 15)
-    route.heard(report(1.0), None)  # the burst's dip: 15 images now look like 15 s of work
-    refusal = route.decide(None, None)
-    assert isinstance(refusal, Refusal) and refusal.predicted_s > 15
-    assert refusal.retry_after_s == 2.0  # every request in flight is answered or timed out within its 2.0 s
-
-
-def test_the_earliest_deadline_in_flight_shrinks_the_plan():
-    clock = Clock()
-    route = RouteAdmission(clock=clock)
-    route.heard(report(10.0), None)
-    admitted(route, 5)
-    clock.now += 1.5  # the five have 0.5 s left: 5 + n images must finish within 0.8 x 0.5 s
-    assert isinstance(route.decide(None, None), Refusal)
-    clock.now += 0.6  # past their deadline and still in flight: the plan is already late
-    assert isinstance(route.decide(None, None), Refusal)
-
-
-def test_a_client_timeout_shortens_the_deadline_but_never_lengthens_it():
-    route = RouteAdmission(clock=Clock())
-    route.heard(report(10.0), None)
-    assert sum(isinstance(v, int) for v in admitted(route, 20, client_timeout_s=1.0 + PROXY_MARGIN_S)) == 7  # 0.8 s plan
-    route = RouteAdmission(clock=Clock())
-    route.heard(report(10.0), None)
-    assert sum(isinstance(v, int) for v in admitted(route, 40, client_timeout_s=60.0)) == 15
-
-
-def test_a_request_nothing_could_answer_in_time_goes_on_to_the_replica_for_its_422():
-    route = RouteAdmission(clock=Clock())
-    route.heard(report(10.0), None)
-    assert isinstance(route.decide(None, 0.55), int)  # 0.05 s budget: the replica says why, with a 422
-
-
-def test_replicas_add_their_rates_and_one_unheard_for_long_drops_out():
-    clock = Clock()
-    route = RouteAdmission(clock=clock)
-    route.heard(report(10.0, "a"), None)
-    route.heard(report(10.0, "b"), None)
-    assert route.images_per_s(clock.now) == 20.0
-    assert sum(isinstance(v, int) for v in admitted(route, 40)) == 31  # n / 20 + 0.05 <= 1.6
-    clock.now += 3
-    route.heard(report(10.0, "b"), None)
-    clock.now += 3  # a: 6 s without a word
-    assert route.images_per_s(clock.now) == 10.0
-
-
-def test_images_are_estimated_from_the_body_size_within_the_apps_limit():
-    route = RouteAdmission(clock=Clock())
-    assert route.estimate_images(10_000_000) == 1  # nothing learnt yet
-    route.heard(report(10.0, images=4), 400_000)  # 100 kB per image
-    assert route.estimate_images(100_000) == 1 and route.estimate_images(1_000) == 1
-    assert route.estimate_images(1_000_000) == 10 and route.estimate_images(10**9) == 64
-    assert route.estimate_images(None) == 1
-
-
-def test_the_proxy_and_the_replica_decide_alike():
-    """The same rate, timeout and queue: the proxy refuses from the same request on as the scheduler."""
-    curve = CostCurve({1: 0.1})  # 10 images/s, one lane
-    scheduler = Scheduler(lambda items, params: items, Settings(max_batch_size=1), curve=curve, clock=Clock())
-    budget = 2.0
-    replica = 0
+    sched = scheduler(rate, headroom, clock=clock)
+    if measured is not None:
+        sched.drain_rate = lambda: measured
+    for images, timeout in queued:
+        try:
+            sched.admit(images, clock.now + request_budget_s(server_timeout, timeout))
+        except Overloaded:
+            pass
+    outlook = sched.outlook("r", request_budget_s(server_timeout, None))
+    budget = request_budget_s(server_timeout, client)
     try:
-        for _ in range(40):
-            scheduler.admit(1, scheduler.clock() + budget)
-            replica += 1
-    except Overloaded:
-        pass
-    route = RouteAdmission(clock=Clock())
-    route.heard(report(scheduler.effective_images_per_s()), None)
-    proxy = sum(isinstance(v, int) for v in admitted(route, 40))
-    assert proxy == replica == 15
+        ticket = sched.admit(1, clock.now + budget)
+        replica = "admitted"
+        sched.release(ticket)
+    except Overloaded as exc:
+        replica = "hopeless" if exc.hopeless else "refused"
+    ingress = outlook.refuses(clock.now, client)
+    if replica == "hopeless":
+        assert not ingress  # it goes on to the replica, for its 422
+    else:
+        assert ingress == (replica == "refused"), (replica, outlook, sched.outstanding)
 
 
-def _asgi(route_headers: list[tuple[bytes, bytes]], calls: list):
+def test_a_refusal_before_open_at_is_spread_and_never_before_it():
+    clock = Clock()
+    sched = scheduler(10.0, clock=clock)
+    while True:
+        try:
+            sched.admit(1, clock.now + request_budget_s(2.5, None))
+        except Overloaded:
+            break
+    o = sched.outlook("r", request_budget_s(30.0, None))
+    waits = sorted(o.retry_after_s(clock.now) for _ in range(200))
+    assert waits[0] >= o.open_at - clock.now - 1e-9 and waits[-1] - waits[0] > 0.5 * o.spread_s  # spread, not one value
+
+
+def test_pixels_make_a_request_hopeless_at_once():
+    """64 photos whose decode alone (one after another) outlasts the deadline: refused at admission, not after the work."""
+    sched = scheduler(100.0)
+    big = RequestCost(64, decode_s=64 * 0.45, pixels=64 * 36_000_000)
+    with pytest.raises(Overloaded) as err:
+        sched.admit(big, sched.clock() + request_budget_s(30.0, None))
+    assert err.value.hopeless and "2304 megapixels" in err.value.reason and sched.outstanding == 0
+    eight = RequestCost(8, decode_s=8 * 0.45, pixels=8 * 36_000_000)
+    assert sched.admit(eight, sched.clock() + request_budget_s(30.0, None)).n == 8  # 3.6 s of decode fits
+
+
+def test_a_requests_own_decode_counts_even_behind_an_empty_queue():
+    sched = scheduler(100.0, headroom=1.0)
+    assert sched.predicted_drain_s(RequestCost(2, decode_s=1.5)) == pytest.approx(1.5 + 0.01)
+    assert sched.predicted_drain_s(RequestCost(0)) == 0.0
+    assert sched.predicted_drain_s(RequestCost(200, decode_s=0.5)) == pytest.approx(2.0)
+
+
+def _asgi(headers: list[tuple[bytes, bytes]], calls: list):
     async def app(scope, receive, send):
         calls.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), *route_headers]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), *headers]})
         await send({"type": "http.response.body", "body": b"{}"})
 
     return app
 
 
-def _call(middleware, path: str = "/yolo/predict", method: str = "POST", headers: tuple = ((b"content-length", b"1000"),)):
+def _call(middleware, path: str = "/yolo/predict", method: str = "POST", headers: tuple = ()):
     sent: list[dict] = []
 
     async def receive():
@@ -153,146 +131,110 @@ def _call(middleware, path: str = "/yolo/predict", method: str = "POST", headers
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
-    asyncio.run(middleware(scope, receive, send))
+    asyncio.run(middleware({"type": "http", "method": method, "path": path, "headers": list(headers)}, receive, send))
     return sent
 
 
-def test_the_middleware_learns_from_answers_strips_the_header_and_refuses_without_the_replica():
+def test_the_python_proxy_learns_from_answers_strips_the_header_and_refuses_without_the_replica():
     calls: list = []
-    middleware = ProxyAdmission(_asgi([(b"x-detserve-load", report(0.6).header().encode())], calls))
-    first = _call(middleware)
-    assert first[0]["status"] == 200 and all(k != b"x-detserve-load" for k, _ in first[0]["headers"])
-    route = middleware.routes["/yolo/predict"]
-    assert route.rates["a"][0] == 0.6 and route.in_flight_images == 0 and route.bytes_per_image == 1000
-    # 0.6 images/s: one image takes 1.72 s alone, over the plan of 1.6 s but within the 2.0 s budget: refused here
+    wall, mono = Clock(5000.0), Clock(10.0)
+    full = Outlook("a", open_at=5003.0, need_until=5010.0, least_timeout_s=0.2, spread_s=1.0)
+    middleware = ProxyAdmission(_asgi([(b"x-detserve-admit", full.header().encode())], calls), haproxy=False, clock=mono, wall=wall)
+    first = _call(middleware)  # nothing heard yet: through to the replica
+    assert first[0]["status"] == 200 and all(k != b"x-detserve-admit" for k, _ in first[0]["headers"])
     refused = _call(middleware)
     assert len(calls) == 1 and refused[0]["status"] == 503
     headers = dict(refused[0]["headers"])
-    assert headers[b"content-type"] == b"application/json" and int(headers[b"retry-after"]) >= 1
+    assert headers[b"x-detserve-refused-by"] == b"proxy" and 3 <= int(headers[b"retry-after"]) <= 4
     error = json.loads(refused[1]["body"])["error"]
-    assert error["code"] == "overloaded" and REFUSED_HERE in error["message"]
-    # other routes and methods pass untouched
+    assert error["code"] == "overloaded" and REFUSED_HERE in error["message"] and headers[b"retry-after"].decode() in error["message"]
+    # a short client timeout is refused past open_at too, until need_until; a hopeless one goes on for its 422
+    wall.now = 5003.5
+    assert _call(middleware, headers=((b"x-request-timeout-seconds", b"2"),))[0]["status"] == 503
+    assert _call(middleware, headers=((b"x-request-timeout-seconds", b"0.1"),))[0]["status"] == 200
+    assert _call(middleware)[0]["status"] == 200
+    # other routes and methods pass untouched; an outlook older than FRESH_S no longer refuses
     _call(middleware, "/yolo/stats", "GET")
-    _call(middleware, "/other/predict")
-    assert calls == ["/yolo/predict", "/yolo/stats", "/other/predict"]
+    wall.now, mono.now = 5000.0, mono.now + FRESH_S + 1
+    assert _call(middleware)[0]["status"] == 200
 
 
-def test_the_replica_reports_its_load_on_answers_and_on_its_own_refusals(local_client, scenes):
+def test_the_proxy_refuses_only_when_every_fresh_replica_would():
+    calls: list = []
+    replies = iter([Outlook("a", 5003.0, 0.0, 0.0, 1.0), Outlook("b", 0.0, 0.0, 0.0, 1.0)] + [Outlook("b", 5003.0, 0.0, 0.0, 1.0)] * 3)
+
+    async def app(scope, receive, send):
+        calls.append(1)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-detserve-admit", next(replies).header().encode())]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = ProxyAdmission(app, haproxy=False, clock=Clock(1.0), wall=Clock(5000.0))
+    _call(middleware)  # replica a: full until 5003; a is the only replica heard from
+    assert _call(middleware)[0]["status"] == 503 and len(calls) == 1
+    middleware.routes["/yolo/predict"]["a"] = (Outlook("a", 0.0, 0.0, 0.0, 1.0), 1.0)  # a had room after all
+    _call(middleware)  # answered by a, whose reply here is replica b's: b has room
+    middleware.routes["/yolo/predict"]["a"] = (Outlook("a", 5003.0, 0.0, 0.0, 1.0), 1.0)
+    assert _call(middleware)[0]["status"] == 200  # a is full, b is not: through
+    assert _call(middleware)[0]["status"] == 503  # now b said it is full too
+    assert len(calls) == 3
+
+
+def test_behind_haproxy_the_middleware_lets_the_outlook_through_and_refuses_nothing():
+    calls: list = []
+    full = Outlook("a", open_at=1e12, need_until=1e12, least_timeout_s=0.0, spread_s=1.0)
+    middleware = ProxyAdmission(_asgi([(b"x-detserve-admit", full.header().encode())], calls), haproxy=True)
+    for _ in range(3):
+        sent = _call(middleware)
+        assert sent[0]["status"] == 200 and dict(sent[0]["headers"])[b"x-detserve-admit"] == full.header().encode()
+    assert len(calls) == 3
+
+
+def test_the_replica_sends_its_outlook_on_answers_and_its_refusals_say_who_refused(local_client, scenes):
     from tests.conftest import encode
 
     body, headers = encode(scenes[0].image), {"content-type": "image/png"}
     ok = local_client.post("/predict", content=body, headers=headers)
-    load = LoadReport.parse(ok.headers["x-detserve-load"])
-    assert ok.status_code == 200 and load is not None and load.images == 1 and load.images_per_s > 0
-    assert load.request_timeout_s == local_client.server.args.request_timeout_s and load.max_images == 4
-    settings = local_client.server.scheduler.settings
-    old, settings.max_queued_images = settings.max_queued_images, 0
+    outlook = Outlook.parse(ok.headers["x-detserve-admit"])
+    assert ok.status_code == 200 and outlook is not None and not outlook.refuses(outlook.open_at)
+    settings_ = local_client.server.scheduler.settings
+    old, settings_.max_queued_images = settings_.max_queued_images, 0
     try:
         shed = local_client.post("/predict", content=body, headers=headers)
     finally:
-        settings.max_queued_images = old
+        settings_.max_queued_images = old
     assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded"
-    assert LoadReport.parse(shed.headers["x-detserve-load"]) is not None and shed.headers["retry-after"]
+    assert shed.headers["x-detserve-refused-by"] == "replica" and int(shed.headers["retry-after"]) >= 1
+    assert Outlook.parse(shed.headers["x-detserve-admit"]) is not None
 
 
-def test_a_raw_image_body_counts_as_one_image_whatever_its_size():
-    calls: list = []
-    middleware = ProxyAdmission(_asgi([(b"x-detserve-load", report(1000.0).header().encode())], calls))
-    _call(middleware)  # learns 1000 bytes per image
-    route = middleware.routes["/yolo/predict"]
-    counted: list[int] = []
-    decide = route.decide
-    route.decide = lambda length, timeout, images=None: counted.append(images or route.estimate_images(length)) or decide(length, timeout, images)
-    big = (b"content-length", b"3000")  # three times the average photo
-    _call(middleware, headers=(big, (b"content-type", b"image/jpeg")))
-    route.bytes_per_image = 1000.0  # (the raw answer above taught it 1400)
-    _call(middleware, headers=(big, (b"content-type", b"multipart/form-data; boundary=x")))
-    assert counted == [1, 3]  # a raw body is one image; a multipart one is estimated from its size
+def test_the_lua_gets_its_constants_from_python_and_keeps_none_of_its_own():
+    from pathlib import Path
+
+    import detserve.serve.proxy_admission as proxy_admission
+
+    source = (Path(proxy_admission.__file__).with_name("haproxy_admission.lua")).read_text()
+    for literal in ("x-detserve-admit", "x-detserve-refused-by", "x-request-timeout-seconds", "overloaded", "5.0", "headroom"):
+        assert literal not in source, literal
+    rendered = render_lua().decode()
+    assert "local HEADER = [==[x-detserve-admit]==]" in rendered and f"local FRESH_S = {FRESH_S!r}" in rendered
+    body = rendered.split("local BODY = [==[")[1].split("]==]")[0]
+    assert json.loads(body.replace("RETRY_AFTER_SECONDS", "3"))["error"]["code"] == "overloaded"
 
 
-def haproxy_waits(outlook: str, now: float, client_timeout_s: float | None) -> bool:
-    """serve/haproxy_admission.lua's rule (``wait_for``), from the header alone: True when HAProxy refuses."""
-    r = {k: float(v) for k, v in (part.split("=") for part in outlook.split(";"))}
-    if r["rate"] <= 0:
-        return False
-    budget = r["budget"]
-    if client_timeout_s is not None and 0 < client_timeout_s and client_timeout_s - r["margin"] < budget:
-        budget = max(0.0, client_timeout_s - r["margin"])
-    if r["alone"] > budget:
-        return False
-    return max(r["until"] - now, r["finish"] - now - r["headroom"] * budget) > 1e-6
+def test_the_budget_is_the_clients_when_shorter_less_the_answer_margin():
+    assert request_budget_s(30.0, None) == 30.0 - ANSWER_BEFORE_TIMEOUT_S
+    assert request_budget_s(30.0, 2.0) == 2.0 - ANSWER_BEFORE_TIMEOUT_S
+    assert request_budget_s(30.0, 60.0) == 30.0 - ANSWER_BEFORE_TIMEOUT_S
+    assert request_budget_s(30.0, 0.2) == 0.0 and math.isclose(request_budget_s(2.5, None), 2.0)
 
 
-def test_what_haproxy_is_told_refuses_exactly_what_the_proxy_would_refuse():
-    # The header HAProxy decides from (RouteAdmission.outlook) gives, for a one-image request at any later moment
-    # with no admission in between, the decision the middleware itself would make then: the same rule, moved.
-    import collections
-    import random
+def test_decode_cost_is_learnt_per_megapixel_from_large_images_only():
+    from detserve.serve.admission import DecodeCost
 
-    rng = random.Random(7)
-    outcomes = collections.Counter()
-    for _ in range(1500):
-        clock = Clock()
-        route = RouteAdmission(clock=clock)
-        route.heard(report(rng.uniform(2, 40), timeout=rng.choice([3.0, 10.0, 30.0])), None)
-        for _ in range(rng.randrange(0, 80)):  # a queue of mixed deadlines, arriving over a second
-            clock.now += rng.uniform(0, 0.02)
-            route.decide(None, rng.choice([None, 1.0, 2.0, 5.0, 60.0]))
-        header = route.outlook(clock.now)
-        later = rng.uniform(0, 1.5)
-        timeout = rng.choice([None, 0.3, 1.0, 2.0, 4.0, 60.0])
-        # The middleware's decision at now + later, as if the queue had drained at its rate meanwhile.
-        drained = RouteAdmission(clock=clock, rates=dict(route.rates), latest=route.latest)
-        rate = route.images_per_s(clock.now)
-        left = route.in_flight_images - rate * later
-        for deadline, images in route.in_flight.values():
-            drained.in_flight[len(drained.in_flight)] = (deadline, images)
-            drained._deadlines.append((deadline, len(drained.in_flight) - 1))
-        drained._deadlines.sort()
-        drained.in_flight_images = left  # fractional: exactly what the rule computes with
-        clock.now += later
-        live = [d for d, _ in route.in_flight.values() if d > clock.now]
-        if left < 0 or len(live) < len(route.in_flight):
-            continue  # by then a request in flight is answered or past its deadline: outside the header's promise
-        refused = isinstance(drained.decide(None, timeout), Refusal)
-        assert haproxy_waits(header, clock.now, timeout) == refused, (header, later, timeout)
-        outcomes[refused] += 1
-    assert outcomes[True] > 100 and outcomes[False] > 100, outcomes  # both sides of the rule, many times
-
-
-def test_every_answer_behind_haproxy_says_when_there_is_room_and_the_python_proxy_sends_nothing():
-    from detserve.serve.proxy_admission import ADMIT_HEADER, LOAD_HEADER
-
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(LOAD_HEADER, report(4.0).header().encode())]})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def one(middleware) -> dict:
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b"x"}
-
-        scope = {"type": "http", "method": "POST", "path": "/yolo/predict", "headers": [(b"content-type", b"image/jpeg")]}
-        await middleware(scope, receive, send)
-        return dict(sent[0]["headers"])
-
-    behind = ProxyAdmission(app, haproxy=True)
-    headers = asyncio.run(one(behind))
-    assert LOAD_HEADER not in headers
-    fields = dict(part.split("=") for part in headers[ADMIT_HEADER].decode().split(";"))
-    assert float(fields["rate"]) == 4.0 and float(fields["budget"]) == 2.0 and float(fields["headroom"]) == 0.8
-    assert ADMIT_HEADER not in asyncio.run(one(ProxyAdmission(app, haproxy=False)))
-
-
-def test_an_estimate_counts_in_the_queue_but_never_refuses_more_than_one_sure_image():
-    # 12 photos of 12 MP after small ones: the body size says 64 images (the app's limit), the request holds 12.
-    route = RouteAdmission(clock=Clock())
-    route.heard(report(40.0, images=4), 400_000)  # 100 kB an image; 2 s budget, 0.8 of it planned: 64 do not fit
-    token = route.decide(20_000_000, None)
-    assert isinstance(token, int) and route.in_flight_images == 64  # the replica decides from the real count
-    assert isinstance(route.decide(None, None), Refusal)  # behind it, the queue it may hold is full
+    cost = DecodeCost()
+    cost.observe("png", 1_000_000, 0.02)
+    cost.observe("png", 64, 0.001)  # a tiny image's time is its fixed cost: it teaches nothing per megapixel
+    assert cost.predict("png", 36_000_000) == pytest.approx(0.72) and cost.predict("png", 64) == pytest.approx(0.002)
+    assert cost.predict("webp", 2_000_000) == pytest.approx(0.04)  # not yet measured: the dearest known format
+    cost.observe("png", 1_000_000, 0.04)
+    assert cost.predict("png", 1_000_000) == pytest.approx(0.8 * 0.02 + 0.2 * 0.04)

@@ -7,7 +7,6 @@ on generated scenes, real photos, EXIF-rotated and non-RGB images.
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 from detserve.runtime.detector import Detector
 from detserve.runtime.images import decode
 from detserve.export.reference import fasterrcnn_predict, yolo_predict
+from tests.conftest import encode
 
 
 def assert_same(ours, ref, px=0.5, score=1e-3):
@@ -27,20 +27,11 @@ def assert_same(ours, ref, px=0.5, score=1e-3):
     np.testing.assert_allclose(ours.scores[o], ref.scores[r], atol=score)
 
 
-def exif_rotated(image: np.ndarray, orientation: int = 6) -> bytes:
-    """JPEG-free (PNG) bytes whose EXIF says: rotate me."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", exif=exif)
-    return buf.getvalue()
-
-
 def variants(scenes, photos):
     """(name, input for detserve, RGB array as the reference sees it)"""
     out = [(f"scene{i}", s.image, s.image) for i, s in enumerate(scenes)]
     out += [(f"photo{i}", p, p) for i, p in enumerate(photos)]
-    rotated = exif_rotated(scenes[0].image)
+    rotated = encode(scenes[0].image, "PNG", orientation=6)  # PNG bytes whose EXIF says: turn me
     out.append(("exif", rotated, decode(rotated)))
     gray = np.asarray(Image.fromarray(scenes[1].image).convert("L"))
     out.append(("gray", gray, np.repeat(gray[..., None], 3, axis=2)))
@@ -75,7 +66,7 @@ def test_exif_tagged_bytes_give_the_boxes_of_the_turned_pixels(yolo_export, scen
     """A photo stored sideways with an EXIF tag is detected as displayed, not as stored."""
     detector = Detector(yolo_export, backend="onnxruntime", device="cpu")
     image = scenes[0].image
-    [tagged] = detector.detect([exif_rotated(image, orientation)])
+    [tagged] = detector.detect([encode(image, "PNG", orientation=orientation)])
     [turned] = detector.detect([np.ascontiguousarray(turn(image))])
     [stored] = detector.detect([image])
     assert len(turned) > 0

@@ -1,7 +1,7 @@
 """The embedded Ray of `detserve serve`: loopback only, token auth on, the token private.
 
 Uses the session's Ray (serve_cluster, started by start_ray as `detserve serve`
-starts it) and one small YOLO application.
+starts it) and its YOLO application (yolo_url).
 """
 
 from __future__ import annotations
@@ -18,22 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import QUIET, encode
+from tests.conftest import encode
 
 pytestmark = pytest.mark.serve
 
-APP = "secured"
-
-
-@pytest.fixture(scope="module")
-def secured_app(serve_cluster, yolo_export):
-    from ray import serve
-
-    from detserve.serve.app import application
-
-    serve.run(application({"model": str(yolo_export)}, {}), name=APP, route_prefix=f"/{APP}", blocking=False, logging_config=QUIET)
-    yield f"{serve_cluster}/{APP}"
-    serve.delete(APP)
+APP = "yolo"  # the session's application (tests/conftest.py, yolo_url)
 
 
 def replica_pids() -> set[int]:
@@ -42,7 +31,7 @@ def replica_pids() -> set[int]:
     return {one.pid for one in listeners() if one.process.startswith("ray::ServeReplica")}
 
 
-def test_every_socket_of_the_server_listens_on_loopback(secured_app):
+def test_every_socket_of_the_server_listens_on_loopback(yolo_url):
     """Every listening TCP socket and bound UDP socket of the process tree is on loopback: Ray's, HAProxy's, each
     replica's HTTP and gRPC servers (Ray 2.60 binds the replica's gRPC server to [::], serve/replica_grpc.py moves it;
     HAProxy's syslog target over UDP bound a socket to 0.0.0.0, serve/ingress.py drops it)."""
@@ -140,7 +129,7 @@ def serve_grpc_ports(token: str) -> list[int]:
     return ports
 
 
-def test_replica_grpc_and_gcs_refuse_calls_without_the_token(secured_app):
+def test_replica_grpc_and_gcs_refuse_calls_without_the_token(yolo_url):
     import grpc
     import ray
 
@@ -179,7 +168,7 @@ print("attached")
 """
 
 
-def test_attach_finds_the_token_and_a_process_without_it_is_refused(secured_app, scenes, tmp_path):
+def test_attach_finds_the_token_and_a_process_without_it_is_refused(yolo_url, scenes, tmp_path):
     import ray
 
     image = tmp_path / "scene.png"
@@ -216,11 +205,11 @@ def test_attach_finds_the_token_and_a_process_without_it_is_refused(secured_app,
 def test_the_token_file_is_private_and_not_in_home(serve_cluster):
     import ray
 
-    from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
-    assert token == offline.ray_auth_dir() / "token"
-    assert offline.ray_auth_dir().parent == offline.ray_run_dir()
+    assert token == ray_auth.auth_dir() / "token"
+    assert ray_auth.auth_dir().parent == ray_auth.run_dir()
     info, folder = token.stat(), token.parent.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
     assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
@@ -234,18 +223,18 @@ def test_the_token_file_is_private_and_not_in_home(serve_cluster):
 
 
 def test_token_file_is_made_once_private_and_refuses_a_link(tmp_path):
-    from detserve.runtime import offline
+    from detserve.serve import ray_auth
 
-    first = offline.ray_token_file(tmp_path / "run")
+    first = ray_auth.token_file(tmp_path / "run")
     assert stat.S_IMODE(first.stat().st_mode) == 0o600
-    assert offline.ray_token_file(tmp_path / "run").read_text() == first.read_text()  # reused, not rotated
+    assert ray_auth.token_file(tmp_path / "run").read_text() == first.read_text()  # reused, not rotated
     first.chmod(0o644)
-    assert stat.S_IMODE(offline.ray_token_file(tmp_path / "run").stat().st_mode) == 0o600
+    assert stat.S_IMODE(ray_auth.token_file(tmp_path / "run").stat().st_mode) == 0o600
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "auth").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(RuntimeError, match="link"):
-        offline.ray_token_file(tmp_path / "linked")
+        ray_auth.token_file(tmp_path / "linked")
 
 
 def test_a_host_beyond_loopback_needs_token_auth(monkeypatch):

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import socket
 
 import psutil
 import pytest
 from aiohttp import web
 
-from detserve.benchmarks import loadgen, soak
+from detserve.benchmarks import soak
+from detserve.benchmarks.server import shipped_settings
 from detserve.benchmarks.soak import KINDS, SHED, Expect, Sample, evaluate, outcome, response_label
+from tests import stand_in
 
 MIB = 2**20
 
@@ -164,12 +165,6 @@ def test_every_kind_of_the_mix_gets_its_expected_answer_from_the_app(local_clien
 # --- the open-loop phase against a stand-in --------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_load_phase_counts_every_answer_by_kind_and_samples_each_window():
     """A stand-in that answers 200 to everything: every bad kind is then unexpected, by name."""
     me = psutil.Process()
@@ -185,14 +180,7 @@ def test_the_load_phase_counts_every_answer_by_kind_and_samples_each_window():
     tally: soak.Tally = {}
 
     async def main():
-        app = web.Application(client_max_size=10 * MIB)
-        app.router.add_post("/soak/predict", predict)
-        app.router.add_get("/soak/stats", stats)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = _free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        base = f"http://127.0.0.1:{port}"
+        runner, base = await stand_in.start(("POST", "/soak/predict", predict), ("GET", "/soak/stats", stats), client_max_size=10 * MIB)
         try:
             sampler = soak.Sampler(f"{base}/soak/stats", os.getpid())
             before = await sampler.at_rest(settle_s=0.1)
@@ -227,7 +215,7 @@ def test_the_load_phase_counts_every_answer_by_kind_and_samples_each_window():
 
 
 def test_the_shipped_settings_are_deploy_yamls_yolo_app_on_one_replica():
-    settings = soak.shipped_settings(soak.ROOT / "deploy.yaml", model="/m")
+    settings = shipped_settings(model="/m")
     assert settings.args["model"] == "/m" and settings.args["max_body_bytes"] == 52428800 and settings.args["max_images"] == 64
     assert settings.options["num_replicas"] == 1 and settings.options["autoscaling_config"] is None
     assert settings.options["max_queued_requests"] == 256 and settings.options["ray_actor_options"]["num_cpus"] == 0.5

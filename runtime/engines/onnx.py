@@ -56,6 +56,9 @@ def providers_for(device: str, manifest: Manifest, folder: Path, trt: bool = Fal
         trt_options = {
             "device_id": device_id,
             "trt_fp16_enable": manifest.precision == "fp16",
+            # An int8 variant is a QDQ graph (explicit quantization); TensorRT's weakly typed
+            # networks, which this provider builds, take Q/DQ layers only with INT8 enabled.
+            "trt_int8_enable": manifest.precision == "int8",
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,

@@ -35,7 +35,7 @@ from detserve.runtime.pods import TENSORRT_PIN, pods_for_sm, sm_from_capability
 
 __all__ = ["EngineMismatch", "TensorRTEngine", "TensorRTUnavailable"]
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 #: What to run to get TensorRT; quoted by every "TensorRT is not installed" message.
 INSTALL_HINT = (
@@ -104,7 +104,7 @@ def engine_filename(stem: str, sm: str, trt_version: str, precision: str) -> str
     return f"{stem}.{sm}.trt{trt_major_minor(trt_version)}.{precision}.engine"
 
 
-_ENGINE_NAME = re.compile(r"^(?P<stem>.+)\.(?P<sm>sm_\d{2,3})\.trt(?P<trt>\d+\.\d+)\.(?P<precision>fp32|fp16)\.engine$")
+_ENGINE_NAME = re.compile(r"^(?P<stem>.+)\.(?P<sm>sm_\d{2,3})\.trt(?P<trt>\d+\.\d+)\.(?P<precision>fp32|fp16|int8)\.engine$")
 
 
 def parse_engine_filename(name: str | Path) -> EngineName:
@@ -112,7 +112,7 @@ def parse_engine_filename(name: str | Path) -> EngineName:
     if not match:
         raise ValueError(
             f"{Path(name).name!r} is not a detserve engine name "
-            "(<stem>.<sm_XX>.trt<major.minor>.<fp32|fp16>.engine, e.g. yolo11n.sm_75.trt10.14.fp16.engine)"
+            "(<stem>.<sm_XX>.trt<major.minor>.<fp32|fp16|int8>.engine, e.g. yolo11n.sm_75.trt10.14.fp16.engine)"
         )
     return EngineName(**match.groupdict())
 
