@@ -334,11 +334,11 @@ class Replica:
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
-                raise protocol.error("deadline_too_short", self._too_short_message(len(images), exc.predicted_s, budget_s)) from None
+                raise protocol.error("deadline_too_short", f"{exc.reason} ({self._deadline_text(budget_s)}, less {ANSWER_BEFORE_TIMEOUT_S:g} s "
+                                     f"for the answer's way back): give a longer {DEADLINE_HEADER}, or fewer or smaller images") from None
             raise protocol.error(
                 "overloaded",
-                f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
-                "(the Retry-After header), or send fewer images per request",
+                protocol.overloaded_message(exc.reason, retry_after_header(exc.retry_after_s)),
                 headers={"Retry-After": retry_after_header(exc.retry_after_s), REFUSED_BY_HEADER: "replica"},
             ) from None  # fmt: skip
         reason = None
@@ -437,14 +437,6 @@ class Replica:
         if budget_s is not None and budget_s < self.budget_s(None):  # the client asked for less than the server's
             return f"the {budget_s + ANSWER_BEFORE_TIMEOUT_S:g} s its {DEADLINE_HEADER} gave"
         return f"the server's request timeout of {server:g} s"
-
-    def _too_short_message(self, n_images: int, alone_s: float, budget_s: float | None) -> str:
-        """422 ``deadline_too_short``: what these images cost on an idle replica, against the time the deadline leaves."""
-        budget = self.budget_s(None) if budget_s is None else budget_s
-        return (f"the work for {images_text(n_images)} takes about {alone_s:.2f} s here even with nothing queued, more than "
-                f"{self._deadline_text(budget_s)} leaves for the work ({budget:.2f} s, once the server's "
-                f"{ANSWER_BEFORE_TIMEOUT_S:g} s margin for the answer's way back is taken): give a longer {DEADLINE_HEADER}, "
-                "or send fewer or smaller images")  # fmt: skip
 
     def admission_header(self) -> dict[str, str]:
         """This replica's :class:`~detserve.serve.admission.Outlook`, sent with every /predict answer for the ingress."""
