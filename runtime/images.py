@@ -384,20 +384,32 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
             with _pil_open(io.BytesIO(data)) as image:
                 _check_pixels(image.width, image.height, limits)
                 fmt = image.format or "unknown"
-                try:
-                    orientation = int(image.getexif().get(0x0112, 1))
-                except Exception:  # a broken EXIF block: decode ignores it too
-                    orientation = 1
                 return ImageHeader(fmt, Image.MIME.get(fmt, "application/octet-stream"), image.width, image.height,
-                                   int(getattr(image, "n_frames", 1) or 1), orientation)  # fmt: skip
+                                   int(getattr(image, "n_frames", 1) or 1), _header_orientation(image))  # fmt: skip
     except ImageError:
         raise
     except Image.DecompressionBombError:
         raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "the data is not an image detserve can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+        raise ImageError("not_an_image", f"the data is not an image detserve can read ({', '.join(FORMAT_NAMES)})") from None
     except Exception:  # a header Pillow cannot parse
         raise _corrupt() from None
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation from what the header holds. A PNG's ``getexif()`` decodes the whole image to look for an
+    eXIf chunk after the pixels (about 110 ms for a flat 6000 x 6000 PNG here): its header's chunk is read instead."""
+    try:
+        if image.format == "PNG":
+            raw = image.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(0x0112, 1))
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: decode ignores it too
+        return 1
 
 
 def admission_size(data: ImageInput) -> tuple[str, int]:
