@@ -232,6 +232,9 @@ def test_probe_reads_a_pngs_size_and_orientation_without_decoding_it(monkeypatch
     turned, flat = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (40, 30)).save(turned, "PNG", exif=exif)
     Image.new("L", (3000, 2000), 128).save(flat, "PNG")
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size))  # counted, whoever catches
     assert probe(turned.getvalue()).orientation == 6
     assert admission_size(flat.getvalue()) == ("png", 6_000_000)
+    assert probe(flat.getvalue()).orientation == 1
+    assert loads == []
