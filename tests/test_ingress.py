@@ -368,23 +368,15 @@ def test_an_oversized_upload_is_refused_by_haproxy_or_cut_by_the_replica_and_the
     ingress.loopback_config(path)
     proc = subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def send(head: bytes, parts) -> tuple[bytes, bool]:
-        """The response's head, and whether the server closed the connection within 5 s (the client keeps sending).
-
-        HAProxy 2.8 does not drain a request whose server answered and closed early (haproxy/haproxy#2404: 3.0
-        does): about one time in 40 it stops reading the rest of the upload without closing, and a client that
-        writes before it reads blocks. The 413 is there to read all the same; such a connection counts as closed.
-        """
-        blocked = False
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.settimeout(5)
+    def send(head: bytes, parts, to: int = port) -> tuple[bytes, bool]:
+        """The response's head, and whether the server closed the connection within 3 s (the client keeps sending)."""
+        with socket.create_connection(("127.0.0.1", to)) as s:
+            s.settimeout(3)
             s.sendall(head)
             try:
                 for part in parts:
                     s.sendall(part)
-            except socket.timeout:  # HAProxy 2.8 stopped reading without closing (above)
-                blocked = True
-            except OSError:  # closed while sending: what a refusal does
+            except OSError:  # closed while sending (what a refusal does), or no progress (HAProxy 2.8, below)
                 pass
             answer = b""
             try:
@@ -392,7 +384,7 @@ def test_an_oversized_upload_is_refused_by_haproxy_or_cut_by_the_replica_and_the
                     answer += chunk
                 closed = True
             except socket.timeout:
-                closed = blocked and answer.startswith(b"HTTP/1.1 413")
+                closed = False
             except OSError:
                 closed = True
         return answer.split(b"\r\n\r\n", 1)[0].lower(), closed
@@ -410,10 +402,22 @@ def test_an_oversized_upload_is_refused_by_haproxy_or_cut_by_the_replica_and_the
                             (b"\0" * 65536 for _ in range(size // 65536)))  # fmt: skip
         assert head.startswith(b"http/1.1 413") and b"x-detserve-refused-by: haproxy" in head and closed, head
         assert seen == []  # HAProxy's answer: the replica never saw the request
-        chunks = (b"10000\r\n" + b"\0" * 65536 + b"\r\n" for _ in range(size // 65536))
-        head, closed = send(b"POST /yolo/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", chunks)
+        chunked = b"POST /yolo/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+        def chunks():
+            return (b"10000\r\n" + b"\0" * 65536 + b"\r\n" for _ in range(size // 65536))
+
+        # The replica's own server: its 413 closes the connection, every time.
+        head, closed = send(chunked, chunks(), to=replica_port)
         assert head.startswith(b"http/1.1 413") and b"connection: close" in head and closed, head
-        assert seen == ["/yolo/predict"] and b"x-detserve-refused-by" not in head  # the replica's own 413
+        # Through HAProxy the client gets the same. HAProxy 2.8 cannot drain a request whose server answered and
+        # closed early (haproxy/haproxy#2404; 3.0 can): about one time in 40 it leaves the client's connection open,
+        # not reading the rest, with the 413 there to read. So: most of several, not all.
+        outcomes = [send(chunked, chunks()) for _ in range(6)]
+        assert all(h.startswith(b"http/1.1 413") and b"connection: close" in h and b"x-detserve-refused-by" not in h
+                   for h, _ in outcomes), outcomes  # fmt: skip
+        assert sum(closed for _, closed in outcomes) >= 4, outcomes
+        assert seen == ["/yolo/predict"] * 7  # the replica's own 413s
         head, closed = send(b"POST /yolo/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n", [b"ok"])
         assert head.startswith(b"http/1.1 200") and not closed  # within the limit: answered, kept alive
     finally:
