@@ -45,11 +45,12 @@ def environment() -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
         "RAY_DEDUP_LOGS": "0",
-        # Ray Serve's proxy answers unknown routes, overload, timeouts and dead
-        # replicas in plain text; this middleware (imported by name, so no layer
-        # is crossed) gives them detserve's JSON error body. Read by the proxy
-        # at start, so it must be in the environment before ray.init.
-        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "detserve.serve.proxy_errors:middlewares",
+        # Ray Serve answers unknown routes, overload, timeouts and dead replicas in
+        # plain text; this middleware stack (imported by name, so no layer is
+        # crossed) gives them detserve's JSON error body, and applies the body
+        # limit and the deadline header's check where requests come in. Read at
+        # start, so it must be in the environment before ray.init.
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "detserve.serve.middleware:middlewares",
         # Serve's controller loops every 0.1 s by default. At 0.5 s it took 1.2 % of a core instead of 2.8 %, and
         # the GCS it polls 0.6 % instead of 1.4 %: 2.6 % more images/s for the engine at 640 px on 2 cores
         # (docs/benchmarks.md). Deploys, scaling decisions and replica restarts start up to 0.4 s later.

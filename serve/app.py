@@ -43,14 +43,14 @@ from ray import serve  # noqa: E402
 from detserve.adapters.dataloop_app import ClusterSize, ReplicaPlan  # noqa: E402
 from detserve.runtime.images import ImageError, ImageInput, Limits, admission_size  # noqa: E402
 from detserve.serve.admission import (  # noqa: E402
-    ADMIT_HEADER, REFUSED_BY_HEADER, DecodeCost, RequestCost, request_budget_s, retry_after_header,
+    ADMIT_HEADER, ANSWER_BEFORE_TIMEOUT_S, REFUSED_BY_HEADER, DecodeCost, RequestCost, request_budget_s, retry_after_header,
 )  # fmt: skip
+from detserve.serve import client_deadline, protocol  # noqa: E402
+from detserve.serve.arrival import RECEIVED_AT_HEADER  # noqa: E402
 from detserve.serve.batching import BatchTimings, Item  # noqa: E402
 from detserve.serve.contract import ExportedModel, ServingContract  # noqa: E402
+from detserve.serve.http import RequestLimits, build_api, image_error  # noqa: E402
 from detserve.serve.scheduler import Overloaded, Scheduler, Settings, measure_curve, probe_sizes  # noqa: E402
-from detserve.serve.proxy_admission import TIMEOUT_HEADER, parse_timeout  # noqa: E402
-from detserve.serve.http import ApiError, RequestLimits, build_api, image_error  # noqa: E402
-from detserve.serve.proxy_errors import RECEIVED_AT_HEADER  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -115,8 +115,8 @@ class UserConfig(BaseModel):
 #: and back cost more than that, on a replica whose cores the engine already keeps busy.
 INLINE_ENCODE_BOXES = 64
 
-#: The client's own deadline, in seconds (Ray's proxy honours the same header for its timeout).
-DEADLINE_HEADER = TIMEOUT_HEADER.decode()
+#: The client's own deadline, in seconds (Ray honours the same header for its own timer).
+DEADLINE_HEADER = protocol.TIMEOUT_HEADER
 
 
 def replica_cpus() -> int:
@@ -146,9 +146,14 @@ def waited_since_proxy(request: Request) -> float:
     return max(0.0, time.time() - stamp) if math.isfinite(stamp) else 0.0
 
 
-def header_timeout(request: Request) -> float | None:
-    """The client's deadline from the ``x-request-timeout-seconds`` header, if it gave a usable one."""
-    return parse_timeout(request.headers.get(DEADLINE_HEADER))
+def header_timeout(request: Request, max_s: float) -> float | None:
+    """The client's deadline from the ``x-request-timeout-seconds`` header (None without one); raises the 422 of
+    a value that cannot be used, as the ingress does (serve/client_deadline.py)."""
+    return client_deadline.deadline_s(dict(request.headers.raw), max_s)
+
+
+def images_text(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def resolve_model(model: str) -> Path:
@@ -218,6 +223,9 @@ class Replica:
     """
 
     def __init__(self, args: dict[str, Any] | None = None):
+        from detserve.serve.replica_grpc import bind_to_node_address
+
+        bind_to_node_address()  # in a Serve replica: before Serve starts its gRPC server (serve/replica_grpc.py)
         self.args = app_args(args or {})
         self.model = serving_model(self.args)
         self.model.setup()
@@ -326,11 +334,11 @@ class Replica:
         except Overloaded as exc:
             self.metrics.errors.inc(tags={"kind": "overloaded"})
             if exc.hopeless:
-                raise ApiError(422, "deadline_too_short", f"{exc.reason}: give a longer {DEADLINE_HEADER}, or fewer or smaller images") from None
-            raise ApiError(
-                503, "overloaded",
-                f"the server is busy: {exc.reason}. Retry after {retry_after_header(exc.retry_after_s)} s "
-                "(the Retry-After header), or send fewer images per request",
+                raise protocol.error("deadline_too_short", f"{exc.reason} ({self._deadline_text(budget_s)}, less {ANSWER_BEFORE_TIMEOUT_S:g} s "
+                                     f"for the answer's way back): give a longer {DEADLINE_HEADER}, or fewer or smaller images") from None
+            raise protocol.error(
+                "overloaded",
+                protocol.overloaded_message(exc.reason, retry_after_header(exc.retry_after_s)),
                 headers={"Retry-After": retry_after_header(exc.retry_after_s), REFUSED_BY_HEADER: "replica"},
             ) from None  # fmt: skip
         reason = None
@@ -342,10 +350,11 @@ class Replica:
         except TimeoutError:
             reason = "deadline"
             self.metrics.errors.inc(tags={"kind": "deadline"})
-            raise ApiError(
-                408, "deadline_exceeded",
-                f"the request was not answered within its deadline ({len(images)} images, "
-                f"{self.scheduler.outstanding} queued); retry, or give a longer {DEADLINE_HEADER} header",
+            raise protocol.error(
+                "deadline_exceeded",
+                f"the request ({images_text(len(images))}) was not answered within {self._deadline_text(budget_s)}; "
+                f"its images not yet run were dropped ({self.scheduler.outstanding} others queued): retry, "
+                f"or give a longer {DEADLINE_HEADER} header",
             ) from None  # fmt: skip
         except asyncio.CancelledError:
             reason = "cancelled"  # the client went away: what has not run is dropped
@@ -356,7 +365,8 @@ class Replica:
             if isinstance(det, Exception):
                 self.metrics.errors.inc(tags={"kind": "engine"})
                 where = f"image {i}: " if len(detections) > 1 else ""
-                raise ApiError(500, getattr(det, "code", "inference_failed"), f"{where}the model failed on this image: {det}")
+                code = getattr(det, "code", "inference_failed")  # a served adapter's PredictionError names its own
+                raise protocol.error(code, f"{where}the model failed on this image: {det}")
         self.metrics.images.inc(len(detections))
         start = time.perf_counter()
         if sum(map(self.model.boxes, detections)) <= INLINE_ENCODE_BOXES:
@@ -399,14 +409,14 @@ class Replica:
     ) -> dict:
         """``handle.predict.remote(image_or_list)``: bytes, PIL images or HxWx3 uint8 arrays; same result as HTTP.
 
-        Bad input raises ``ValueError`` with the same message the HTTP API gives;
-        an overloaded server raises ``ValueError("overloaded: ...")`` at once.
+        Errors raise the HTTP API's exceptions (serve/protocol.py: ``BadImage``, ``TooLarge``,
+        ``Overloaded`` at once when the server is busy, ``DeadlineExceeded`` ...), with the same
+        ``code`` and message; all are ``DetserveError``, a ``ValueError``. ``timeout_s`` is checked
+        as the ``x-request-timeout-seconds`` header is.
         """
         batch = images if isinstance(images, list) else [images]
-        try:
-            return await self.detect(batch, self.params(conf, iou, max_det), self.deadline(timeout_s))
-        except ApiError as exc:
-            raise ValueError(f"{exc.code}: {exc.message}") from None
+        timeout_s = protocol.client_timeout_s(timeout_s, self.args.request_timeout_s, name="timeout_s")
+        return await self.detect(batch, self.params(conf, iou, max_det), self.deadline(timeout_s), self.budget_s(timeout_s))
 
     # ---- HTTP (routes, errors and OpenAPI: serve/http.py) ---------------------
     def __serve_build_asgi_app__(self):
@@ -418,8 +428,15 @@ class Replica:
 
     def request_deadline(self, request: Request) -> tuple[float, float]:
         """(deadline, budget_s) for an HTTP request: counted from when the proxy received it."""
-        timeout_s = header_timeout(request)
+        timeout_s = header_timeout(request, self.args.request_timeout_s)
         return self.deadline(timeout_s, waited_since_proxy(request)), self.budget_s(timeout_s)
+
+    def _deadline_text(self, budget_s: float | None) -> str:
+        """The deadline a request had, in the client's numbers: its header's, or the server's request timeout."""
+        server = self.args.request_timeout_s
+        if budget_s is not None and budget_s < self.budget_s(None):  # the client asked for less than the server's
+            return f"the {budget_s + ANSWER_BEFORE_TIMEOUT_S:g} s its {DEADLINE_HEADER} gave"
+        return f"the server's request timeout of {server:g} s"
 
     def admission_header(self) -> dict[str, str]:
         """This replica's :class:`~detserve.serve.admission.Outlook`, sent with every /predict answer for the ingress."""

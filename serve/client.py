@@ -7,8 +7,12 @@
         for box in result.results[0]["annotations"]:
             print(box["label"], box["coordinates"])
 
-Errors from the server raise :class:`DetserveError` with its ``status``, ``code``
-and ``message``, which say what to change.
+Errors from the server raise the exception class of their code's family
+(serve/protocol.py), each a :class:`DetserveError` with its ``status``, ``code``
+and ``message``, which say what to change: :class:`BadRequest` (with
+:class:`BadImage`, :class:`TooLarge` and :class:`DeadlineTooShort` under it),
+:class:`DeadlineExceeded`, :class:`Overloaded` (``retry_after_s``) and
+:class:`ServerError`. The Ray handle raises the same classes.
 
 A busy server answers 503 at once with the time it expects to have room
 (``Retry-After``). ``Client(retries=5)`` waits that long (with jitter, so a
@@ -33,13 +37,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-
-class DetserveError(Exception):
-    """The server refused or failed a request."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+from detserve.serve.protocol import (  # noqa: F401  (the client's exceptions, importable from here)
+    BadImage, BadRequest, DeadlineExceeded, DeadlineTooShort, DetserveError, Overloaded, ServerError, TooLarge, error_class,
+)  # fmt: skip
 
 
 @dataclass
@@ -84,19 +84,15 @@ def retry_wait_s(retry_after: str | None, max_wait_s: float = 30.0, jitter: floa
 def _retryable(response: httpx.Response) -> bool:
     """A 503 (shed before any work), a 408, or a 500 ``internal`` (its replica died): all safe to send again.
 
-    A detserve replica drops a request's work at its deadline, which comes
-    before the proxy's own timeout (``ANSWER_BEFORE_TIMEOUT_S``); so after either 408
-    (the replica's ``deadline_exceeded``, or the proxy's ``timeout`` when the
-    answer was late on the way back) nothing is left running for it.
+    Which codes those are is the registry's (``retryable`` in serve/protocol.py). A
+    detserve replica drops a request's work at its deadline, which comes before the
+    proxy's own timeout (``ANSWER_BEFORE_TIMEOUT_S``); so after either 408 (the replica's
+    ``deadline_exceeded``, or the proxy's ``timeout`` when the answer was late on the
+    way back) nothing is left running for it. A model failure would only repeat.
     """
-    if response.status_code in (503, 408):
-        return True
-    if response.status_code != 500:
+    if response.status_code < 400:
         return False
-    try:  # the replica serving it died (a node lost): another replica answers; a model failure would only repeat
-        return response.json()["error"]["code"] == "internal"
-    except Exception:
-        return False
+    return _error(response).retryable
 
 
 class Client:
@@ -154,12 +150,7 @@ class Client:
     def _check(response: httpx.Response) -> dict[str, Any]:
         if response.status_code == 200:
             return response.json()
-        try:
-            error = response.json()["error"]
-            code, message = error["code"], error["message"]
-        except Exception:
-            code, message = "http_error", response.text[:200] or response.reason_phrase
-        raise DetserveError(response.status_code, code, message)
+        raise _error(response)
 
     def close(self) -> None:
         self._http.close()
@@ -169,6 +160,17 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _error(response: httpx.Response) -> DetserveError:
+    """The exception of an error response: its code's class, or its status's when the body is not detserve's."""
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except Exception:  # not detserve's body (a proxy in between, a plain-text error): the status decides
+        code, message = f"http_{response.status_code}", response.text[:200] or response.reason_phrase
+    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    return error_class(code, response.status_code)(code, message, response.status_code, headers)
 
 
 class ServerUnreachable(Exception):

@@ -1,10 +1,10 @@
 """The HTTP face of a detserve application: request parsing, the error contract, the FastAPI app.
 
 Every error a client can cause becomes ``{"error": {"code", "message"}}`` with a
-4xx status and one stable ``code`` per cause (``ERRORS`` lists them all, and
-the OpenAPI spec documents them); the message says what was sent and what to
-send instead. Errors that Ray's proxy makes itself (unknown route, overload,
-timeout, a replica that died) get the same body from ``serve/proxy_errors.py``.
+4xx status and one stable ``code`` per cause (serve/protocol.py registers them
+all, and the OpenAPI spec documents them from there); the message says what was
+sent and what to send instead. Errors that Ray makes itself (unknown route,
+overload, timeout, a replica that died) get the same body from serve/ray_errors.py.
 
 The body is read as it arrives, with the byte limit checked on every chunk,
 whatever the encoding (Content-Length or chunked, raw, JSON or multipart):
@@ -40,52 +40,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from detserve.runtime.images import ImageError
+from detserve.serve import protocol
+from detserve.serve.body_limit import CLOSE, too_large
+from detserve.serve.protocol import DetserveError, error
 
 log = logging.getLogger("ray.serve")
 
-#: ImageError codes -> HTTP status (the rest are 400). An image over the byte
-#: limit is the body limit seen from inside (both are ``max_body_bytes``), so
-#: it gets the body's code: one code per limit.
-IMAGE_STATUS = {"too_large": 413, "too_many_pixels": 413, "metadata_too_large": 413, "unsupported_type": 415, "prepare_failed": 422}
-IMAGE_CODE = {"too_large": "body_too_large"}
-
-#: Every error code the server answers with, by status, for the OpenAPI spec
-#: and the README. proxy_errors.py adds Ray's own (404 route, 408, 503, 500).
-ERRORS: dict[int, dict[str, str]] = {
-    400: {
-        "empty": "the body (or one image) is empty",
-        "not_an_image": "the bytes are not an image format detserve reads",
-        "corrupt_image": "the image is truncated or corrupt",
-        "bad_json": "the JSON body is not valid JSON",
-        "bad_base64": "an entry of images[] is not valid base64",
-        "bad_multipart": "the multipart body cannot be parsed",
-        "no_images": "the request holds no images",
-    },
-    404: {"not_found": "no such route in this application"},
-    405: {"method_not_allowed": "the route exists, the HTTP method does not"},
-    408: {"timeout": "the request took longer than its deadline (x-request-timeout-seconds or the server's)"},
-    413: {
-        "body_too_large": "the body (or one image) is over max_body_bytes",
-        "too_many_images": "more images (multipart parts, JSON entries) than max_images",
-        "too_many_pixels": "an image has more pixels than max_pixels",
-        "metadata_too_large": "an image's text metadata is over Pillow's safety limit",
-    },
-    415: {"unsupported_media_type": "the Content-Type is not image/*, multipart/form-data or application/json"},
-    422: {
-        "invalid_parameter": "a query parameter's value is out of range or not a number",
-        "unknown_parameter": "a query parameter /predict does not take",
-        "repeated_parameter": "a query parameter given more than once",
-        "bad_json": "the JSON body is not {\"images\": [\"<base64>\", ...]}",
-        "prepare_failed": "a served Dataloop adapter's prepare_item_func failed on (or returned None for) the image",
-    },
-    500: {
-        "internal": "the server failed on this request",
-        "inference_failed": "the model failed on this image (a served adapter's predict raised, for its whole batch)",
-        "invalid_prediction": "a served adapter's predict returned something other than one AnnotationCollection per image",
-    },
-    503: {"overloaded": "the server's queue is full: retry after Retry-After seconds", "unavailable": "no replica can take the request now"},
-}
-
+#: ImageError codes that are named otherwise in the HTTP contract (the rest keep theirs). An image over the
+#: byte limit is the body limit seen from inside (both are ``max_body_bytes``), so it gets the body's code:
+#: one code per limit; ``not_found`` (a path given to the handle) is not the 404 of a route.
+IMAGE_CODE = {"too_large": "body_too_large", "not_found": "file_not_found"}
 
 @dataclass
 class RequestLimits:
@@ -93,26 +57,17 @@ class RequestLimits:
     max_images: int = 64
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.headers)
-
-
 class ClientGone(Exception):
     """The client closed the connection before its body was read: nobody reads the answer."""
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(exc: DetserveError) -> JSONResponse:
+    return JSONResponse(protocol.error_payload(exc.code, exc.message), status_code=exc.status, headers=exc.headers or None)
 
 
-def image_error(exc: ImageError, index: int | None = None) -> ApiError:
+def image_error(exc: ImageError, index: int | None = None) -> DetserveError:
     where = f"image {index}: " if index is not None else ""
-    return ApiError(IMAGE_STATUS.get(exc.code, 400), IMAGE_CODE.get(exc.code, exc.code), where + exc.message)
+    return error(IMAGE_CODE.get(exc.code, exc.code), where + exc.message)
 
 
 USAGE = (
@@ -131,56 +86,83 @@ async def read_images(request: Request, limits: RequestLimits) -> list[bytes]:
     content_type = content_type.decode("latin-1").strip().lower()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise ApiError(413, "body_too_large", f"the body is {length} bytes; the limit is {limits.max_body_bytes}: send fewer or smaller images per request")
+        raise error(*too_large(limits.max_body_bytes, length=int(length)), headers=CLOSE)
     if content_type == "multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
-            raise ApiError(400, "bad_multipart", 'the Content-Type multipart/form-data has no boundary: let your HTTP client build the body (curl -F file=@img.jpg)')
+            raise error("bad_multipart", 'the Content-Type multipart/form-data has no boundary: let your HTTP client build the body (curl -F file=@img.jpg)')
         collector = _MultipartImages(boundary, limits.max_images)
-        await _stream(request, limits.max_body_bytes, collector.write)
-        images = collector.finish()
+        try:
+            await _stream(request, limits.max_body_bytes, collector.write)
+            images = collector.finish()
+        except BaseException:
+            collector.files = []  # what the parts held goes now, whoever keeps this frame (the error's traceback)
+            raise
+        finally:
+            collector.close()
     else:
         # Grown chunk by chunk as it arrives, not joined at the end: one join of a 36 MiB body held
         # the event loop (and every other request on the replica) for about 90 ms here.
         body = bytearray()
-        await _stream(request, limits.max_body_bytes, body.extend)
+        try:
+            await _stream(request, limits.max_body_bytes, body.extend)
+        except BaseException:
+            body = None  # the error's traceback keeps this frame a while: not the upload it had read
+            raise
         if not body:
-            raise ApiError(400, "empty", f"the request body is empty: {USAGE}")
+            raise error("empty", f"the request body is empty: {USAGE}")
         if content_type == "application/json":
             images = await _json_images(body)
         elif content_type.startswith("image/") or content_type in ("application/octet-stream", ""):
             images = [bytes(body)]
         else:
-            raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type!r} is not accepted: {USAGE}")
+            raise error("unsupported_media_type", f"Content-Type {content_type!r} is not accepted: {USAGE}")
     if not images:
-        raise ApiError(400, "no_images", f"the request holds no images: {USAGE}")
+        raise error("no_images", f"the request holds no images: {USAGE}")
     if len(images) > limits.max_images:
-        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {limits.max_images}: split them over several requests")
+        raise error("too_many_images", f"{len(images)} images in one request; the limit is {limits.max_images}: split them over several requests")
     return images
 
 
 async def _stream(request: Request, limit: int, sink) -> None:
-    """Feed the body to ``sink`` chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
+    """Feed the body to ``sink`` chunk by chunk; 413 (and the connection closed) as soon as it passes ``limit`` bytes."""
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes: send fewer or smaller images per request")
+                raise error(*too_large(limit, received=size), headers=CLOSE)
             if chunk:
                 sink(chunk)
     except ClientDisconnect:
+        # The client went away, or the ingress's body limit cut the upload (serve/body_limit.py): either way the
+        # caller drops what the sink holds.
+        sink = None  # noqa: F841  (this frame lives on in the error's traceback; the body need not)
+        _give_memory_back(size)
         raise ClientGone() from None
-    except ApiError:
+    except DetserveError:
+        sink = None  # noqa: F841
         _give_memory_back(size)
         raise
 
 
+#: Seconds after a large refused body before glibc is asked to give its memory back: by then the request's
+#: frames have let go of the body (the handler answering the error still held it). A trim costs a few ms.
+TRIM_AFTER_S = 0.25
+
+
 def _give_memory_back(size: int) -> None:
-    # glibc keeps freed heap pages of a big rejected body mapped; hand them back
-    # so the replica's RSS returns to its baseline (the RSS test measures it).
+    # glibc keeps the freed heap pages of a big refused body mapped (it trims only the top of its heaps
+    # by itself); hand them back so the replica's RSS returns to its baseline (tests/test_serve.py).
     if size < 4 * 1024 * 1024:
         return
+    try:
+        asyncio.get_running_loop().call_later(TRIM_AFTER_S, _malloc_trim)
+    except RuntimeError:  # no loop (a direct call): trim now
+        _malloc_trim()
+
+
+def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -205,23 +187,29 @@ class _MultipartImages:
             "on_headers_finished": self._headers_finished, "on_end": self._finished,
         })  # fmt: skip
 
+    def close(self) -> None:
+        """Drop the parser: its callbacks are bound methods of this object, a cycle that only the cyclic GC would
+        free (and Serve freezes the GC at start), keeping a refused upload's parts in memory long after."""
+        self.parser = None
+        self._part = None
+
     def write(self, chunk: bytes) -> None:
         try:
             self.parser.write(chunk)
         except MultipartParseError:
-            raise ApiError(400, "bad_multipart", "the multipart body is malformed (bad boundary or part headers): let your HTTP client build it (curl -F file=@img.jpg)") from None
+            raise error("bad_multipart", "the multipart body is malformed (bad boundary or part headers): let your HTTP client build it (curl -F file=@img.jpg)") from None
 
     def finish(self) -> list[bytes]:
         if not self.ended:
-            raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary: send the whole body")
+            raise error("bad_multipart", "the multipart body ends before its closing boundary: send the whole body")
         if not self.files:
-            raise ApiError(400, "no_images", "the multipart body has no file parts: send images as files (curl -F file=@img.jpg)")
+            raise error("no_images", "the multipart body has no file parts: send images as files (curl -F file=@img.jpg)")
         return self.files
 
     def _begin(self) -> None:
         self.parts += 1
         if self.parts > self.max_images:
-            raise ApiError(413, "too_many_images", f"the multipart body has more than {self.max_images} parts; the limit is {self.max_images} images, one file part each: split them over several requests")
+            raise error("too_many_images", f"the multipart body has more than {self.max_images} parts; the limit is {self.max_images} images, one file part each: split them over several requests")
         self._headers, self._part = {}, None
 
     def _field(self, data: bytes, start: int, end: int) -> None:
@@ -329,10 +317,10 @@ def _json_images_parsed(body: bytes | bytearray) -> list[bytes]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ApiError(400, "bad_json", f"the body is not valid JSON{where}: send {{\"images\": [\"<base64>\", ...]}}") from None
+        raise error("bad_json", f"the body is not valid JSON{where}: send {{\"images\": [\"<base64>\", ...]}}") from None
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-        raise ApiError(422, "bad_json", 'JSON bodies must be {"images": ["<base64>", ...]}: a list of base64 strings (data: URLs work too)')
+        raise error("bad_json_shape", 'JSON bodies must be {"images": ["<base64>", ...]}: a list of base64 strings (data: URLs work too)')
     out = []
     for i, text in enumerate(images):
         if text.startswith("data:"):  # data URLs: data:image/png;base64,....
@@ -340,7 +328,7 @@ def _json_images_parsed(body: bytes | bytearray) -> list[bytes]:
         try:
             out.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64: send each image's bytes base64-encoded (standard alphabet, with padding)") from None
+            raise error("bad_base64", f"images[{i}] is not valid base64: send each image's bytes base64-encoded (standard alphabet, with padding)") from None
     return out
 
 
@@ -363,10 +351,10 @@ async def check_query(request: Request) -> None:
     names = [name for name, _ in request.query_params.multi_items()]
     unknown = sorted(set(names) - set(PREDICT_PARAMETERS))
     if unknown:
-        raise ApiError(422, "unknown_parameter", f"unknown query parameter(s) {', '.join(unknown)}: /predict takes {', '.join(PREDICT_PARAMETERS)}")
+        raise error("unknown_parameter", f"unknown query parameter(s) {', '.join(unknown)}: /predict takes {', '.join(PREDICT_PARAMETERS)}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ApiError(422, "repeated_parameter", f"query parameter(s) {', '.join(repeated)} given more than once: give each at most once")
+        raise error("repeated_parameter", f"query parameter(s) {', '.join(repeated)} given more than once: give each at most once")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -387,7 +375,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="stable, one per cause (see the README's error table)")
+    code: str = Field(description="stable, one per cause (docs/http-api.md lists them all)")
     message: str = Field(description="what was sent and what to send instead")
 
 
@@ -438,13 +426,16 @@ class ImagesJson(BaseModel):
 
 
 def _errors_doc(*statuses: int) -> dict[int | str, dict]:
+    """The error responses of a route, each status with every registered code of it (serve/protocol.py)."""
+    by_status = protocol.codes_by_status()
     return {
-        status: {
-            "model": ErrorBody,
-            "description": "; ".join(f"`{code}`: {what}" for code, what in ERRORS[status].items()),
-        }
+        status: {"model": ErrorBody, "description": "; ".join(f"`{e.code}`: {e.meaning}" for e in by_status[status])}
         for status in statuses
     }
+
+
+#: Every route can answer these: an unknown path under the application's prefix, a method the route does not take.
+ROUTING_ERRORS = (404, 405)
 
 
 PREDICT_BODIES = {
@@ -487,13 +478,14 @@ class ApiServer(Protocol):
         """One request's settings from its query parameters."""
 
     def request_deadline(self, request: Request) -> tuple[float, float]:
-        """(deadline on the event loop's clock, the whole budget in seconds) of an HTTP request."""
+        """(deadline on the event loop's clock, the whole budget in seconds) of an HTTP request; raises the 422 of a
+        deadline header that cannot be used."""
 
     async def detect(self, images: list[bytes], params: Any, deadline: float, budget_s: float | None = None) -> dict:
-        """The answer body for the images, or ApiError."""
+        """The answer body for the images, or a ``DetserveError``."""
 
-    def load_report(self, images: int) -> Any:
-        """This replica's load as it answers, for the proxy's admission (has ``header()``)."""
+    def admission_header(self) -> dict[str, str]:
+        """This replica's outlook as it answers, for the admission in front of it."""
 
     async def stats(self) -> dict:
         """What /stats shows."""
@@ -515,39 +507,39 @@ def build_api(server: ApiServer) -> FastAPI:
         redoc_url=None,
     )
 
-    @api.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return exc.response()
+    @api.exception_handler(DetserveError)
+    async def _api_error(request: Request, exc: DetserveError):
+        return error_response(exc)
 
     @api.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone):
         log.info("detserve: the client closed the connection while sending its body; request dropped")
-        return error_response(400, "client_disconnected", "the connection closed before the whole body arrived")
+        return error_response(error("client_disconnected", "the connection closed before the whole body arrived"))
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_parameter", _validation_message(exc))
+        return error_response(error("invalid_parameter", _validation_message(exc)))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         path = request.url.path
         if exc.status_code == 404:
-            return error_response(404, "not_found", f"no route {path}: this application serves POST predict, GET info, GET stats, GET docs under its prefix", exc.headers)
+            return error_response(error("not_found", f"no route {path}: this application serves POST predict, GET info, GET stats, GET docs under its prefix", exc.headers))
         if exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
-            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {path}; use {allowed or 'another method'}", exc.headers)
-        return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
+            return error_response(error("method_not_allowed", f"{request.method} is not allowed on {path}; use {allowed or 'another method'}", exc.headers))
+        return error_response(error(f"http_{exc.status_code}", str(exc.detail), exc.headers, status=exc.status_code))
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("detserve: unexpected error")
-        return error_response(500, "internal", f"the server failed on this request ({type(exc).__name__}); it keeps serving: retry, and report it if it repeats")
+        return error_response(error("internal", f"the server failed on this request ({type(exc).__name__}); it keeps serving: retry, and report it if it repeats"))
 
     @api.post(
         "/predict",
         summary="Detect objects in one or more images",
         response_model=PredictResponse,
-        responses=_errors_doc(400, 408, 413, 415, 422, 500, 503),
+        responses=_errors_doc(400, *ROUTING_ERRORS, 408, 413, 415, 422, 500, 503),
         openapi_extra=PREDICT_BODIES,
         dependencies=[Depends(check_query)],
     )
@@ -557,6 +549,7 @@ def build_api(server: ApiServer) -> FastAPI:
         iou: float | None = Query(None, ge=0.0, le=1.0, allow_inf_nan=False, description="NMS IoU threshold"),
         max_det: int | None = Query(None, ge=1, le=10000, description="detections per image"),
     ) -> JSONResponse:
+        deadline = server.request_deadline(request)  # a deadline header that is not used is refused before the body is read
         images = await read_images(request, server.request_limits)
 
         try:
@@ -564,8 +557,8 @@ def build_api(server: ApiServer) -> FastAPI:
             # A Response, so FastAPI does not validate and re-serialise the body through
             # PredictResponse (1.5 ms per 20-box image); the model stays for the OpenAPI spec,
             # and tests/test_fuzz.py checks that the answers keep to it.
-            body = await server.detect(images, params, *server.request_deadline(request))
-        except ApiError as exc:
+            body = await server.detect(images, params, *deadline)
+        except DetserveError as exc:
             exc.headers = {**(exc.headers or {}), **server.admission_header()}
             raise
         except asyncio.CancelledError:
@@ -575,11 +568,11 @@ def build_api(server: ApiServer) -> FastAPI:
             raise
         return JSONResponse(body, headers=server.admission_header())
 
-    @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(500))
+    @api.get("/stats", summary="Batch sizes this replica has formed", responses=_errors_doc(*ROUTING_ERRORS, 500))
     async def stats() -> dict:
         return await server.stats()
 
-    @api.get("/info", summary="The model this application serves", responses=_errors_doc(500))
+    @api.get("/info", summary="The model this application serves", responses=_errors_doc(*ROUTING_ERRORS, 500))
     async def info() -> dict:
         return await server.http_info()
 

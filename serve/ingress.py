@@ -6,19 +6,28 @@ on a 2-core machine that hop costs about as much CPU as detserve's whole
 request path (README, "At 640 px"). Ray 2.60's HAProxy mode
 (``RAY_SERVE_ENABLE_HA_PROXY=1``) puts HAProxy in front instead: it forwards
 each request to the replica's own HTTP server (Ray's direct ingress), in C,
-without a second Python process. detserve's proxy middleware (JSON errors,
-arrival stamp, body limit, admission: serve/proxy_errors.py) then runs in that
-replica server; Ray applies ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` there too.
+without a second Python process. detserve's middleware stack (body limit,
+deadline header, admission, arrival stamp, JSON errors: serve/middleware.py) then
+runs in that replica server; Ray applies ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` there too.
 
-Ray writes HAProxy's config from a template with three things detserve does
+Ray writes HAProxy's config from a template with four things detserve does
 not ship: the stats listener binds ``*:8404`` and the Prometheus frontend
-``:9101`` (every interface, no auth), and HAProxy's own 502/503/504 become a
-plain-text 500. None has a setting, so Ray is pointed at
-``detserve-haproxy`` (``RAY_SERVE_HAPROXY_BINARY_PATH``), which rewrites the
-config file Ray wrote (:func:`loopback_config`: wildcard binds to 127.0.0.1,
+``:9101`` (every interface, no auth), HAProxy's own 502/503/504 become a
+plain-text 500, and the access log goes to ``127.0.0.1:514`` over UDP (nobody
+listens there; the sending socket is bound to ``0.0.0.0``, one per process).
+None has a setting, so Ray is pointed at ``detserve-haproxy``
+(``RAY_SERVE_HAPROXY_BINARY_PATH``), which rewrites the config file Ray wrote
+(:func:`loopback_config`: wildcard binds to 127.0.0.1, no UDP log target,
 detserve's JSON error files, a JSON 404) and then becomes the real HAProxy
 (``exec``, same arguments and pid, as Ray expects). Each replica's HTTP server
 binds the HTTP host that ``serve.start`` is given (127.0.0.1 by default).
+
+The rewrite also puts two of detserve's rules in front of each application's
+backend: a body whose Content-Length is over the route's limit
+(serve/route_limits.py) is answered 413 by HAProxy itself, with
+``Connection: close``, so the upload never reaches a replica's Python; and
+detserve's admission (serve/haproxy_admission.lua, after the constants of
+serve/protocol.py's :func:`~detserve.serve.protocol.lua_prelude`).
 
 ``DETSERVE_INGRESS=python`` switches back to Ray's Python proxy.
 """
@@ -26,13 +35,13 @@ binds the HTTP host that ``serve.start`` is given (127.0.0.1 by default).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
-from detserve.serve import ray_auth
+from detserve.serve import protocol, ray_auth
+from detserve.serve.route_limits import DEFAULT_MAX_BODY_BYTES, body_limits_from_env, limit_for
 
 #: "haproxy" (default) or "python": read by :func:`environment`, before Ray starts.
 INGRESS_ENV = "DETSERVE_INGRESS"
@@ -50,8 +59,12 @@ _ERRORFILE = re.compile(r"^[ \t]*errorfile[ \t]+\d+[ \t]+\S+\n", re.MULTILINE)
 _DEFAULTS = re.compile(r"^defaults\n", re.MULTILINE)
 _NOT_FOUND = re.compile(r"^(\s*)http-request return status 404 content-type text/plain .*$", re.MULTILINE)
 _GLOBAL = re.compile(r"^global\n", re.MULTILINE)
+#: A log target over UDP (``log <address>:<port> ...``): HAProxy binds a sending socket to 0.0.0.0 for it.
+_UDP_LOG = re.compile(r"^[ \t]*log[ \t]+(?![/@])(?!stdout|stderr)\S+:\d+[ \t].*\n", re.MULTILINE)
+#: The route prefix of each backend, from the frontend's ``acl is_<backend> path <prefix>`` lines (Ray's template).
+_BACKEND_ROUTE = re.compile(r"^[ \t]*acl is_(\S+) path (/\S*)[ \t]*$", re.MULTILINE)
 #: An application's backend: every ``backend`` but Ray's 404 one, its router-pinned twins and gRPC's.
-_APP_BACKEND = re.compile(r"^backend (?!default_backend$|default_grpc_backend$|grpc_fallback_backend$)(?!\S+-via-ingress-request-router$)\S+\n", re.MULTILINE)
+_APP_BACKEND = re.compile(r"^backend ((?!default_backend$|default_grpc_backend$|grpc_fallback_backend$)(?!\S+-via-ingress-request-router$)\S+)\n", re.MULTILINE)
 #: detserve's admission in HAProxy (serve/haproxy_admission.lua), written beside the config.
 ADMISSION_LUA = "detserve-admission.lua"
 ADMISSION_RULES = (
@@ -59,6 +72,22 @@ ADMISSION_RULES = (
     "    http-request lua.detserve_admit if METH_POST\n"
     "    http-response lua.detserve_heard if { res.hdr(x-detserve-admit) -m found }\n"
 )
+
+
+def body_limit_rule(limit: int) -> str:
+    """HAProxy's 413 for a Content-Length over ``limit``: the JSON of serve/body_limit.py, the connection closed."""
+    from detserve.serve.body_limit import too_large
+
+    code, message = too_large(limit, length=123456789)
+    body = protocol.error_body(code, message).decode().replace("123456789", "%[req.hdr_val(content-length)]")
+    return (
+        "    # detserve: a body over the route's limit never reaches a replica (serve/body_limit.py)\n"
+        f"    http-request return status 413 content-type application/json hdr Connection close"
+        f" hdr {protocol.REFUSED_BY_HEADER} haproxy lf-string '{body}'"
+        f" if {{ req.hdr_val(content-length) gt {limit} }}\n"
+        # The replica's own 413 (a chunked body cut at the limit) closes its connection; the client's closes too.
+        "    http-response set-header Connection close if { status 413 }\n"
+    )
 
 
 def chosen(environ=os.environ) -> str:
@@ -110,12 +139,12 @@ SHOWN_AS = {502: 500, 504: 500}
 
 def error_file(status: int) -> bytes:
     """A raw HTTP response in detserve's JSON error contract, for HAProxy's ``errorfile`` of ``status``."""
-    from detserve.serve.proxy_errors import error_for
+    from detserve.serve.ray_errors import error_for
 
     status = SHOWN_AS.get(status, status)
     headers = {b"retry-after": str(UNAVAILABLE_RETRY_AFTER_S).encode()} if status == 503 else {}
     code, message = error_for(status, "", "", headers)
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = protocol.error_body(code, message)
     reason = {400: "Bad Request", 408: "Request Timeout", 429: "Too Many Requests", 500: "Internal Server Error",
               503: "Service Unavailable"}[status]  # fmt: skip
     head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}",
@@ -125,32 +154,41 @@ def error_file(status: int) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def rewrite(config: str, error_dir: Path) -> str:
-    """Ray's HAProxy config, kept to loopback and to the JSON contract, with detserve's admission in each app's
-    backend; a rewritten config comes back unchanged."""
+def rewrite(config: str, error_dir: Path, body_limits: dict[str, int] | None = None) -> str:
+    """Ray's HAProxy config, kept to loopback and to the JSON contract, with detserve's body limit and admission in
+    each app's backend; a rewritten config comes back unchanged. ``body_limits``: {route prefix: bytes}
+    (default: the environment's, serve/route_limits.py)."""
     if ADMISSION_LUA in config:
         return config
+    limits = body_limits_from_env() if body_limits is None else body_limits
+    routes = dict(_BACKEND_ROUTE.findall(config))
     lines, section = [], ""
     for line in config.splitlines(keepends=True):
         if line[:1].strip():
             section = " ".join(line.split())
         lines.append(_WILDCARD_BIND.sub(r"\g<1>127.0.0.1\2", line) if section in LOOPBACK_SECTIONS else line)
     config = "".join(lines)
+    config = _UDP_LOG.sub("", config)
     config = _ERRORFILE.sub("", config)
     ours = "".join(f"    errorfile {s} {error_dir / f'detserve-{s}.http'}\n" for s in ERROR_STATUSES)
     config = _DEFAULTS.sub(lambda m: m.group(0) + ours, config, count=1)
     message = "no application is served at %[path,json(utf8s)]: GET /-/routes lists the route prefixes; detection is POST <prefix>/predict (e.g. /yolo/predict)"
-    not_found = json.dumps({"error": {"code": "not_found", "message": "MESSAGE"}}).replace("MESSAGE", message)
+    not_found = protocol.error_body("not_found", "MESSAGE").decode().replace("MESSAGE", message)
     config = _NOT_FOUND.sub(lambda m: f"{m.group(1)}http-request return status 404 content-type application/json lf-string '{not_found}'", config)
     config = _GLOBAL.sub(lambda m: f"{m.group(0)}    lua-load {error_dir / ADMISSION_LUA}\n", config, count=1)
-    return _APP_BACKEND.sub(lambda m: m.group(0) + ADMISSION_RULES, config)
+
+    def rules(match: re.Match) -> str:
+        route = routes.get(match.group(1), "/")
+        return match.group(0) + body_limit_rule(limit_for(route, limits, DEFAULT_MAX_BODY_BYTES)) + ADMISSION_RULES
+
+    return _APP_BACKEND.sub(rules, config)
 
 
 def loopback_config(path: Path) -> None:
     """Rewrite the config Ray wrote at ``path`` in place (under Ray's own lock file), with the error files beside it."""
     from detserve.serve.proxy_admission import render_lua
 
-    lua = render_lua()
+    lua = protocol.lua_prelude().encode() + render_lua()  # the registry's constants, then admission's own
     files = {f"detserve-{status}.http": error_file(status) for status in ERROR_STATUSES} | {ADMISSION_LUA: lua}
     for name, wanted in files.items():
         target = path.parent / name

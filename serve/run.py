@@ -8,6 +8,7 @@ replica starts, a curl line that works as printed, and a clean shutdown.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -57,35 +58,59 @@ def placement_problems(config, cpus: float) -> list[str]:
 
 
 def proxy_body_limits(config) -> dict[str, int]:
-    """{route prefix: max_body_bytes} of every application of ``config``: the limits the proxy enforces (serve/proxy_errors.py)."""
+    """{route prefix: max_body_bytes} of every application of ``config``: the limits the ingress enforces (serve/body_limit.py)."""
     from detserve.serve.app import app_args
 
     return {app.route_prefix: app_args(app.args or {}).max_body_bytes for app in config.applications if app.route_prefix}
 
 
+def route_timeouts(config) -> dict[str, float]:
+    """{route prefix: request_timeout_s} of every application of ``config``: the longest deadline each accepts
+    (serve/client_deadline.py)."""
+    from detserve.serve.app import app_args
+
+    return {app.route_prefix: app_args(app.args or {}).request_timeout_s for app in config.applications if app.route_prefix}
+
+
 def set_proxy_body_limits(limits: dict[str, int]) -> None:
-    """Hand the proxy its body limits; call before :func:`start_ray` (the proxy reads them from Ray's environment).
+    """Hand the ingress its body limits; call before :func:`start_ray` (it reads them from Ray's environment).
 
     A ``DETSERVE_PROXY_BODY_LIMITS`` already set by the user wins.
     """
-    import json
-
-    from detserve.serve.proxy_errors import LIMITS_ENV
+    from detserve.serve.route_limits import LIMITS_ENV
 
     os.environ.setdefault(LIMITS_ENV, json.dumps(limits, sort_keys=True))
+
+
+def set_route_timeouts(timeouts: dict[str, float]) -> None:
+    """Hand the ingress each route's request timeout; call before :func:`start_ray`. A ``DETSERVE_ROUTE_TIMEOUTS``
+    already set by the user wins."""
+    from detserve.serve.route_limits import TIMEOUTS_ENV
+
+    os.environ.setdefault(TIMEOUTS_ENV, json.dumps(timeouts, sort_keys=True))
+
+
+#: One node: HAProxy runs beside the replicas and takes a stopping replica out of its config at once, so the
+#: replica need not stay reachable for Ray's deregistration window of 30 s, which held an idle Ctrl-C for 33 s.
+#: A stopping replica still finishes what it admitted (graceful_shutdown_timeout_s, 30 s in deploy.yaml): the
+#: drain is bounded by the work admitted, not by a fixed wait. Not for `ray start` clusters, whose other nodes'
+#: HAProxy needs the window (serve/ingress.py's exports leave Ray's default).
+SINGLE_NODE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """A private, loopback-only Ray for this process, with token authentication on.
 
-    Every Ray listener (GCS, raylet, object manager, workers, agents, metrics) is
-    on 127.0.0.1, except each Serve replica's gRPC port (see :func:`exposed_listeners`).
+    Every listener of the process tree (GCS, raylet, object manager, workers, agents,
+    metrics, HAProxy, each replica's HTTP and gRPC servers) is on 127.0.0.1
+    (:func:`exposed_listeners` names any that is not).
     The token is ``<run dir>/auth/token`` (0600); :func:`attach` finds it there.
     Ray's Prometheus endpoint (Serve's and detserve's metrics) listens on
     ``http://127.0.0.1:<metrics_port>/metrics``: ``DETSERVE_METRICS_PORT``, 8080 by default.
     """
     env = offline.apply()  # before `import ray`: Ray reads the loopback switch at import
     env.update(ingress.apply())  # Serve reads its ingress switches at import, in every Ray process: before Ray starts
+    env.update({key: os.environ.setdefault(key, value) for key, value in SINGLE_NODE_ENV.items()})
     import ray
 
     _require_loopback_ray()
@@ -107,6 +132,9 @@ def start_ray(num_cpus: int | None = None, metrics_port: int | None = None) -> N
         configure_logging=True,
         _metrics_export_port=metrics_port or int(os.environ.get("DETSERVE_METRICS_PORT", "8080")),
     )
+    from detserve.serve.worker_logs import drop_known_noise
+
+    drop_known_noise()
     node_ip = ray.util.get_node_ip_address()
     if node_ip != "127.0.0.1":
         ray.shutdown()
@@ -175,20 +203,25 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening TCP socket of the process tree."""
+    """One socket of the process tree that takes connections or datagrams: a listening TCP socket, a bound UDP one."""
 
     host: str
     port: int
     pid: int
     process: str
+    kind: str = "tcp"  # or "udp"
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return address if self.kind == "tcp" else f"{address}/udp"
 
 
 def listeners() -> list[Listener]:
-    """Every listening TCP socket of this process and its descendants (Ray's processes are all descendants)."""
+    """Every listening TCP socket and bound UDP socket of this process and its descendants (Ray's processes are all
+    descendants; HAProxy too)."""
+    import socket
+
     import psutil
 
     me = psutil.Process()
@@ -199,29 +232,34 @@ def listeners() -> list[Listener]:
             conns = proc.net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        found += [Listener(c.laddr.ip, c.laddr.port, proc.pid, name) for c in conns if c.status == psutil.CONN_LISTEN]
+        for c in conns:
+            if c.type == socket.SOCK_STREAM and c.status == psutil.CONN_LISTEN:
+                found.append(Listener(c.laddr.ip, c.laddr.port, proc.pid, name))
+            elif c.type == socket.SOCK_DGRAM and c.laddr:
+                found.append(Listener(c.laddr.ip, c.laddr.port, proc.pid, name, "udp"))
     return found
 
 
 def exposed_listeners() -> list[Listener]:
-    """The listeners beyond loopback. With detserve's Ray these are only the Serve replicas' gRPC ports.
+    """The listeners beyond loopback: none with ``detserve serve`` on its defaults (docs/security.md).
 
-    Ray 2.60 binds each replica's inter-deployment gRPC server to ``[::]:0``
-    (ray/serve/_private/replica.py), with no setting to change it; Ray's token
-    interceptor guards it, so with token auth on a call without the token is refused.
+    Two used to be: each Serve replica's gRPC server, which Ray 2.60 binds to ``[::]:0``
+    (serve/replica_grpc.py binds it to the node's address instead), and HAProxy's UDP
+    socket for its syslog target (serve/ingress.py drops the target). Anything listed
+    here is named in the start banner with what guards it.
     """
     return [one for one in listeners() if not _is_loopback(one.host)]
 
 
 def exposure_line() -> str:
-    """One line for the start banner or log: what is not on loopback, and what guards it."""
+    """One line for the start banner: every socket on loopback, or what is not and what guards it."""
     exposed = exposed_listeners()
     if not exposed:
-        return "Ray listens on 127.0.0.1 only."
-    ports = ", ".join(f"{one.address} ({one.process})" for one in exposed)
+        return "Every socket of the server is on 127.0.0.1 (docs/security.md)."
+    ports = ", ".join(f"{one.address} ({Path(one.process).name})" for one in exposed)
     if ray_auth.enabled():
-        return f"Not on loopback (Ray hard-codes it): Serve replica gRPC {ports}; they require the Ray token."
-    return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen on all interfaces: anyone who reaches them can call the replicas."
+        return f"Not on loopback: {ports}. Ray's RPC ports require the Ray token (docs/security.md says why each is there)."
+    return f"WARNING: Ray token auth is off (RAY_AUTH_MODE=disabled) and {ports} listen beyond loopback: anyone who reaches them can call them."
 
 
 def log_level() -> str:
@@ -259,7 +297,7 @@ def deploy(config_path: Path, host: str = "127.0.0.1", port: int = 8000, only: l
     problems = placement_problems(chosen, float(ray.cluster_resources().get("CPU", 0)))
     if problems:
         raise ValueError("the Serve config cannot be placed: " + "; ".join(problems))
-    logging_config = LoggingConfig(**{**config.logging_config.model_dump(), "log_level": log_level()})
+    logging_config = LoggingConfig(**{**(config.logging_config.model_dump() if config.logging_config else {}), "log_level": log_level()})
     start_serve(host, port, config.http_options.request_timeout_s, logging_config)
     targets = []
     for app in config.applications:
@@ -395,7 +433,6 @@ def run_targets(targets: list) -> list[str]:
         if line is None:
             raise
         raise DeployFailed(line) from None
-    logging.getLogger("detserve").warning(exposure_line())
     return [t.route_prefix for t in targets]
 
 
@@ -417,8 +454,9 @@ def deploy_failure_line(message: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
-def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path) -> list[str]:
-    """The lines printed once the server is ready: URLs, a curl per app that works as printed, docs, metrics."""
+def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: Path, listening: str = "") -> list[str]:
+    """The lines printed once the server is ready: URLs, a curl per app that works as printed, docs, metrics, and
+    ``listening`` (:func:`exposure_line`)."""
     import shlex
 
     reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached on loopback
@@ -432,6 +470,7 @@ def banner(routes: list[str], host: str, port: int, metrics_port: int, sample: P
     lines += [
         f"  metrics    http://127.0.0.1:{metrics_port}/metrics  (detserve_*, ray_serve_*)",
         f"  status     detserve status --url {base}",
+        *([f"  listening  {listening}"] if listening else []),
         "",
         "Ctrl-C stops the server and Ray. More logs: DETSERVE_LOG_LEVEL=INFO.",
     ]
@@ -465,9 +504,11 @@ def main(
         with step("Checking the adapter (import and load, as each replica will)"):
             check_adapter(adapter)
         set_proxy_body_limits({f"/{name}": AppArgs().max_body_bytes for name, _, _ in apps})
+        set_route_timeouts({f"/{name}": adapter.request_timeout_s for name, _, _ in apps})
     else:
         config = load_config(config_path)
         set_proxy_body_limits(proxy_body_limits(config))
+        set_route_timeouts(route_timeouts(config))
         for serving in config_adapters(config, only):
             with step(f"Checking the adapter in {serving.folder} (import and load, as each replica will)"):
                 check_adapter(serving)
@@ -485,7 +526,7 @@ def main(
         raise
     metrics_port = int(os.environ.get("DETSERVE_METRICS_PORT", "8080"))
     console.rule("[bold green]ready[/]")
-    for line in banner(routes, host, port, metrics_port, sample_path()):
+    for line in banner(routes, host, port, metrics_port, sample_path(), exposure_line()):
         console.print(line, markup=False, highlight=False)
     console.rule()
     try:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import os
 
+import cv2
 import numpy as np
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,8 +28,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from detserve.runtime import images as imagelib
 from detserve.runtime.images import ImageError, Limits, decode, frame_count
-from detserve.serve.http import ApiError, RequestLimits, _json_images, _json_images_parsed, read_images
+from detserve.serve.protocol import DetserveError
+from detserve.serve.http import RequestLimits, _json_images, _json_images_parsed, read_images
 
 EXAMPLES = int(os.environ.get("DETSERVE_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -81,6 +86,129 @@ def test_decode_raises_only_image_error(data):
     else:
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
     assert frame_count(data) >= 1
+
+
+# ---- the JPEG fast path against Pillow -------------------------------------------------
+
+
+def _jpeg_seeds() -> list[bytes]:
+    """Small JPEGs of every layout the OpenCV path takes: 4:2:0, 4:4:4, progressive, optimized, gray,
+    restart markers, an EXIF orientation."""
+    from tests.test_images import _jpeg, photo_like
+
+    photo = photo_like(40, 56)
+    restart = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])[1].tobytes()
+    return [_jpeg(photo), _jpeg(photo, subsampling=0), _jpeg(photo, progressive=True), _jpeg(photo, optimize=True),
+            _jpeg(photo, mode="L"), _jpeg(photo, 6), restart]  # fmt: skip
+
+
+JPEG_SEEDS = _jpeg_seeds()
+JPEG_DAMAGE = ["flip", "flips", "cut", "cut_to_eoi", "marker", "block", "huffman", "quantization", "frame"]
+
+
+def _segment(data: bytearray, marker: int) -> int:
+    """Where the first ``FF marker`` segment starts (the SOS when there is none)."""
+    at = data.find(bytes([0xFF, marker]))
+    return at if at >= 0 else data.find(b"\xff\xda")
+
+
+def damaged_jpeg(data: bytearray, kind: str, pick) -> bytes:
+    """``data`` with one kind of damage; ``pick(lo, hi)`` chooses an integer in [lo, hi] (hypothesis or random)."""
+    scan = data.find(b"\xff\xda") + 14  # past a 3-component SOS header: into the entropy-coded data
+    in_scan = lambda: pick(scan, len(data) - 3)  # noqa: E731
+    if kind == "flip":
+        data[in_scan()] ^= 1 << pick(0, 7)
+    elif kind == "flips":
+        for _ in range(pick(2, 12)):
+            data[in_scan()] = pick(0, 255)
+    elif kind in ("cut", "cut_to_eoi"):
+        del data[in_scan() :]
+        data += b"\xff\xd9" if kind == "cut_to_eoi" else b""
+    elif kind == "marker":  # a marker inside the scan: unknown, SOI, EOI, SOS, DHT, DQT, RSTn, SOF, APP1
+        at = in_scan()
+        data[at : at + 2] = bytes([0xFF, [pick(1, 255), 0xD8, 0xD9, 0xDA, 0xC4, 0xDB, 0xD0 + pick(0, 7), 0xC0, 0xE1][pick(0, 8)]])
+    elif kind == "block":  # random bytes over part of the scan
+        at = in_scan()
+        data[at : at + 64] = bytes(pick(0, 255) for _ in range(64))
+    else:  # a byte of the first Huffman table, quantization table or frame header
+        at = _segment(data, {"huffman": 0xC4, "quantization": 0xDB, "frame": 0xC0}[kind])
+        data[pick(at + 2, min(at + 40, len(data) - 1))] = pick(0, 255)
+    return bytes(data)
+
+
+@st.composite
+def damaged_jpegs(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(JPEG_SEEDS)))
+    return damaged_jpeg(data, draw(st.sampled_from(JPEG_DAMAGE)), lambda lo, hi: draw(st.integers(lo, max(lo, hi))))
+
+
+def _pillow_alone(data: bytes) -> np.ndarray | None:
+    """What Pillow alone makes of ``data``: its pixels, or None when it refuses the file."""
+    from tests.test_images import pillow_pixels
+
+    try:
+        return pillow_pixels(data)
+    except Exception:  # noqa: BLE001  (any refusal of Pillow's counts as a refusal)
+        return None
+
+
+def opencv_and_pillow_agree(data: bytes) -> str:
+    """Check one file: the OpenCV path, when it answers, gives Pillow's pixels, and decode accepts and refuses what
+    Pillow does. Returns which path decoded it ("opencv", "pillow") or "refused"."""
+    expected = _pillow_alone(data)
+    try:
+        header = Image.open(io.BytesIO(data))
+        fast = imagelib._jpeg_without_gil(data, header)
+    except Exception:  # noqa: BLE001  (no header: decode refuses it below, as Pillow does)
+        fast = None
+    if fast is not None:
+        assert expected is not None, "the OpenCV path accepted a JPEG that Pillow refuses"
+        np.testing.assert_array_equal(fast, expected)
+    try:
+        got = decode(data)
+    except ImageError as exc:
+        assert expected is None, f"decode refused ({exc.code}) a JPEG that Pillow accepts"
+        return "refused"
+    assert expected is not None, "decode accepted a JPEG that Pillow refuses"
+    np.testing.assert_array_equal(got, expected)
+    return "opencv" if fast is not None else "pillow"
+
+
+@FUZZ
+@given(damaged_jpegs())
+def test_the_opencv_jpeg_path_accepts_what_pillow_accepts_with_pillows_pixels(data):
+    opencv_and_pillow_agree(data)
+
+
+def test_a_sweep_of_damaged_jpegs_is_decided_as_pillow_decides_it():
+    # The fixed-seed companion of the property above: every kind of damage on every seed, enough times that
+    # each outcome occurs (a check that only ever saw one path would prove nothing).
+    import random
+
+    rng = random.Random(25)
+    outcomes = collections.Counter()
+    for round_ in range(12):
+        for seed in JPEG_SEEDS:
+            for kind in JPEG_DAMAGE:
+                data = damaged_jpeg(bytearray(seed), kind, rng.randint)
+                outcomes[kind, opencv_and_pillow_agree(data)] += 1
+    assert outcomes["marker", "refused"] > 20, outcomes  # stray markers: what OpenCV used to accept
+    assert outcomes["flip", "opencv"] > 20 and outcomes["cut_to_eoi", "opencv"] > 20, outcomes  # still the fast path
+    assert sum(n for (_, path), n in outcomes.items() if path == "pillow") > 0, outcomes
+
+
+def test_random_bytes_over_a_photos_scan_are_refused_as_pillow_refuses_them():
+    # What a user sent: a JPEG with 4096 random bytes written over the middle of its scan data. OpenCV returned
+    # a 1080x810 image of garbage (and libjpeg printed "Corrupt JPEG data"); Pillow refuses it.
+    from tests.test_images import _jpeg, photo_like
+
+    data = bytearray(_jpeg(photo_like(810, 1080)))
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    data[middle : middle + 4096] = np.random.default_rng(9).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    assert _pillow_alone(bytes(data)) is None
+    with pytest.raises(ImageError) as err:
+        decode(bytes(data))
+    assert err.value.code == "corrupt_image"
 
 
 # ---- the request parser --------------------------------------------------------------
@@ -140,7 +268,7 @@ def test_the_request_parser_raises_only_api_error(request_body, chunk):
     limits = RequestLimits(max_body_bytes=64 * 1024, max_images=4)
     try:
         images = asyncio.run(read_images(_Request(ctype, body, chunk), limits))
-    except ApiError as exc:
+    except DetserveError as exc:
         assert 400 <= exc.status < 500 and exc.code and exc.message
     else:
         assert 1 <= len(images) <= limits.max_images and all(isinstance(i, bytes) for i in images)
@@ -172,7 +300,7 @@ def _outcome(parse, body: bytes):
     try:
         result = parse(body)
         return asyncio.run(result) if asyncio.iscoroutine(result) else result
-    except ApiError as exc:
+    except DetserveError as exc:
         return (exc.status, exc.code, exc.message)
 
 

@@ -52,7 +52,7 @@ CASES = {
     "truncated png": (dict(content=png(300, 200, "red")[:120], headers=PNG_CT), 400, "corrupt_image"),
     "text/plain": (dict(content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
     "json not json": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "bad_json"),
-    "json wrong shape": (dict(json={"images": "x"}), 422, "bad_json"),
+    "json wrong shape": (dict(json={"images": "x"}), 422, "bad_json_shape"),
     "json bad base64": (dict(json={"images": ["!!"]}), 400, "bad_base64"),
     "json too many": (dict(json={"images": [base64.b64encode(png()).decode()] * 5}), 413, "too_many_images"),
     "multipart no boundary": (dict(content=b"x", headers={"content-type": "multipart/form-data"}), 400, "bad_multipart"),
@@ -183,6 +183,120 @@ def test_the_body_limit_stops_reading_a_chunked_upload_as_it_arrives(local_clien
     sent, pulled = asyncio.run(_call(local_client.app, _scope(headers=[("content-type", ctype), ("transfer-encoding", "chunked")]), messages))
     assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "body_too_large"
     assert pulled <= LIMIT // chunk + 2, pulled  # never more than the limit (+ one chunk) was read
+    # The message says what had arrived when the body was cut, not "over N bytes; the limit is N"; the connection closes.
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert f"the limit of {LIMIT} bytes: {(pulled) * chunk + len(head)} bytes had arrived" in message, message
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"
+
+
+# ---- the client's deadline header (serve/protocol.py client_timeout_s, serve/client_deadline.py) ----------------
+
+UNUSABLE_DEADLINES = ["0", "-1", "abc", "nan", "inf", "1e9", "31", "1e1"]
+
+
+@pytest.mark.parametrize("sent", UNUSABLE_DEADLINES)
+def test_an_unusable_deadline_header_is_refused_by_the_app_before_the_body_is_read(local_client, sent):
+    messages = [{"type": "http.request", "body": png(), "more_body": True}]  # never completed: it must not be read
+    scope = _scope(headers=[("content-type", "image/png"), ("x-request-timeout-seconds", sent)])
+    out, pulled = asyncio.run(_call(local_client.app, scope, messages))
+    error = json.loads(out[1]["body"])["error"]
+    assert out[0]["status"] == 422 and error["code"] == "invalid_deadline" and pulled == 0
+    assert error["message"].startswith(f"x-request-timeout-seconds: {sent} ") and "at most 30" in error["message"]
+
+
+@pytest.mark.parametrize("sent", UNUSABLE_DEADLINES)
+def test_an_unusable_deadline_header_is_refused_at_the_ingress_before_admission_and_ray(sent):
+    from detserve.serve.client_deadline import ClientDeadline
+
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+
+    scope = _scope("/yolo/predict", headers=[("content-type", "image/png"), ("x-request-timeout-seconds", sent)])
+    out, pulled = asyncio.run(_call(ClientDeadline(app, {"/yolo": 30.0}), scope, []))
+    assert not called and pulled == 0 and out[0]["status"] == 422
+    assert json.loads(out[1]["body"])["error"]["code"] == "invalid_deadline"
+
+
+def test_a_deadline_the_margin_eats_is_refused_at_once_in_the_clients_numbers(local_client):
+    from detserve.serve.client_deadline import ClientDeadline
+
+    for sent in ("0.001", "0.3", "0.5"):
+        headers = {"content-type": "image/png", "x-request-timeout-seconds": sent}
+        r = local_client.post("/predict", content=png(), headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "deadline_too_short", r.text
+        message = r.json()["error"]["message"]
+        assert f"x-request-timeout-seconds: {sent} leaves no time" in message and "0.00 s away" not in message
+        out, _ = asyncio.run(_call(ClientDeadline(lambda *a: None), _scope(headers=list(headers.items())), []))
+        assert out[0]["status"] == 422 and json.loads(out[1]["body"])["error"]["message"] == message  # the ingress says the same
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    for sent in ("0.6", "2", "30"):  # usable: on to the app
+        asyncio.run(_call(ClientDeadline(app), _scope(headers=[("x-request-timeout-seconds", sent)]), []))
+    assert len(passed) == 3
+    asyncio.run(_call(ClientDeadline(app), _scope("/-/healthz", headers=[("x-request-timeout-seconds", "abc")]), []))
+    assert passed[-1] == "/-/healthz"  # Ray's own endpoints are not ours to judge
+
+
+def test_a_deadline_too_short_for_the_images_says_so_in_the_clients_numbers(local_client):
+    files = [("f", (f"{i}.png", png(), "image/png")) for i in range(4)]
+    r = local_client.post("/predict", files=files, headers={"x-request-timeout-seconds": "0.51"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "deadline_too_short", r.text
+    message = r.json()["error"]["message"]
+    assert "4 images" in message and "the 0.51 s its x-request-timeout-seconds gave" in message, message
+    r = local_client.post("/predict", content=png(), headers={"content-type": "image/png", "x-request-timeout-seconds": "0.501"})
+    assert "1 image " in r.json()["error"]["message"] and "images" not in r.json()["error"]["message"].split("take")[0], r.text
+
+
+def test_rays_408_speaks_of_the_clients_deadline_when_the_client_gave_one():
+    from detserve.serve.ray_errors import JsonErrors
+
+    async def ray_408(scope, receive, send):
+        await send({"type": "http.response.start", "status": 408, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Request abc timed out after 30.0s."})
+
+    sent, _ = asyncio.run(_call(JsonErrors(ray_408), _scope("/x", headers=[("x-request-timeout-seconds", "0.7")]), []))
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert "the 0.7 s its x-request-timeout-seconds header gave" in message and "30.0" not in message
+    sent, _ = asyncio.run(_call(JsonErrors(ray_408), _scope("/x"), []))
+    assert "the server's request timeout of 30.0 s" in json.loads(sent[1]["body"])["error"]["message"]
+
+
+def test_a_header_that_claims_60000_by_60000_gets_its_size_in_the_413(local_client):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    r = local_client.post("/predict", content=header, headers=PNG_CT)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"
+    assert "60000x60000 = 3600000000 pixels" in r.json()["error"]["message"], r.text
+
+
+def test_not_an_image_names_exactly_the_formats_that_decode(local_client):
+    from detserve.runtime.images import FORMAT_NAMES
+
+    r = local_client.post("/predict", content=b"hello", headers=PNG_CT)
+    assert r.json()["error"]["code"] == "not_an_image" and "AVIF" in r.json()["error"]["message"]
+    assert all(name in r.json()["error"]["message"] for name in FORMAT_NAMES)
+    from detserve.serve.protocol import BY_CODE
+
+    assert f"({', '.join(FORMAT_NAMES)})" in BY_CODE["not_an_image"].meaning  # the registry says the same
+    for fmt in ("AVIF", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(buf, format=fmt)
+        assert local_client.post("/predict", content=buf.getvalue(), headers=PNG_CT).status_code == 200, fmt
+    for fmt in ("TGA", "PPM", "ICO", "PCX"):  # Pillow reads them; detserve does not say it does, and refuses them
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(buf, format=fmt)
+        r = local_client.post("/predict", content=buf.getvalue(), headers=PNG_CT)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_an_image", fmt
 
 
 @pytest.fixture
@@ -286,7 +400,7 @@ def test_docs_are_served_entirely_by_the_app(local_client):
     ],
 )
 def test_proxy_middleware_turns_rays_text_errors_into_the_contract(status, text, headers, code):
-    from detserve.serve.proxy_errors import JsonErrors
+    from detserve.serve.ray_errors import JsonErrors
 
     async def ray_like(scope, receive, send):
         if status is None:
@@ -304,7 +418,7 @@ def test_proxy_middleware_turns_rays_text_errors_into_the_contract(status, text,
 
 
 def test_proxy_middleware_leaves_json_and_rays_own_endpoints_alone():
-    from detserve.serve.proxy_errors import JsonErrors
+    from detserve.serve.ray_errors import JsonErrors
 
     async def app(scope, receive, send):
         ctype = b"application/json" if scope["path"] == "/app" else b"text/plain"
@@ -318,16 +432,16 @@ def test_proxy_middleware_leaves_json_and_rays_own_endpoints_alone():
 
 def test_the_offline_environment_installs_the_proxy_middleware():
     from detserve.runtime.offline import environment
-    from detserve.serve import proxy_errors
+    from detserve.serve import middleware
 
     module, _, name = environment()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
-    assert f"{module}:{name}" == proxy_errors.IMPORT_PATH and callable(getattr(proxy_errors, name))
+    assert f"{module}:{name}" == middleware.IMPORT_PATH and callable(getattr(middleware, name))
 
 
 def test_the_proxy_stamps_arrival_time_and_replaces_a_clients_own_stamp():
     import time
 
-    from detserve.serve.proxy_errors import RECEIVED_AT_HEADER, ArrivalTime
+    from detserve.serve.arrival import RECEIVED_AT_HEADER, ArrivalTime
 
     seen = {}
 
@@ -371,7 +485,7 @@ def test_the_deadline_counts_from_the_proxys_arrival_not_the_replicas():
     assert deadline(server, 2.0, 5.0) <= time.monotonic()  # already past: nothing is admitted
 
 
-# ---- the body limit in the proxy (serve/proxy_errors.py BodyLimit), before the replica receives a byte ----
+# ---- the body limit at the ingress (serve/body_limit.py), before the app receives a byte ----
 
 
 def _ray_like(forwarded: list, answer_after_bytes: int | None = None):
@@ -408,7 +522,7 @@ def _chunked(n: int, size: int = 40) -> list[dict]:
 
 
 def test_the_proxy_refuses_a_content_length_over_the_routes_limit_without_calling_the_app():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     called = []
 
@@ -420,11 +534,12 @@ def test_the_proxy_refuses_a_content_length_over_the_routes_limit_without_callin
     assert not called and pulled == 0  # not a byte read, nothing forwarded to a replica
     assert sent[0]["status"] == 413 and dict(sent[0]["headers"])[b"content-type"] == b"application/json"
     error = json.loads(sent[1]["body"])["error"]
-    assert error["code"] == "body_too_large" and "101 bytes; the limit is 100" in error["message"]
+    assert error["code"] == "body_too_large" and "101 bytes (its Content-Length); the limit is 100" in error["message"]
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"  # the rest of the upload is not read
 
 
 def test_the_proxy_cuts_a_chunked_body_at_the_limit_and_what_the_app_sends_after_is_dropped():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, pulled = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
@@ -434,7 +549,7 @@ def test_the_proxy_cuts_a_chunked_body_at_the_limit_and_what_the_app_sends_after
 
 
 def test_a_body_within_the_limit_and_rays_own_endpoints_pass_untouched():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded), {"/small": 100}), _scope("/small/predict"), _chunked(2)))
@@ -445,7 +560,7 @@ def test_a_body_within_the_limit_and_rays_own_endpoints_pass_untouched():
 
 
 def test_an_app_that_answers_at_its_own_lower_limit_keeps_its_answer():
-    from detserve.serve.proxy_errors import BodyLimit
+    from detserve.serve.body_limit import BodyLimit
 
     forwarded: list = []
     sent, _ = asyncio.run(_call(BodyLimit(_ray_like(forwarded, answer_after_bytes=50), {"/small": 100}), _scope("/small/predict"), _chunked(10)))
@@ -454,17 +569,17 @@ def test_an_app_that_answers_at_its_own_lower_limit_keeps_its_answer():
 
 
 def test_each_route_gets_the_limit_of_its_longest_prefix():
-    from detserve.serve.proxy_errors import DEFAULT_MAX_BODY_BYTES, limit_for
+    from detserve.serve.route_limits import DEFAULT_MAX_BODY_BYTES, limit_for
 
-    limits = {"/": 10, "/yolo": 20, "/yolo/big/": 30}
-    assert limit_for("/yolo/predict", limits) == 20 and limit_for("/yolo", limits) == 20
-    assert limit_for("/yolo/big/predict", limits) == 30 and limit_for("/yolo/big", limits) == 30
-    assert limit_for("/yolox/predict", limits) == 10 and limit_for("/other", limits) == 10
-    assert limit_for("/other", {"/yolo": 20}) == DEFAULT_MAX_BODY_BYTES
+    limits, default = {"/": 10, "/yolo": 20, "/yolo/big/": 30}, DEFAULT_MAX_BODY_BYTES
+    assert limit_for("/yolo/predict", limits, default) == 20 and limit_for("/yolo", limits, default) == 20
+    assert limit_for("/yolo/big/predict", limits, default) == 30 and limit_for("/yolo/big", limits, default) == 30
+    assert limit_for("/yolox/predict", limits, default) == 10 and limit_for("/other", limits, default) == 10
+    assert limit_for("/other", {"/yolo": 20}, default) == DEFAULT_MAX_BODY_BYTES
 
 
 def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give():
-    from detserve.serve.proxy_errors import LIMITS_ENV, body_limits_from_env
+    from detserve.serve.route_limits import LIMITS_ENV, body_limits_from_env
 
     assert body_limits_from_env({}) == {}
     assert body_limits_from_env({LIMITS_ENV: '{"/yolo": 52428800}'}) == {"/yolo": 52428800}
@@ -474,11 +589,13 @@ def test_the_limits_come_from_the_environment_and_a_bad_value_says_what_to_give(
 
 
 def test_detserve_serve_hands_the_proxy_each_apps_limit_and_the_body_limit_is_outermost():
-    from detserve.serve import proxy_errors
+    from detserve.serve import route_limits
     from detserve.serve.app import AppArgs
+    from detserve.serve.body_limit import BodyLimit
+    from detserve.serve.middleware import middlewares
     from detserve.runtime.paths import deploy_config
     from detserve.serve.run import load_config, proxy_body_limits
 
     assert proxy_body_limits(load_config(deploy_config())) == {"/yolo": 52428800, "/fasterrcnn": 52428800}
-    assert proxy_errors.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
-    assert proxy_errors.middlewares()[-1].cls is proxy_errors.BodyLimit  # Ray wraps in list order: the last sees requests first
+    assert route_limits.DEFAULT_MAX_BODY_BYTES == AppArgs().max_body_bytes
+    assert middlewares()[-1].cls is BodyLimit  # Ray wraps in list order: the last sees requests first

@@ -219,3 +219,22 @@ def test_a_reduced_decode_gives_the_exact_paths_boxes_on_the_full_image(yolo_exp
         parity = compare(a, b, iou=0.8)  # the export's own matching: one to one, same class
         matched, total = matched + parity.matched, total + parity.source_boxes
     assert total > 0 and matched / total >= 0.8, (matched, total)  # a wrong geometry would match none
+
+
+def test_probe_reads_a_pngs_size_and_orientation_without_decoding_it(monkeypatch):
+    """Admission reads pixels from headers (serve/admission.py): a PNG's getexif() would decode the whole image."""
+    from PIL import ImageFile
+
+    from detserve.runtime.images import admission_size, probe
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned, flat = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (40, 30)).save(turned, "PNG", exif=exif)
+    Image.new("L", (3000, 2000), 128).save(flat, "PNG")
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size))  # counted, whoever catches
+    assert probe(turned.getvalue()).orientation == 6
+    assert admission_size(flat.getvalue()) == ("png", 6_000_000)
+    assert probe(flat.getvalue()).orientation == 1
+    assert loads == []

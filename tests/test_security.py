@@ -7,6 +7,7 @@ starts it) and its YOLO application (yolo_url).
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -30,7 +31,10 @@ def replica_pids() -> set[int]:
     return {one.pid for one in listeners() if one.process.startswith("ray::ServeReplica")}
 
 
-def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(yolo_url):
+def test_every_socket_of_the_server_listens_on_loopback(yolo_url):
+    """Every listening TCP socket and bound UDP socket of the process tree is on loopback: Ray's, HAProxy's, each
+    replica's HTTP and gRPC servers (Ray 2.60 binds the replica's gRPC server to [::], serve/replica_grpc.py moves it;
+    HAProxy's syslog target over UDP bound a socket to 0.0.0.0, serve/ingress.py drops it)."""
     import ray
     from ray._private import ray_constants
 
@@ -48,21 +52,52 @@ def test_every_ray_listener_is_on_loopback_but_the_replica_grpc_ports(yolo_url):
 
     if ingress.chosen() == "haproxy":  # HAProxy and its stats and Prometheus listeners, bound *:8404 and :9101 by Ray's template
         assert sum(Path(one.process).name == "haproxy" for one in found) >= 3, found
+        assert not [one for one in found if Path(one.process).name == "haproxy" and one.kind == "udp"], found
     # Cross-check with the system-wide table (a different psutil path).
     tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
-    system = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree}
+    system = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+              if c.pid in tree and (c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and c.laddr))}  # fmt: skip
     assert system == {(one.host, one.port) for one in found}
 
-    exposed = exposed_listeners()
-    replicas = replica_pids()
-    assert replicas, "no Serve replica found among the listeners"
-    assert all(one.process.startswith("ray::ServeReplica") for one in exposed), exposed
-    assert all(one.host in ("::", "0.0.0.0") for one in exposed), exposed
-    # Each replica has exactly one such port (its inter-deployment gRPC server), and the line names it.
-    assert sorted(one.pid for one in exposed) == sorted(replicas)
-    line = exposure_line()
-    assert "require the Ray token" in line
-    assert all(f"{one.address} " in line for one in exposed), line
+    assert replica_pids(), "no Serve replica found among the listeners"
+    assert exposed_listeners() == [], exposed_listeners()
+    assert all(one.host in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for one in found), found
+    assert "on 127.0.0.1" in exposure_line()
+
+
+def test_the_exposure_line_names_what_is_not_on_loopback_and_what_guards_it(monkeypatch):
+    from detserve.serve import run
+
+    exposed = [run.Listener("::", 41000, 7, "ray::ServeReplica:yolo:DetectionServer"), run.Listener("0.0.0.0", 5000, 8, "/x/haproxy", "udp")]
+    monkeypatch.setattr(run, "listeners", lambda: exposed + [run.Listener("127.0.0.1", 8000, 9, "haproxy")])
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    line = run.exposure_line()
+    assert "[::]:41000 (ray::ServeReplica:yolo:DetectionServer)" in line and "0.0.0.0:5000/udp (haproxy)" in line
+    assert "127.0.0.1:8000" not in line and "require the Ray token" in line
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert run.exposure_line().startswith("WARNING: Ray token auth is off")
+    lines = run.banner(["/yolo"], "127.0.0.1", 8000, 8080, Path("s.jpg"), "Every socket of the server is on 127.0.0.1")
+    assert any(line.strip().startswith("listening  Every socket") for line in lines)
+
+
+def test_the_replica_grpc_patch_binds_the_node_address_ray_passes_on_everything_else(monkeypatch):
+    """Against the pinned Ray: the helper its replica module calls with "[::]:0" is the one replaced."""
+    import inspect
+
+    import ray
+    from ray.serve._private import replica
+
+    from detserve.serve.replica_grpc import WILDCARD, bind_to_node_address
+
+    assert f'add_port_to_grpc_server(self._server, "{WILDCARD}")' in inspect.getsource(replica)  # what the patch relies on
+    calls = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: calls.append(address) or 1)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    assert bind_to_node_address() and bind_to_node_address()  # twice: wrapped once
+    replica.add_port_to_grpc_server(None, WILDCARD)
+    replica.add_port_to_grpc_server(None, "10.0.0.5:9000")
+    assert calls == ["127.0.0.1:0", "10.0.0.5:9000"]
 
 
 def grpc_code(target: str, method: str, token: str | None):
@@ -77,11 +112,26 @@ def grpc_code(target: str, method: str, token: str | None):
         return grpc.StatusCode.OK
 
 
+SERVE_GRPC_METHOD = "/ray.serve.ASGIService/HandleRequest"
+
+
+def serve_grpc_ports(token: str) -> list[int]:
+    """The replicas' Serve gRPC ports: of each replica's listeners, the one that knows Serve's ASGI service."""
+    import grpc
+
+    from detserve.serve.run import listeners
+
+    ports = []
+    for one in listeners():
+        if one.process.startswith("ray::ServeReplica") and one.kind == "tcp":
+            if grpc_code(f"127.0.0.1:{one.port}", SERVE_GRPC_METHOD, token) not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+                ports.append(one.port)
+    return ports
+
+
 def test_replica_grpc_and_gcs_refuse_calls_without_the_token(yolo_url):
     import grpc
     import ray
-
-    from detserve.serve.run import exposed_listeners
 
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     gcs = ray.get_runtime_context().gcs_address
@@ -89,15 +139,12 @@ def test_replica_grpc_and_gcs_refuse_calls_without_the_token(yolo_url):
     assert grpc_code(gcs, get_cluster_id, token) == grpc.StatusCode.OK  # the probe itself is well formed
     assert grpc_code(gcs, get_cluster_id, None) == grpc.StatusCode.UNAUTHENTICATED
     assert grpc_code(gcs, get_cluster_id, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
-    exposed = exposed_listeners()
-    assert exposed
-    for one in exposed:
-        target = f"127.0.0.1:{one.port}"  # bound to [::], so loopback reaches it as the network would
-        method = "/ray.serve.ASGIService/HandleRequest"
-        assert grpc_code(target, method, None) == grpc.StatusCode.UNAUTHENTICATED
-        assert grpc_code(target, method, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
-        # With the token the call gets past auth (and fails on the empty payload).
-        assert grpc_code(target, method, token) != grpc.StatusCode.UNAUTHENTICATED
+    ports = serve_grpc_ports(token)  # with the token a call gets past auth (and fails on the empty payload)
+    assert len(ports) >= len(replica_pids()), ports
+    for port in ports:
+        target = f"127.0.0.1:{port}"
+        assert grpc_code(target, SERVE_GRPC_METHOD, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert grpc_code(target, SERVE_GRPC_METHOD, "0" * 64) == grpc.StatusCode.UNAUTHENTICATED
 
 
 ATTACH = """
