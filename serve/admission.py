@@ -23,14 +23,15 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from detserve.serve import protocol
+
 #: The replica answers this much before the proxy's own timeout fires, so that the client gets detserve's 408
 #: (with its reason) rather than the proxy's. A request's budget is its deadline less this.
 ANSWER_BEFORE_TIMEOUT_S = 0.5
-#: The response header that carries the replica's :class:`Outlook` (HAProxy's Lua and the Python proxy strip it).
-ADMIT_HEADER = "x-detserve-admit"
-#: Every 503 of detserve's admission says which layer refused: ``replica``, ``proxy`` (the Python proxy's
-#: middleware) or ``haproxy``. A 503 without it is not detserve's rule.
-REFUSED_BY_HEADER = "x-detserve-refused-by"
+#: The response header that carries the replica's :class:`Outlook` (HAProxy's Lua and the Python proxy strip it), and
+#: the one that says which layer refused a 503 (``replica``, ``proxy`` or ``haproxy``; one without it is not
+#: detserve's rule): both in the registry, serve/protocol.py.
+ADMIT_HEADER, REFUSED_BY_HEADER = protocol.ADMIT_HEADER, protocol.REFUSED_BY_HEADER
 #: A replica's outlook counts for this long; after it, the ingress lets requests through to the replica.
 FRESH_S = 5.0
 
@@ -85,7 +86,8 @@ class Outlook:
     Refused: one arriving before ``open_at`` (its queue, or a request in it, leaves no room before then), or one
     whose client timeout ends before ``need_until`` (arrival + ``x-request-timeout-seconds`` < ``need_until``:
     too short for the queue ahead). A client timeout under ``least_timeout_s`` goes through: even an idle replica
-    could not meet it, and the replica says so (a 422, not a 503). ``open_at`` and ``need_until`` are wall-clock times (the ingress may be another process, or HAProxy).
+    could not meet it, and the replica says so (a 422, not a 503); so does one over ``max_timeout_s`` (the app's own
+    request timeout: the app refuses such a deadline with a 422). ``open_at`` and ``need_until`` are wall-clock times (the ingress may be another process, or HAProxy).
     ``spread_s`` is how widely the refusals' ``Retry-After`` is spread past ``open_at``, so that a burst's
     refusals do not come back together. ``replica`` names the replica: the ingress refuses only when every fresh
     replica of the route would.
@@ -96,10 +98,11 @@ class Outlook:
     need_until: float
     least_timeout_s: float
     spread_s: float
+    max_timeout_s: float = math.inf
 
     def header(self) -> str:
         return (f"replica={self.replica};open_at={self.open_at:.3f};need_until={self.need_until:.3f};"
-                f"least_timeout={self.least_timeout_s:.3f};spread={self.spread_s:.3f}")
+                f"least_timeout={self.least_timeout_s:.3f};spread={self.spread_s:.3f};max_timeout={min(self.max_timeout_s, 1e9):.3f}")  # Lua reads no "inf"
 
     @classmethod
     def parse(cls, value: bytes | str | None) -> Outlook | None:
@@ -110,15 +113,15 @@ class Outlook:
         try:
             fields = dict(part.split("=", 1) for part in text.split(";"))
             outlook = cls(fields["replica"], float(fields["open_at"]), float(fields["need_until"]),
-                          float(fields["least_timeout"]), float(fields["spread"]))  # fmt: skip
+                          float(fields["least_timeout"]), float(fields["spread"]), float(fields["max_timeout"]))  # fmt: skip
         except (KeyError, ValueError):
             return None
         numbers = (outlook.open_at, outlook.need_until, outlook.least_timeout_s, outlook.spread_s)
-        return outlook if all(map(math.isfinite, numbers)) and outlook.spread_s >= 0 else None
+        return outlook if all(map(math.isfinite, numbers)) and outlook.spread_s >= 0 and outlook.max_timeout_s > 0 else None
 
     def refuses(self, now: float, client_timeout_s: float | None = None) -> bool:
         """Whether a one-image request arriving at ``now`` (wall clock) with this client timeout is refused."""
-        if client_timeout_s is not None and client_timeout_s < self.least_timeout_s:
+        if client_timeout_s is not None and not self.least_timeout_s <= client_timeout_s <= self.max_timeout_s:
             return False
         if now < self.open_at:
             return True

@@ -440,7 +440,8 @@ class Replica:
 
     def admission_header(self) -> dict[str, str]:
         """This replica's :class:`~detserve.serve.admission.Outlook`, sent with every /predict answer for the ingress."""
-        outlook = self.scheduler.outlook(self.replica_tag, self.budget_s(None), time.time() - self.scheduler.clock())
+        outlook = self.scheduler.outlook(self.replica_tag, self.budget_s(None), time.time() - self.scheduler.clock(),
+                                         self.args.request_timeout_s)  # fmt: skip
         return {ADMIT_HEADER: outlook.header()}
 
     async def stats(self) -> dict:

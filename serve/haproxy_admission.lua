@@ -1,7 +1,8 @@
 -- detserve's admission, compared in HAProxy itself (serve/ingress.py loads it into the config Ray writes).
 --
--- The constants above (HEADER, REFUSED_BY, TIMEOUT_HEADER, RETRY_SLOT, BODY, FRESH_S) are written by
--- detserve.serve.proxy_admission.render_lua; this file is not loaded without them.
+-- The constants above are generated from Python: the registry's (the detserve table: header names, the error
+-- body, the 503's text; detserve.serve.protocol.lua_prelude) and admission's (HEADER, FRESH_S;
+-- detserve.serve.proxy_admission.render_lua). This file is not loaded without them.
 --
 -- Why here: a request the replica refuses has already cost the replica's Python HTTP server the whole request,
 -- on the cores the engine needs. So each replica sends, with every /predict answer, its outlook (HEADER):
@@ -23,10 +24,12 @@ local function parse(value)
     local need_until = tonumber(string.match(value, "need_until=([^;]+)") or "")
     local least_timeout = tonumber(string.match(value, "least_timeout=([^;]+)") or "")
     local spread = tonumber(string.match(value, "spread=([^;]+)") or "")
-    if open_at == nil or need_until == nil or least_timeout == nil or spread == nil then
+    local max_timeout = tonumber(string.match(value, "max_timeout=([^;]+)") or "")
+    if open_at == nil or need_until == nil or least_timeout == nil or spread == nil or max_timeout == nil then
         return nil
     end
-    return {open_at = open_at, need_until = need_until, least_timeout = least_timeout, spread = spread}
+    return {open_at = open_at, need_until = need_until, least_timeout = least_timeout, spread = spread,
+            max_timeout = max_timeout}
 end
 
 core.register_action("detserve_heard", {"http-res"}, function(txn)
@@ -56,8 +59,8 @@ local function server_up(backend, server)
 end
 
 local function refuses(report, now, client_s)
-    if client_s ~= nil and client_s < report.least_timeout then
-        return false  -- too short even for an idle replica: it goes on, and the replica says why (a 422)
+    if client_s ~= nil and (client_s < report.least_timeout or client_s > report.max_timeout) then
+        return false  -- too short even for an idle replica, or past the app's own timeout: the app says why (a 422)
     end
     if now < report.open_at then
         return true
@@ -80,9 +83,17 @@ core.register_action("detserve_admit", {"http-req"}, function(txn)
         return  -- HAProxy's own 503 (no replica) applies
     end
     local now = now_s()
-    local client_s = tonumber(txn.f:req_hdr(TIMEOUT_HEADER) or "")
-    if client_s ~= nil and not (client_s > 0 and client_s < math.huge) then
-        client_s = nil  -- not a usable timeout: the replica answers it with a 422
+    local header = txn.f:req_hdr(detserve.timeout_header)
+    local client_s = nil
+    if header ~= nil then
+        local plain = false
+        for _, pattern in ipairs(detserve.decimal_patterns) do
+            plain = plain or string.match(header, pattern) ~= nil
+        end
+        client_s = plain and tonumber(header) or nil
+        if client_s == nil or client_s <= 0 then
+            return  -- not a usable deadline: the request goes on, and the app answers it with a 422
+        end
     end
     local refusing, soonest = 0, nil
     for server, report in pairs(known) do
@@ -97,13 +108,13 @@ core.register_action("detserve_admit", {"http-req"}, function(txn)
         return  -- some replica has room (or has not reported): the replica decides
     end
     local retry = math.max(1, math.ceil(math.max(0, soonest.open_at - now) + math.random() * soonest.spread))
-    local body = string.gsub(BODY, RETRY_SLOT, tostring(retry))
+    local message = string.format(detserve.overloaded_format, detserve.ingress_refusal, tostring(retry))
     local reply = txn:reply({
-        status = 503,
+        status = detserve.status.overloaded,
         reason = "Service Unavailable",
         headers = {["content-type"] = {"application/json"}, ["retry-after"] = {tostring(retry)},
-                   [REFUSED_BY] = {"haproxy"}},
-        body = body,
+                   [detserve.refused_by_header] = {"haproxy"}},
+        body = detserve.error_body("overloaded", message),
     })
     txn:done(reply)
 end)

@@ -9,7 +9,7 @@ ingress compares a request's arrival with it and does nothing else: no ledger of
   (serve/haproxy_admission.lua, rendered with this module's constants by :func:`render_lua`), so most
   refusals under overload never reach Python.
 - **Ray's Python proxy** (``DETSERVE_INGRESS=python``) does it in :class:`ProxyAdmission`, an ASGI middleware
-  that Ray installs in its proxy (serve/proxy_errors.py). Under HAProxy the same middleware is installed in each
+  that Ray installs in its proxy (serve/middleware.py). Under HAProxy the same middleware is installed in each
   replica's own HTTP server, where it only lets the header through to HAProxy.
 
 Either refuses only when every replica of the route heard from within ``FRESH_S`` would refuse, with a JSON 503
@@ -26,34 +26,18 @@ import os
 import time
 from pathlib import Path
 
-from detserve.serve.admission import ADMIT_HEADER, FRESH_S, REFUSED_BY_HEADER, Outlook, retry_after_header
+from detserve.serve import protocol
+from detserve.serve.admission import FRESH_S, Outlook, retry_after_header
 
-#: The client's deadline header (Ray's proxy honours it for its own timeout too).
-TIMEOUT_HEADER = b"x-request-timeout-seconds"
-#: Every refusal's message carries this, so clients and benchmarks can tell it from the replica's.
-REFUSED_HERE = "refused at the ingress, before the app"
 #: Set in every Ray process when HAProxy is the ingress (serve/ingress.py); then HAProxy compares, not this module.
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-#: Stands for the Retry-After seconds in :func:`refusal_body`'s text, for the Lua to fill in.
-RETRY_SLOT = "RETRY_AFTER_SECONDS"
 
 
-def parse_timeout(value: bytes | str | None) -> float | None:
-    """A client's ``x-request-timeout-seconds`` in seconds, if it gave a usable one."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) else None
-
-
-def refusal_body(retry_after: str) -> bytes:
-    """The JSON 503 of a refusal at the ingress (Python or HAProxy), with ``retry_after`` (whole seconds) in its text."""
-    message = (
-        f"the server is busy: every replica's queue is full for a request arriving now ({REFUSED_HERE}). "
-        f"Retry after {retry_after} s (the Retry-After header), or send fewer images per request"
-    )
-    return json.dumps({"error": {"code": "overloaded", "message": message}}).encode()
+def refusal_messages(retry_after: str) -> list[dict]:
+    """The ASGI messages of a refusal at the ingress: the registry's 503 ``overloaded``, with ``retry_after`` seconds."""
+    message = protocol.overloaded_message(protocol.INGRESS_REFUSAL, retry_after)
+    headers = {protocol.RETRY_AFTER_HEADER: retry_after, protocol.REFUSED_BY_HEADER: "proxy"}
+    return protocol.asgi_messages(503, "overloaded", message, headers)
 
 
 def refusing(outlooks: dict[str, tuple[Outlook, float]], heard_now: float, now: float, client_timeout_s: float | None) -> Outlook | None:
@@ -84,25 +68,23 @@ class ProxyAdmission:
             return await self.app(scope, receive, send)
         outlooks = self.routes.setdefault(path, {})
         now = self.wall()
-        timeout_s = parse_timeout(dict(scope.get("headers", [])).get(TIMEOUT_HEADER))
-        client_s = timeout_s if timeout_s is not None and timeout_s > 0 else None  # the replica answers a bad one 422
+        # The deadline middleware, in front of this one, has already refused a header it cannot use (a 422).
+        try:
+            client_s = protocol.client_timeout_s(dict(scope.get("headers", [])).get(protocol.TIMEOUT_HEADER.encode()), math.inf)
+        except protocol.DetserveError:
+            client_s = None
         outlook = refusing(outlooks, self.clock(), now, client_s)
         if outlook is not None:
             self.refused += 1
-            retry = retry_after_header(outlook.retry_after_s(now))
-            payload = refusal_body(retry)
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                (b"retry-after", retry.encode()), (REFUSED_BY_HEADER.encode(), b"proxy"),
-            ]})  # fmt: skip
-            await send({"type": "http.response.body", "body": payload})
+            for message in refusal_messages(retry_after_header(outlook.retry_after_s(now))):
+                await send(message)
             return
 
         async def _send(message):
             if message["type"] == "http.response.start":
                 kept = []
                 for key, value in message.get("headers", []):
-                    if key.lower() != ADMIT_HEADER.encode():
+                    if key.lower() != protocol.ADMIT_HEADER.encode():
                         kept.append((key, value))
                     elif (heard := Outlook.parse(value)) is not None:
                         outlooks[heard.replica] = (heard, self.clock())
@@ -113,17 +95,14 @@ class ProxyAdmission:
 
 
 def render_lua() -> bytes:
-    """serve/haproxy_admission.lua with this module's constants in front: they cross into Lua by generation, not copy."""
-    template = refusal_body(RETRY_SLOT).decode()
-    constants = {
-        "HEADER": ADMIT_HEADER, "REFUSED_BY": REFUSED_BY_HEADER, "TIMEOUT_HEADER": TIMEOUT_HEADER.decode(),
-        "RETRY_SLOT": RETRY_SLOT, "BODY": template,
-    }  # fmt: skip
+    """serve/haproxy_admission.lua with this module's constants in front: they cross into Lua by generation, not copy.
+
+    The registry's own prelude (``protocol.lua_prelude``: header names, the error body, the 503's text) goes before
+    this (serve/ingress.py writes both).
+    """
+    constants = {"HEADER": protocol.ADMIT_HEADER}
     lines = ["-- Generated by detserve.serve.proxy_admission.render_lua: constants from Python, then the Lua itself."]
-    for name, value in constants.items():
-        if "]==]" in value:
-            raise ValueError(f"{name} cannot be a Lua long string: {value!r}")
-        lines.append(f"local {name} = [==[{value}]==]")
+    lines += [f"local {name} = {json.dumps(value)}" for name, value in constants.items()]
     lines.append(f"local FRESH_S = {FRESH_S!r}")
     body = Path(__file__).with_name("haproxy_admission.lua").read_text()
     return ("\n".join(lines) + "\n\n" + body).encode()

@@ -379,13 +379,13 @@ class Scheduler:
         lanes = self.settings.lanes
         self.throughput.backlog(self.clock(), self.outstanding > lanes and len(self.tickets) > lanes)
 
-    def outlook(self, replica: str, server_budget_s: float, wall_offset_s: float = 0.0) -> Outlook:
+    def outlook(self, replica: str, server_budget_s: float, wall_offset_s: float = 0.0, max_timeout_s: float = math.inf) -> Outlook:
         """For the ingress (serve/admission.py): from when a one-image request would be admitted, as :meth:`admit`
         rules, if nothing else were admitted meanwhile. Clock times become wall-clock ones by ``wall_offset_s``."""
         now, s = self.clock(), self.settings
         rate = self.images_per_s()
         if rate is None:  # nothing measured: the replica decides
-            return Outlook(replica, 0.0, 0.0, 0.0, 0.0)
+            return Outlook(replica, 0.0, 0.0, 0.0, 0.0, max_timeout_s)
         finish = now + (self.outstanding + 1) / (self.drain_rate() or rate) + s.encode_s
         earliest = self._earliest_deadline()
         at = open_at(now, finish, earliest, server_budget_s, s.headroom)
@@ -396,7 +396,7 @@ class Scheduler:
         need = now + (finish - now) / s.headroom + ANSWER_BEFORE_TIMEOUT_S if s.headroom > 0 else math.inf
         least = self.alone_s(RequestCost(1)) / s.headroom + ANSWER_BEFORE_TIMEOUT_S if s.headroom > 0 else math.inf
         spread = max(1.0, (finish - now) / 2)
-        return Outlook(replica, at + wall_offset_s, need + wall_offset_s, least, spread)
+        return Outlook(replica, at + wall_offset_s, need + wall_offset_s, least, spread, max_timeout_s)
 
     # ---- admission -------------------------------------------------------
     def admit(self, cost: RequestCost | int, deadline: float, params: Any = None, budget_s: float | None = None) -> Ticket:

@@ -123,7 +123,8 @@ class FakeReplica:
         import asyncio
 
         from detserve.serve.admission import ADMIT_HEADER, REFUSED_BY_HEADER, request_budget_s
-        from detserve.serve.proxy_admission import ProxyAdmission, parse_timeout
+        from detserve.serve.proxy_admission import ProxyAdmission
+        from detserve.serve.protocol import client_timeout_s
         from detserve.serve.scheduler import CostCurve, Overloaded, Scheduler, Settings
 
         self.scheduler = Scheduler(lambda items, params: items, Settings(max_batch_size=1), curve=CostCurve({1: 0.5}))
@@ -145,7 +146,7 @@ class FakeReplica:
             while (await receive()).get("more_body"):
                 pass
             headers = dict(scope["headers"])
-            deadline = self.scheduler.clock() + request_budget_s(30.0, parse_timeout(headers.get(b"x-request-timeout-seconds")))
+            deadline = self.scheduler.clock() + request_budget_s(30.0, client_timeout_s(headers.get(b"x-request-timeout-seconds"), 30.0))
             try:
                 ticket = self.scheduler.admit(1, deadline)
             except Overloaded as exc:
@@ -296,9 +297,11 @@ end)
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode(errors="replace")
     expected = protocol.error_body("overloaded", protocol.overloaded_message(protocol.INGRESS_REFUSAL, "7") + tail)
-    from detserve.serve.proxy_admission import refusal_body
+    from detserve.serve.proxy_admission import refusal_messages
 
-    assert json.loads(refusal_body("7"))["error"]["message"] == protocol.overloaded_message(protocol.INGRESS_REFUSAL, "7")
+    start, body = refusal_messages("7")  # the Python proxy's refusal: the same text
+    assert json.loads(body["body"])["error"]["message"] == protocol.overloaded_message(protocol.INGRESS_REFUSAL, "7")
+    assert start["status"] == 503 and (b"x-detserve-refused-by", b"proxy") in start["headers"]
     assert r.status_code == 503 and r.json() == json.loads(expected), (r.text, out)
 
 

@@ -74,13 +74,13 @@ def test_a_burst_counts_timeouts_and_transport_failures_as_results():
 
 
 def test_classify_tells_who_shed_a_request():
-    from detserve.serve.proxy_admission import refusal_body
+    from detserve.serve.proxy_admission import refusal_messages
 
     ray_queue = json.dumps({"error": {"code": "overloaded", "message": "the server's queue is full: retry after 1 second(s)"}}).encode()
     assert overload.classify(503, {"Retry-After": "1"}, ray_queue) == ("1", "overloaded", "ray-queue")
     replica = json.dumps({"error": {"code": "overloaded", "message": "the server is busy: the 9 images queued ahead ..."}}).encode()
     assert overload.classify(503, {"Retry-After": "2", "x-detserve-refused-by": "replica"}, replica) == ("2", "overloaded", "replica")
-    body = refusal_body("3")
+    body = refusal_messages("3")[1]["body"]
     assert overload.classify(503, {"Retry-After": "3", "x-detserve-refused-by": "proxy"}, body) == ("3", "overloaded", "proxy")
     haproxy = {"Retry-After": "3", "x-detserve-refused-by": "haproxy"}  # serve/haproxy_admission.lua's refusals
     assert overload.classify(503, haproxy, body) == ("3", "overloaded", "haproxy")
