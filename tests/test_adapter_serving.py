@@ -149,6 +149,7 @@ def test_under_load_predict_gets_batches_and_every_answer_is_the_adapters(tutori
 # ---- a torchvision Faster R-CNN adapter in the style of Dataloop's app -------------------------------
 
 
+@pytest.mark.slow  # a second adapter app: 10 s (tests/test_adapter_apps.py runs it without Ray)
 def test_the_fasterrcnn_adapter_answers_batches_as_it_does_called_directly(serve_cluster):
     """Same-size images batch into one predict call (torchvision pads a batch to its largest image: one size, no padding)."""
     from ray import serve
@@ -238,6 +239,7 @@ def test_predict_is_never_called_from_two_threads_at_once(faulty_url):
     assert [r.status_code for r in responses] == [200] * 48, [r.text for r in responses if r.status_code != 200][:2]
 
 
+@pytest.mark.slow  # 14 s
 def test_a_slow_predict_is_admitted_by_its_measured_cost(serve_cluster):
     """0.5 s per image, two a batch: a deadline it cannot meet is refused at once (422), a burst is shed (503),
     and what is admitted is answered in time."""
@@ -373,7 +375,7 @@ def test_detserve_serve_adapter_first_answer_is_200_with_the_adapters_boxes(tuto
 
 
 @pytest.mark.parametrize("folder,model,says", [
-    (UNIMPORTABLE, None, "model_adapter.py: cannot import the adapter module: ModuleNotFoundError: No module named 'detserve_test_package_that_is_not_installed'"),
+    pytest.param(UNIMPORTABLE, None, "model_adapter.py: cannot import the adapter module: ModuleNotFoundError: No module named 'detserve_test_package_that_is_not_installed'", marks=pytest.mark.slow),
     (FAULTY, "unloadable", "model_adapter.py: Adapter.load("),
 ])  # fmt: skip
 def test_detserve_serve_adapter_that_cannot_import_or_load_stops_with_one_line(folder, model, says):

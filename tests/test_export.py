@@ -143,6 +143,7 @@ def test_bad_export_input_gives_one_line_and_exit_2(tmp_path):
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow  # 6 s
 def test_v100_asks_for_tensorrt_and_gets_the_onnxruntime_fallback(tmp_path):
     out = tmp_path / "v100"
     result = runner.invoke(app(), ["export", "--model", "yolo", "--weights", str(ROOT / "models" / "yolo-shapes.pt"),

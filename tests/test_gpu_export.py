@@ -44,6 +44,7 @@ def a100_export(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow  # a gpu-a100 export: 6 s
 def test_gpu_pod_export_without_a_gpu_verifies_the_square_onnx(a100_export):
     out, _ = a100_export
     m = read_manifest(out)
@@ -107,6 +108,7 @@ def test_gpu_pod_export_writes_a_plain_torch_program_that_matches_the_source(a10
     assert got.shape == expected.shape and float((got - expected).abs().max()) < 1e-2
 
 
+@pytest.mark.slow  # 4 s
 def test_aoti_export_without_a_gpu_refuses_and_keeps_the_onnx(tmp_path):
     from detserve.export.pipeline import ExportError, ExportRequest, export_model
 

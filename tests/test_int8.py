@@ -63,7 +63,7 @@ def fasterrcnn_int8(tmp_path_factory) -> Path:
 # -- the export -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["yolo", "fasterrcnn"])
+@pytest.mark.parametrize("family", ["yolo", pytest.param("fasterrcnn", marks=pytest.mark.slow)])  # Faster R-CNN int8: 20 s more
 def test_int8_export_writes_both_encodings_beside_the_exact_one(family, request):
     out = request.getfixturevalue(f"{family}_int8")
     m = read_manifest(out)
@@ -86,7 +86,7 @@ def test_int8_export_writes_both_encodings_beside_the_exact_one(family, request)
     assert ranges
 
 
-@pytest.mark.parametrize("family", ["yolo", "fasterrcnn"])
+@pytest.mark.parametrize("family", ["yolo", pytest.param("fasterrcnn", marks=pytest.mark.slow)])  # Faster R-CNN int8: 20 s more
 def test_cpu_encoding_runs_on_int8_kernels(family, request):
     out = request.getfixturevalue(f"{family}_int8")
     m = read_manifest(out)
@@ -117,7 +117,7 @@ def test_yolo_keeps_the_dfl_decode_and_concat_in_float(yolo_int8):
 # -- TensorRT's rules ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["yolo", "fasterrcnn"])
+@pytest.mark.parametrize("family", ["yolo", pytest.param("fasterrcnn", marks=pytest.mark.slow)])  # Faster R-CNN int8: 20 s more
 def test_tensorrt_encoding_obeys_explicit_quantization_rules(family, request):
     import onnx
 
@@ -154,6 +154,7 @@ def test_the_rule_check_refuses_what_tensorrt_refuses(yolo_int8):
 # -- the gate failing when it should ------------------------------------------------------
 
 
+@pytest.mark.slow  # the other gate failure (a broken calibration) runs in make test
 def test_a_negative_max_map_drop_fails_the_export_and_keeps_the_figures(tmp_path):
     out = tmp_path / "yolo"
     with pytest.raises(ExportError, match="int8 accuracy gate failed for int8-cpu.*beyond --max-map-drop -1"):

@@ -23,7 +23,7 @@ def predict_fn(detect, first_class: int):
     return lambda images: [(d.boxes, d.scores, d.class_ids - first_class) for d in map(detect, images)]
 
 
-@pytest.mark.parametrize("family,conf", [("yolo", 0.001), ("fasterrcnn", 0.05)])
+@pytest.mark.parametrize("family,conf", [("yolo", 0.001), pytest.param("fasterrcnn", 0.05, marks=pytest.mark.slow)])
 def test_exported_map_is_within_half_a_point_of_the_source(family, conf, request):
     folder = request.getfixturevalue(f"{family}_export")
     scenes = make_scenes(HELD_OUT, EVAL_SEED)

@@ -168,6 +168,7 @@ print("attached")
 """
 
 
+@pytest.mark.slow  # a second process attaching to Ray: 20 s (the token files are checked in make test)
 def test_attach_finds_the_token_and_a_process_without_it_is_refused(yolo_url, scenes, tmp_path):
     import ray
 

@@ -234,6 +234,7 @@ def test_overload_is_refused_at_once_by_predicted_deadline_with_a_computed_retry
     assert after.status_code == 200, (after.headers, after.text, httpx.get(f"{slow_url}/stats").json()["scheduler"])
 
 
+@pytest.mark.slow  # 400 requests: 15 s
 def test_a_burst_with_the_retrying_client_all_ends_in_200(slow_url, scenes):
     """400 requests at once: clients that honour Retry-After (503, or a 408 whose images were dropped) all succeed."""
     from concurrent.futures import ThreadPoolExecutor
@@ -387,6 +388,7 @@ def test_python_http_client(yolo_url, adapter, scenes):
         assert err.value.status == 400 and err.value.code == "not_an_image"
 
 
+@pytest.mark.slow  # a replica killed and replaced: 30 s (tests/test_cluster.py loses a whole node, also slow)
 def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_cluster, yolo_export, scenes):
     """Kill the only replica mid-load: every request gets a response (no silence), then service resumes."""
     import ray
@@ -425,6 +427,7 @@ def test_a_dead_replica_is_replaced_and_in_flight_requests_get_an_answer(serve_c
         serve.delete("fragile")
 
 
+@pytest.mark.slow  # a Faster R-CNN app: 16 s (tests/test_fasterrcnn_batched.py checks the batching without Ray)
 def test_fasterrcnn_batches_run_as_one_engine_call_with_each_images_own_boxes(serve_cluster, fasterrcnn_export):
     """Same-size images batch into one call of the one graph; every answer equals that image alone."""
     from ray import serve
@@ -552,7 +555,7 @@ def _refused_uploads(url: str, size: int, rounds: int, chunked: bool) -> list[tu
 
 @pytest.mark.parametrize(
     "size, limit",
-    [pytest.param(20 * 1024 * 1024, LIMITED_BODY_BYTES, id="20MiB-over-2MiB"),
+    [pytest.param(20 * 1024 * 1024, LIMITED_BODY_BYTES, id="20MiB-over-2MiB", marks=pytest.mark.slow),
      pytest.param(200 * 1024 * 1024, 50 * 1024 * 1024, id="200MiB-over-50MiB")],
 )  # fmt: skip
 def test_rejected_uploads_cost_the_replica_no_memory(serve_cluster, yolo_export, scenes, size, limit):
