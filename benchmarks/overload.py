@@ -290,7 +290,7 @@ def markdown(results: dict) -> str:
                    f"Retry-After of its 503s (s: count) {_counts(o.get('retry_after_s') or {})}.")  # fmt: skip
     admitted = results.get("admission") or {}
     if admitted:
-        out.append("- Replica admission counts (and its calibration `slowdown` after) by phase: " + "; ".join(f"{k}: {_counts(v)}" for k, v in admitted.items()) + ".")
+        out.append("- Replica admission counts (and the throughput it measured under a backlog, images/s, after) by phase: " + "; ".join(f"{k}: {_counts(v)}" for k, v in admitted.items()) + ".")
     for p in results.get("peak") or []:
         out.append(f"- Peak c={p['concurrency']}: {report._fmt(p['images_per_s'])} images/s, p99 {report._fmt(p['latency_ms'].get('p99'))} ms, "
                    f"errors {_counts(p.get('errors') or {})}, {'stable' if p.get('stable') else 'unstable'}.")  # fmt: skip
@@ -510,7 +510,7 @@ async def _phases(base: str, payloads, large, plan: OverloadPlan, results: dict,
             return await coro
         finally:
             after = await _stats(base)
-            admission[name] = {**count_diff(before, after), "slowdown_after": ((after or {}).get("scheduler") or {}).get("slowdown")}
+            admission[name] = {**count_diff(before, after), "measured_images_per_s_after": ((after or {}).get("scheduler") or {}).get("measured_images_per_s")}
             results.setdefault("phase_seconds", {})[name] = round(time.monotonic() - t, 1)
 
     peak = await phase("peak", measure_peak(base, requests, plan.peak_concurrency, server_cpu))
