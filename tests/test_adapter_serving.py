@@ -277,6 +277,7 @@ def test_a_slow_predict_is_admitted_by_its_measured_cost(serve_cluster):
 # ---- the adapter's weights, accelerated ------------------------------------------------------------
 
 
+@pytest.mark.slow  # 11 s: a second app on the session's Ray (make test-slow); test_adapter_export checks the export's boxes
 def test_accelerated_serving_gives_the_adapters_boxes_within_the_export_thresholds(serve_cluster, tutorial_export, tutorial_direct, scenes):
     """`--accelerated`: the export of the tutorial adapter's weights, under the adapter's model name, its boxes."""
     from ray import serve

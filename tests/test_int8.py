@@ -173,6 +173,7 @@ def test_a_negative_max_map_drop_fails_the_export_and_keeps_the_figures(tmp_path
     assert (auto.choice.variant, auto.manifest.artifact) == ("fp32", "model.onnx")
 
 
+@pytest.mark.slow  # 11 s: a whole int8 export and its gate (make test-slow); gate.decide's rules are tested below without one
 def test_a_broken_calibration_fails_the_gate(tmp_path):
     # Flat grey frames: every activation range is far narrower than real images need, so int8 clips them.
     grey = [np.full((320, 320, 3), 114, np.uint8) for _ in range(4)]
@@ -196,6 +197,7 @@ def test_without_labels_agreement_decides_and_needs_enough_boxes(tmp_path):
     assert not few.passed and "too few" in few.reason and "--val" in few.reason
 
 
+@pytest.mark.slow  # 4 s: an fp32 export before the check (make test-slow)
 def test_calibration_and_gate_images_must_differ(tmp_path):
     same = [s.image for s in scenes(4, 77)]
     with pytest.raises(ExportError, match="4 of the agreement images also calibrate"):

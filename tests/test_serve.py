@@ -288,6 +288,7 @@ def mixed_photos(photos: list[np.ndarray]) -> list[tuple[bytes, str]]:
     return out
 
 
+@pytest.mark.slow  # 18 s: 300 requests of real photos on 2 cores (make test-slow)
 def test_a_cold_burst_of_mixed_photos_gets_a_503_only_when_the_answers_show_it_could_not_be_served(serve_cluster, yolo_export, photos):
     """The rule: a request is refused only if the replica's own answers show it could not have been answered before
     its deadline. Concretely: every refused request's deadline comes before the last answer of the burst (had it been
@@ -555,8 +556,10 @@ def _refused_uploads(url: str, size: int, rounds: int, chunked: bool) -> list[tu
 
 @pytest.mark.parametrize(
     "size, limit",
+    # 13 s and 20 s (a third app on the session's Ray, 40 uploads each): behind -m slow (make test-slow).
+    # test_ingress.py checks every refusal and its closed connection in make test.
     [pytest.param(20 * 1024 * 1024, LIMITED_BODY_BYTES, id="20MiB-over-2MiB", marks=pytest.mark.slow),
-     pytest.param(200 * 1024 * 1024, 50 * 1024 * 1024, id="200MiB-over-50MiB")],
+     pytest.param(200 * 1024 * 1024, 50 * 1024 * 1024, id="200MiB-over-50MiB", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_rejected_uploads_cost_the_replica_no_memory(serve_cluster, yolo_export, scenes, size, limit):
     """20 uploads with a Content-Length and 20 chunked ones, each far over the route's limit, all refused: the first in
