@@ -30,13 +30,15 @@ help:
 # uv installs the lock (from the registry) in about 20 s where pip took about 130 s on
 # CI's 2 cores: that alone is most of `make test`'s budget on a fresh clone. pip only
 # bootstraps uv itself (pinned); uv does not read pip's config, so the lock's exact pins
-# are what it installs.
+# are what it installs. --compile-bytecode as pip does: with PYTHONDONTWRITEBYTECODE set (as on
+# these machines) every process would otherwise compile torch, Ray and the rest from source at each
+# import, which made the suite 15 % slower.
 UV_PIN := uv==0.13.10
 $(STAMP): requirements.lock pyproject.toml
 	@echo "==> [setup] installing the locked dependencies into $(VENV) with uv (a cold install takes about 20-40 s)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q $(UV_PIN) $(PIP_QUIET_NOISE)
-	@$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	@$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.lock
 	@echo "==> [setup] installing detserve itself (editable)"
 	@$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	@touch $@

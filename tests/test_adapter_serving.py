@@ -377,7 +377,7 @@ def test_detserve_serve_adapter_first_answer_is_200_with_the_adapters_boxes(tuto
 
 @pytest.mark.parametrize("folder,model,says", [
     pytest.param(UNIMPORTABLE, None, "model_adapter.py: cannot import the adapter module: ModuleNotFoundError: No module named 'detserve_test_package_that_is_not_installed'", marks=pytest.mark.slow),
-    (FAULTY, "unloadable", "model_adapter.py: Adapter.load("),
+    pytest.param(FAULTY, "unloadable", "model_adapter.py: Adapter.load(", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_detserve_serve_adapter_that_cannot_import_or_load_stops_with_one_line(folder, model, says):
     server = _serve_cli(folder, free_port(), *(["--model", model] if model else []))
