@@ -382,6 +382,7 @@ def test_fasterrcnn_labels_map_from_torchvision_ids(fasterrcnn_export, scenes):
 # --- 5: raw weights are exported on load -------------------------------------------
 
 
+@pytest.mark.slow  # 4 s: an export; test_lifecycle.py's load_from_model exports raw YOLO weights in make test
 def test_raw_weights_are_exported_on_load_and_served(yolo_export, yolo_adapter, scenes, tmp_path):
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()

@@ -24,6 +24,7 @@ from tests.conftest import QUIET, free_port
 pytestmark = pytest.mark.serve
 
 
+@pytest.mark.slow  # 7 s: an application of its own, deleted (make test-slow)
 def test_an_idle_application_is_deleted_without_waiting_out_a_drain_window(serve_cluster):
     import httpx
     from ray import serve
