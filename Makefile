@@ -27,7 +27,7 @@ help:
 	@echo "make soak    - 10 minutes of mixed load at 70% of capacity; fails on an unexpected answer, RSS or fd growth (SOAK_ARGS='--seconds 120')"
 
 # Pinned, locked install. Re-runs only when the lock or pyproject changes.
-# uv installs the lock (from the registry) in about 20 s where pip took about 130 s on
+# uv installs the lock (from the registry) in about 50 s where pip took about 130 s on
 # CI's 2 cores: that alone is most of `make test`'s budget on a fresh clone. pip only
 # bootstraps uv itself (pinned); uv does not read pip's config, so the lock's exact pins
 # are what it installs. --compile-bytecode as pip does: with PYTHONDONTWRITEBYTECODE set (as on
@@ -35,7 +35,7 @@ help:
 # import, which made the suite 15 % slower.
 UV_PIN := uv==0.13.10
 $(STAMP): requirements.lock pyproject.toml
-	@echo "==> [setup] installing the locked dependencies into $(VENV) with uv (a cold install takes about 20-40 s)"
+	@echo "==> [setup] installing the locked dependencies into $(VENV) with uv (a cold install takes about a minute)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q $(UV_PIN) $(PIP_QUIET_NOISE)
 	@$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.lock
