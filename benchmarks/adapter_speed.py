@@ -41,8 +41,9 @@ def run(folder: Path, model: str | None, *, concurrency: int = 8, rounds: int = 
     from ray import serve
 
     from detserve.adapters.dataloop_app import accelerated_problem, export_folder, read_app
-    from detserve.benchmarks.peers import free_port
-    from detserve.benchmarks.run import machine_info, serve_logging_config, versions
+    from detserve.benchmarks.ports import free_port
+    from detserve.benchmarks.run import machine_info, versions
+    from detserve.benchmarks.server import shipped_settings
     from detserve.serve.app import application
     from detserve.serve.run import shutdown, start_ray
 
@@ -72,7 +73,7 @@ def run(folder: Path, model: str | None, *, concurrency: int = 8, rounds: int = 
     port = free_port()
     start_ray(4)  # logical CPUs: two replicas of 1, and room for Serve's own actors
     try:
-        logging_config = serve_logging_config()
+        logging_config = shipped_settings().logging_config
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30}, proxy_location="HeadOnly", logging_config=logging_config)
         for name, args in sides.items():
             serve.run(application(args, OPTIONS), name=name, route_prefix=f"/{name}", blocking=False, logging_config=logging_config)

@@ -102,3 +102,21 @@ def test_the_wheel_installs_only_the_detserve_namespace():
     # every layer folder of the design card is mapped into the namespace, nothing else at top level
     assert {v for k, v in mapping.items() if k != "detserve"} == set(LAYERS) | {"training"}
     assert all(k == "detserve" or k.startswith("detserve.") for k in mapping)
+
+
+def test_every_name_imported_from_detserve_exists():
+    """Lazy imports inside functions fail only when the function runs: a name moved to another module (as
+    ``serve_logging_config`` once did, leaving the adapter benchmark unable to start) is caught here instead."""
+    import importlib
+
+    missing = []
+    for folder in [*LAYERS, "detserve", "tests"]:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("detserve")):
+                    continue
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not missing, missing
