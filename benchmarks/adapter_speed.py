@@ -1,6 +1,6 @@
 """``python -m detserve.benchmarks --adapter DIR``: a Dataloop adapter as written against its accelerated export, in one run.
 
-Same machine, same JPEGs (``raw.jpeg_payloads``: generated scenes), same
+Same machine, same JPEGs (``payloads.jpeg_payloads``: generated scenes), same
 closed loop (8 clients by default), on one embedded Ray:
 
 - ``adapter``: the folder's model served through its own ``prepare_item_func``
@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from detserve.benchmarks import loadgen, raw
+from detserve.benchmarks import loadgen, payloads as bench_payloads
 from detserve.benchmarks.loadgen import ClosedLoop, WindowPlan
 
 #: Each point: 3 s warm-up, then 4 s windows until 3 agree within 10 % (at most 6).
@@ -55,7 +55,7 @@ def run(folder: Path, model: str | None, *, concurrency: int = 8, rounds: int = 
 
         log(f"exporting {entry.name}'s weights to {export} (detserve export --adapter)")
         accelerate(folder, entry.name, out=export, force=True, quiet=True)
-    payloads = raw.jpeg_payloads(32)
+    payloads = bench_payloads.jpeg_payloads(32)
     log(f"serving {entry.name} as written and accelerated ({export})")
     sides = {
         "adapter": {"adapter": str(app.folder), "model": entry.name},

@@ -104,19 +104,40 @@ def test_the_wheel_installs_only_the_detserve_namespace():
     assert all(k == "detserve" or k.startswith("detserve.") for k in mapping)
 
 
-def test_every_name_imported_from_detserve_exists():
+def test_every_name_used_from_a_detserve_module_exists():
     """Lazy imports inside functions fail only when the function runs: a name moved to another module (as
-    ``serve_logging_config`` once did, leaving the adapter benchmark unable to start) is caught here instead."""
+    ``serve_logging_config`` and ``raw.jpeg_payloads`` once did, leaving the adapter benchmark unable to start)
+    is caught here instead: every ``from detserve... import name``, and every ``module.name`` read from a
+    detserve module imported by name."""
     import importlib
+    import importlib.util
 
     missing = []
     for folder in [*LAYERS, "detserve", "tests"]:
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("detserve")):
-                    continue
-                module = importlib.import_module(node.module)
-                for alias in node.names:
-                    if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
-                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}")
+            tree = ast.parse(path.read_text(), str(path))
+            modules = {}  # a local name -> the detserve module it is bound to
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("detserve"):
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        sub = f"{node.module}.{alias.name}"
+                        if importlib.util.find_spec(sub) if not hasattr(module, alias.name) else False:
+                            modules[alias.asname or alias.name] = importlib.import_module(sub)
+                        elif not hasattr(module, alias.name):
+                            missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {sub}")
+                        elif type(getattr(module, alias.name)).__name__ == "module":
+                            modules[alias.asname or alias.name] = getattr(module, alias.name)
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.startswith("detserve.") and alias.asname:
+                            modules[alias.asname] = importlib.import_module(alias.name)
+            rebound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            rebound |= {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+            for name in rebound:  # the same name is something else somewhere in the file: not checked
+                modules.pop(name, None)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                    if isinstance(node.ctx, ast.Load) and not hasattr(modules[node.value.id], node.attr):
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {modules[node.value.id].__name__}.{node.attr}")
     assert not missing, missing
