@@ -113,10 +113,7 @@ def decode_reduced(data: ImageInput, limits: Limits = Limits(), min_side: int | 
             "unsupported_type",
             f"cannot read an image from {type(data).__name__}: pass bytes, a path, a PIL image or an HxWx3 uint8 array",
         )
-    if not data:
-        raise ImageError("empty", "the image is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    _check_bytes(data, limits)
     try:
         with warnings.catch_warnings():
             # PIL warns (and over 2x its limit raises) for huge images; we
@@ -133,15 +130,9 @@ def decode_reduced(data: ImageInput, limits: Limits = Limits(), min_side: int | 
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        # Pillow refuses a header past twice its own limit before ours is checked: say the size all the same.
-        size = _bomb_size(exc)
-        if size is not None:
-            raise _too_many_pixels(*size, limits.max_pixels) from None
-        raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
+        raise _bomb(exc, limits) from None
     except UnidentifiedImageError:
-        raise ImageError(
-            "not_an_image", f"the data is not an image detserve can read ({', '.join(FORMAT_NAMES)})"
-        ) from None
+        raise _not_an_image() from None
     except ValueError as exc:
         if "MAX_TEXT" in str(exc) or "text chunk" in str(exc):
             raise ImageError(
@@ -367,6 +358,26 @@ class ImageHeader:
         return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
+def _check_bytes(data: bytes, limits: Limits) -> None:
+    """The checks on the bytes themselves, before Pillow reads a header."""
+    if not data:
+        raise ImageError("empty", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+
+
+def _bomb(exc: Image.DecompressionBombError, limits: Limits) -> ImageError:
+    """Pillow refuses a header past twice its own limit before ours is checked: say the size all the same."""
+    size = _bomb_size(exc)
+    if size is not None:
+        return _too_many_pixels(*size, limits.max_pixels)
+    return ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}")
+
+
+def _not_an_image() -> ImageError:
+    return ImageError("not_an_image", f"the data is not an image detserve can read ({', '.join(FORMAT_NAMES)})")
+
+
 def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
     """Read an image file's header, with :func:`decode`'s limits and error codes, without decoding a pixel.
 
@@ -374,10 +385,7 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
     decompression bomb, an empty body or bytes that are no image are refused
     here first, with the same codes :func:`decode` gives.
     """
-    if not data:
-        raise ImageError("empty", "the image is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise ImageError("too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    _check_bytes(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -388,10 +396,10 @@ def probe(data: bytes, limits: Limits = Limits()) -> ImageHeader:
                                    int(getattr(image, "n_frames", 1) or 1), _header_orientation(image))  # fmt: skip
     except ImageError:
         raise
-    except Image.DecompressionBombError:
-        raise ImageError("too_many_pixels", f"the image has too many pixels; the limit is {limits.max_pixels}") from None
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, limits) from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", f"the data is not an image detserve can read ({', '.join(FORMAT_NAMES)})") from None
+        raise _not_an_image() from None
     except Exception:  # a header Pillow cannot parse
         raise _corrupt() from None
 

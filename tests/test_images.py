@@ -238,3 +238,22 @@ def test_probe_reads_a_pngs_size_and_orientation_without_decoding_it(monkeypatch
     assert admission_size(flat.getvalue()) == ("png", 6_000_000)
     assert probe(flat.getvalue()).orientation == 1
     assert loads == []
+
+
+def test_probe_and_decode_refuse_a_bomb_with_the_same_words():
+    """A header past twice Pillow's own limit (Pillow raises before detserve's check): both name its size."""
+    import struct
+    import zlib
+
+    from detserve.runtime.images import ImageError, decode, probe
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    errors = []
+    for read in (decode, probe):
+        with pytest.raises(ImageError) as err:
+            read(bomb)
+        errors.append((err.value.code, err.value.message))
+    assert errors[0] == errors[1] and errors[0][0] == "too_many_pixels" and "20000" in errors[0][1], errors
