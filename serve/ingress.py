@@ -117,6 +117,7 @@ def environment(environ=os.environ) -> dict[str, str]:
     # (a unix socket path has at most 107 bytes, and Ray adds a 56-character node id).
     base = ray_auth.private_dir(Path(f"/tmp/detserve-haproxy-{os.getuid()}"))
     return {
+        **_listener_ports(environ),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(shim),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
@@ -125,6 +126,30 @@ def environment(environ=os.environ) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
     }
+
+
+#: Fixed ports of Serve's HAProxy mode, one set per machine: HAProxy's stats listener and Prometheus frontend, and
+#: the fallback proxy Serve runs beside HAProxy (HTTP and gRPC).
+LISTENER_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}  # fmt: skip
+
+
+def _listener_ports(environ) -> dict[str, str]:
+    """Ray's fixed ports where they are free; another free port for each that is taken (a second server on this
+    machine: its HAProxy would otherwise fail to start with "cannot bind socket"). A port set in ``environ`` wins."""
+    import socket
+
+    chosen = {}
+    for name, default in LISTENER_PORTS.items():
+        if name in environ:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", default))
+            except OSError:
+                probe.bind(("127.0.0.1", 0))
+                chosen[name] = str(probe.getsockname()[1])
+    return chosen
 
 
 def apply() -> dict[str, str]:

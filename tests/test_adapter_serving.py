@@ -313,19 +313,8 @@ def _serve_cli(folder, port: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "DETSERVE_RAY_TMP": run_dir, "DETSERVE_METRICS_PORT": str(free_port()), "COLUMNS": "400"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)  # this Ray's own token, in its own run folder
     env.pop("RAY_ADDRESS", None)
-    if _listening(8404):
-        # Serve's HAProxy binds fixed stats and metrics ports (127.0.0.1:8404, :9101): while the session's Ray
-        # holds them, a second HAProxy ingress on this machine cannot start. This Ray then uses Serve's own proxy.
-        env.update({"DETSERVE_INGRESS": "python", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
     return subprocess.Popen([sys.executable, "-m", "detserve", "serve", "--adapter", str(folder), "--port", str(port), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT), start_new_session=True)  # fmt: skip
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 class _Output:

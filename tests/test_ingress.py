@@ -95,6 +95,26 @@ def test_python_ingress_is_the_switch_back_and_a_typo_is_refused(monkeypatch):
         ingress.environment({"DETSERVE_INGRESS": "haproxi"})
 
 
+def test_a_second_server_on_this_machine_takes_free_ports_for_rays_fixed_ones(monkeypatch):
+    """Serve's HAProxy mode binds fixed ports (stats 8404, Prometheus 9101, the fallback proxy 8500/9500): where one
+    is taken (another detserve on this machine), the next server gets a free port for it instead of a crashed
+    HAProxy; a free one stays Ray's default, and a port the caller set is left alone."""
+    import socket
+
+    with socket.socket() as held, socket.socket() as spare:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        spare.bind(("127.0.0.1", 0))
+        taken, free = held.getsockname()[1], spare.getsockname()[1]
+        spare.close()
+        monkeypatch.setattr(ingress, "LISTENER_PORTS", {"RAY_SERVE_HAPROXY_STATS_PORT": taken, "RAY_SERVE_HAPROXY_METRICS_PORT": free})
+        env = ingress.environment({})
+        assert "RAY_SERVE_HAPROXY_METRICS_PORT" not in env  # free: Ray's own default
+        moved = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+        assert moved not in (taken, free) and moved > 0
+        assert "RAY_SERVE_HAPROXY_STATS_PORT" not in ingress.environment({"RAY_SERVE_HAPROXY_STATS_PORT": str(taken)})
+
+
 # --- admission in HAProxy (serve/haproxy_admission.lua), live: the real binary, the real middleware -------------
 
 
