@@ -111,6 +111,7 @@ def test_every_name_used_from_a_detserve_module_exists():
     detserve module imported by name."""
     import importlib
     import importlib.util
+    import types
 
     missing = []
     for folder in [*LAYERS, "detserve", "tests"]:
@@ -121,13 +122,14 @@ def test_every_name_used_from_a_detserve_module_exists():
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("detserve"):
                     module = importlib.import_module(node.module)
                     for alias in node.names:
-                        sub = f"{node.module}.{alias.name}"
-                        if importlib.util.find_spec(sub) if not hasattr(module, alias.name) else False:
-                            modules[alias.asname or alias.name] = importlib.import_module(sub)
-                        elif not hasattr(module, alias.name):
+                        local, sub = alias.asname or alias.name, f"{node.module}.{alias.name}"
+                        if hasattr(module, alias.name):
+                            if isinstance(getattr(module, alias.name), types.ModuleType):
+                                modules[local] = getattr(module, alias.name)
+                        elif importlib.util.find_spec(sub) is not None:  # a submodule not imported yet
+                            modules[local] = importlib.import_module(sub)
+                        else:
                             missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {sub}")
-                        elif type(getattr(module, alias.name)).__name__ == "module":
-                            modules[alias.asname or alias.name] = getattr(module, alias.name)
                 elif isinstance(node, ast.Import):
                     for alias in node.names:
                         if alias.name.startswith("detserve.") and alias.asname:
